@@ -1,0 +1,62 @@
+# The two commands a newcomer needs: `make demo` (the whole flow on offline demo data, then a short jam) and
+# `make test`. Both create or reuse .venv and install system packages where they can (root + apt).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: demo test venv sysdeps lint bench repro ui clean-data
+
+venv: $(STAMP)
+
+# basic-pitch is installed without its dependencies: on Python 3.11 it pins tensorflow<2.15.1 (and so numpy<2,
+# ~600 MB). We run its shipped ONNX model through onnxruntime, listed in pyproject.toml with its real needs.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps basic-pitch==0.4.0
+	@touch $@
+
+# fluidsynth + a GM soundfont render the demo piano; jackd2 gives real MIDI ports without ALSA.
+# Without root/apt the code falls back (plain synth, file transport) and says so.
+sysdeps:
+	@missing=""; \
+	command -v fluidsynth >/dev/null || missing="$$missing fluidsynth"; \
+	test -f /usr/share/sounds/sf2/FluidR3_GM.sf2 || missing="$$missing fluid-soundfont-gm"; \
+	command -v jackd >/dev/null || missing="$$missing jackd2"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null \
+	      || echo "warning: could not install$$missing; falling back where possible"; \
+	  else echo "warning: missing$$missing (need root + apt); falling back where possible"; fi; \
+	fi
+
+demo: venv sysdeps
+	$(BIN)/jam run
+
+
+test: venv sysdeps
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: venv sysdeps
+	$(BIN)/python bench/dataflow.py
+	$(BIN)/python bench/transcribe.py
+
+repro: venv sysdeps
+	$(BIN)/dvc repro
+
+ui: venv
+	$(BIN)/jam ui
