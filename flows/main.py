@@ -46,7 +46,10 @@ def stage_task(name: str, cfg: Config):
 
 
 def summary_markdown(reports: dict[str, StageReport]) -> str:
-    rows = ["| stage | in | processed | cached | dropped | failed | out | seconds |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| stage | in | processed | cached | dropped | failed | out | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in reports.items():
         rows.append(
             f"| {name} | {r.items_in} | {len(r.processed)} | {len(r.cached)} | {len(r.dropped)} | "
@@ -68,7 +71,9 @@ def headline(reports: dict[str, StageReport]) -> str:
     if "augment" in reports:
         aug = reports["augment"]
         pieces_in = aug.stats.get("pieces_in", 0)
-        parts.append(f"{pieces_in} train pieces -> {aug.outputs} after augmentation (x{aug.stats.get('factor', 0):.1f})")
+        parts.append(
+            f"{pieces_in} train pieces -> {aug.outputs} after augmentation (x{aug.stats.get('factor', 0):.1f})"
+        )
     if "tokenize" in reports:
         tok = reports["tokenize"].stats
         parts.append(f"{tok.get('total_tokens', 0):,} tokens in {tok.get('total_windows', 0):,} windows")
@@ -86,7 +91,9 @@ def dvc_commit_outputs(repo: Path = Path(".")) -> None:
 
 
 @flow(name="jam-partner", log_prints=True)
-def jam_flow(cfg: Config, params_path: str = "params.yaml", overrides: list[str] | None = None, dvc_commit: bool = True) -> str:
+def jam_flow(
+    cfg: Config, params_path: str = "params.yaml", overrides: list[str] | None = None, dvc_commit: bool = True
+) -> str:
     """Sources -> transcribed, cleaned, split, augmented, tokenized corpus."""
     reports: dict[str, StageReport] = {}
     for name in DATA_STAGES:

@@ -73,7 +73,9 @@ def resolve_stage(name: str):
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="Stage to run: demo, base, acquire, transcribe, clean, split, augment, tokenize.")],
+    name: Annotated[
+        str, typer.Argument(help="Stage to run: demo, base, acquire, transcribe, clean, split, augment, tokenize.")
+    ],
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
