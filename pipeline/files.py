@@ -7,6 +7,7 @@ depends on (input content, the stage's params, the code version). Same key and o
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -34,10 +35,20 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are ordinary files
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it, which is not thread-safe)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(dest: Path | str, data: bytes) -> None:
@@ -122,11 +133,30 @@ def raise_if_all_failed(report: StageReport) -> None:
 
 
 class ItemIndex:
-    """Per-item record of the input key each output was made from. Saved atomically after every change."""
+    """Per-item record of the input key each output was made from.
+
+    `record` appends one JSON line to a journal (`index.json.log`), so recording is O(1) and a crash loses at most
+    the line being written; loading replays the journal over the last snapshot and compacts it into `index.json`.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.journal = path.with_name(path.name + ".log")
         self.entries: dict[str, dict[str, Any]] = read_json(path, {}) or {}
+        if self.journal.exists():
+            self._replay()
+            self.save()
+
+    def _replay(self) -> None:
+        for line in self.journal.read_text().splitlines():
+            try:
+                item_id, entry = json.loads(line)
+            except ValueError:  # a line cut short by a crash: that item is simply redone
+                continue
+            if entry is None:
+                self.entries.pop(item_id, None)
+            else:
+                self.entries[item_id] = entry
 
     def fresh(self, item_id: str, key: str, base: Path) -> dict[str, Any] | None:
         """The entry if `item_id` was made from `key` and its outputs (relative to `base`) all exist."""
@@ -138,8 +168,11 @@ class ItemIndex:
         return None
 
     def record(self, item_id: str, key: str, outputs: list[str] | None = None, **extra: Any) -> None:
-        self.entries[item_id] = {"key": key, "outputs": outputs or [], **extra}
-        self.save()
+        entry = {"key": key, "outputs": outputs or [], **extra}
+        self.entries[item_id] = entry
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a") as f:
+            f.write(json.dumps([item_id, entry], sort_keys=True, default=str) + "\n")
 
     def prune(self, keep: set[str], base: Path) -> list[str]:
         """Forget items no longer in the input set and delete their outputs. Returns the removed ids."""
@@ -148,12 +181,13 @@ class ItemIndex:
             for rel in self.entries[item_id].get("outputs", []):
                 (base / rel).unlink(missing_ok=True)
             del self.entries[item_id]
-        if gone:
-            self.save()
+        self.save()
         return gone
 
     def save(self) -> None:
+        """Write the snapshot and drop the journal it now contains."""
         write_json(self.path, self.entries)
+        self.journal.unlink(missing_ok=True)
 
 
 def slug(text: str, max_len: int = 40) -> str:

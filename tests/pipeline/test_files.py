@@ -71,3 +71,22 @@ def test_ids():
     assert slug("Maple Leaf Rag (1899)!") == "maple-leaf-rag-1899"
     assert piece_id("abc__s02__ap+2_v-8") == "abc"
     assert piece_id("abc__ap+2") == "abc"
+
+
+def test_index_journal_survives_without_save(tmp_path):
+    index = ItemIndex(tmp_path / "index.json")
+    index.record("a", "k1")
+    index.record("b", "k2")
+    index.record("a", "k3")
+    # no save(): a crashed process; the journal alone carries the entries
+    with open(tmp_path / "index.json.log", "a") as f:
+        f.write('["c", {"key": "trunc')  # a line cut short
+    reloaded = ItemIndex(tmp_path / "index.json")
+    assert {k: v["key"] for k, v in reloaded.entries.items()} == {"a": "k3", "b": "k2"}
+    assert not (tmp_path / "index.json.log").exists()  # compacted into the snapshot
+    assert read_json(tmp_path / "index.json")["a"]["key"] == "k3"
+
+
+def test_atomic_outputs_are_world_readable(tmp_path):
+    write_json(tmp_path / "x.json", {})
+    assert (tmp_path / "x.json").stat().st_mode & 0o044 == 0o044
