@@ -118,6 +118,86 @@ def show_config(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
+@app.command()
+def evaluate(
+    run_id: Annotated[str | None, typer.Option("--run", help="Evaluate only this MLflow run id.")] = None,
+    force: Annotated[bool, typer.Option(help="Re-evaluate runs already evaluated with these params.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate fine-tune runs (and their base) on the held-out test split; log metrics and samples to MLflow."""
+    cfg = _config(params, set_)
+    from pipeline.evaluate import EvaluateError, run_evaluate
+    from pipeline.files import AllItemsFailed
+    from pipeline.runs import RunsError
+
+    try:
+        report = run_evaluate(cfg, run_id=run_id, force=force)
+    except (EvaluateError, RunsError, AllItemsFailed) as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.summary())
+    for item, why in report.failed.items():
+        typer.secho(f"  failed {item}: {why}", fg=typer.colors.YELLOW, err=True)
+
+
+@app.command()
+def promote(
+    rollback: Annotated[bool, typer.Option("--rollback", help="Swap the champion and previous versions.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Register the best gated fine-tune as the champion (or roll back to the previous one)."""
+    cfg = _config(params, set_)
+    from pipeline import promote as P
+    from pipeline.runs import RunsError
+
+    try:
+        result = P.rollback(cfg) if rollback else P.run_promote(cfg)
+    except RunsError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    color = typer.colors.GREEN if result.changed else typer.colors.YELLOW
+    typer.secho(result.message, fg=color)
+    for reason in result.reasons:
+        typer.echo(f"  {reason}")
+    if result.action == "refused":  # an explicit rollback that could not happen
+        raise typer.Exit(1)
+
+
+@app.command()
+def runs(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Table of the experiment's runs: role, key params, eval metrics, champion/previous."""
+    cfg = _config(params, set_)
+    from pipeline.runs import RunsError, runs_table
+
+    try:
+        typer.echo(runs_table(cfg))
+    except RunsError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Loopback port for the MLflow UI.")] = 5000,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Start the MLflow UI on the project's store (127.0.0.1 only) until Ctrl-C."""
+    cfg = _config(params, set_)
+    import subprocess
+
+    from pipeline.runs import ui_command
+
+    cmd, url = ui_command(cfg, port)
+    typer.echo(f"MLflow UI: {url}  (Ctrl-C to stop)")
+    try:
+        raise typer.Exit(subprocess.call(cmd))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
 
