@@ -61,12 +61,12 @@ class AcquireConfig(Section):
 
 class TranscribeConfig(Section):
     model: Literal["icassp_2022"] = "icassp_2022"  # Basic Pitch's shipped model (run through ONNX)
-    onset_threshold: float = Field(0.5, gt=0, lt=1)
+    onset_threshold: float = Field(0.6, gt=0, lt=1)  # 0.5 (Basic Pitch default) admits octave ghosts
     frame_threshold: float = Field(0.3, gt=0, lt=1)
     minimum_note_length_ms: float = Field(58.0, gt=0)  # Basic Pitch's default (~5 frames)
     min_pitch: int = Field(C.PIANO_MIN_PITCH, ge=0, le=127)
     max_pitch: int = Field(C.PIANO_MAX_PITCH, ge=0, le=127)
-    melodia_trick: bool = True
+    melodia_trick: bool = False  # on: more octave/twelfth ghosts on piano (bench/transcribe.py)
     estimate_tempo: bool = True  # librosa beat tracking; the tokenizer's time grid is in beats
     default_tempo: float = Field(120.0, gt=0)  # BPM when estimation is off or fails
 
