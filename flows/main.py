@@ -75,8 +75,10 @@ def headline(reports: dict[str, StageReport]) -> str:
             f"{pieces_in} train pieces -> {aug.outputs} after augmentation (x{aug.stats.get('factor', 0):.1f})"
         )
     if "tokenize" in reports:
-        tok = reports["tokenize"].stats
-        parts.append(f"{tok.get('total_tokens', 0):,} tokens in {tok.get('total_windows', 0):,} windows")
+        splits = reports["tokenize"].stats.get("splits", {})
+        tokens = sum(s["tokens"] for s in splits.values())
+        windows = sum(s["windows"] for s in splits.values())
+        parts.append(f"{tokens:,} tokens in {windows:,} windows (vocab {reports['tokenize'].stats.get('vocab_size')})")
     return " -> ".join(parts)
 
 
@@ -92,14 +94,22 @@ def dvc_commit_outputs(repo: Path = Path(".")) -> None:
 
 @flow(name="jam-partner", log_prints=True)
 def jam_flow(
-    cfg: Config, params_path: str = "params.yaml", overrides: list[str] | None = None, dvc_commit: bool = True
+    cfg: Config,
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    dvc_commit: bool = True,
+    until: str | None = None,
 ) -> str:
-    """Sources -> transcribed, cleaned, split, augmented, tokenized corpus."""
+    """Sources -> transcribed, cleaned, split, augmented, tokenized corpus; `until` stops after that stage."""
+    if until is not None and until not in DATA_STAGES:
+        raise ValueError(f"until: unknown stage {until!r}; one of {', '.join(DATA_STAGES)}")
     reports: dict[str, StageReport] = {}
     for name in DATA_STAGES:
         if name == "demo" and not cfg.demo.enabled:
             continue
         reports[name] = stage_task(name, cfg)(name, cfg)
+        if name == until:
+            break
 
     table = summary_markdown(reports)
     create_markdown_artifact(key="jam-partner-summary", markdown=f"# jam-partner run\n\n{headline(reports)}\n\n{table}")

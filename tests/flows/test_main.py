@@ -1,0 +1,105 @@
+"""The real Prefect flow on tiny data: demo renders -> transcription -> ... -> token windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.main import jam_flow
+from pipeline.config import config_from_dict
+from pipeline.files import AllItemsFailed, piece_id, read_json
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_cfg(data: Path, sources: list[str] | None = None, **extra):
+    tree = {
+        "project": {"data_dir": str(data), "workers": 1, "mlflow_uri": f"sqlite:///{data}/mlflow.db"},
+        "demo": {"max_pieces": 4, "excerpt_s": 6.0},
+        "acquire": {"sources": sources or [str(data / "demo" / "audio")], "retries": 0, "backoff_s": 0},
+        "clean": {"min_notes": 4, "min_duration_s": 1.0},
+        "base": {"max_pieces": 6, "composers": ["bach"]},
+        "tokenize": {"vocab_size": 300, "max_seq_len": 64, "overlap": 16},
+        **extra,
+    }
+    return config_from_dict(tree)
+
+
+def run(cfg):
+    return jam_flow(cfg=cfg, dvc_commit=False, until="tokenize")
+
+
+@pytest.mark.slow
+def test_data_flow_end_to_end_and_incremental(tmp_path):
+    data = tmp_path / "data"
+    cfg = tiny_cfg(data)
+    summary = run(cfg)
+    assert "4 sources" in summary
+
+    transcribe = read_json(data / "transcribe" / "report.json")
+    assert len(transcribe["processed"]) == 4 and not transcribe["failed"]
+
+    split = read_json(data / "split" / "split.json")
+    style = split["style"]
+    pieces = {name: {piece_id(i) for i in ids} for name, ids in style.items()}
+    assert pieces["train"] and pieces["valid"] and pieces["test"]
+    assert not (pieces["train"] & pieces["test"]) and not (pieces["train"] & pieces["valid"])
+
+    augmented = {piece_id(p.stem) for p in (data / "augment" / "midi").glob("*.mid")}
+    assert augmented == pieces["train"]  # only train pieces are augmented
+    aug = read_json(data / "augment" / "report.json")
+    assert aug["outputs"] >= 10 * len(style["train"])
+
+    windows = np.load(data / "tokenize" / "style" / "train.npy")
+    assert windows.ndim == 2 and windows.shape[1] == 64 and len(windows) > 0
+
+    # nothing changed: no stage does any work
+    run(cfg)
+    for stage in ("demo", "base", "acquire", "transcribe", "clean", "augment", "tokenize"):
+        report = read_json(data / stage / "report.json")
+        assert report["processed"] == [], stage
+
+    # one more source: only that one is acquired and transcribed
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    first = sorted((data / "demo" / "audio").glob("*.wav"))[0]
+    (extra / "another-take.wav").write_bytes(first.read_bytes())
+    cfg2 = tiny_cfg(data, sources=[str(data / "demo" / "audio"), str(extra)])
+    run(cfg2)
+    assert len(read_json(data / "acquire" / "report.json")["processed"]) == 1
+    assert len(read_json(data / "transcribe" / "report.json")["processed"]) == 1
+
+
+@pytest.mark.slow
+def test_bad_items_are_recorded_and_the_rest_go_on(tmp_path):
+    data = tmp_path / "data"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "not-audio.wav").write_text("this is not audio")
+    (bad / "empty.mp3").write_bytes(b"")
+    cfg = tiny_cfg(data, sources=[str(data / "demo" / "audio"), str(bad)])
+    run(cfg)
+    acquire = read_json(data / "acquire" / "report.json")
+    assert len(acquire["failed"]) == 2
+    assert all(msg for msg in acquire["failed"].values())
+    assert len(acquire["processed"]) == 4
+    assert not list(data.rglob("*.tmp*"))  # no partial files
+
+
+@pytest.mark.slow
+def test_every_item_failing_stops_with_one_message(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.wav").write_bytes(b"RIFF\x00\x00")
+    cfg = tiny_cfg(tmp_path / "data", sources=[str(bad)], demo={"enabled": False})
+    with pytest.raises(AllItemsFailed, match="acquire: all 1 items failed"):
+        run(cfg)
+    assert json.loads((tmp_path / "data" / "acquire" / "report.json").read_text())["failed"]
