@@ -1,0 +1,233 @@
+"""Training benchmarks on synthetic windows, printed as one JSON object.
+
+    python bench/train.py [--params params.yaml] [--steps 12] [--skip memory,restart]
+
+- throughput: tokens/s of the base (pretrain loop) and of the QLoRA fine-tune, median over steps after warmup
+- checkpoint: size (MB) and write time (s) of a full-weights (pretrain) and an adapter-only (finetune) checkpoint
+- memory: peak memory of one fine-tune on the same base as QLoRA (4-bit NF4), LoRA fp32, LoRA bf16 (each variant in
+  its own process: CPU peak RSS only grows); `weights_mb` is the model's parameter + buffer bytes
+- restart: seconds from starting `python -m pipeline.finetune` again after a SIGTERM to its first new step
+Model and loop sizes come from the params file (defaults: the CPU demo profile); data shape from `tokenize`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+WINDOWS = {"base": 400, "style": 600}  # synthetic train windows (the demo corpus' order of magnitude)
+VARIANTS = ("qlora_nf4", "lora_fp32", "lora_bf16")
+
+
+def _windows(n: int, seq: int, vocab: int, seed: int) -> np.ndarray:
+    """(n, seq) int32: BOS then a noisy arithmetic progression of ids; every 4th window half padding."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, seq), np.int32)
+    for i in range(n):
+        length = seq if i % 4 else seq // 2
+        body = 3 + (rng.integers(0, vocab) + 5 * np.arange(length - 1) + rng.integers(0, 2, length - 1)) % (vocab - 3)
+        out[i, 0], out[i, 1:length] = 1, body
+    return out
+
+
+def make_workdir(root: Path, params: Path, steps: int) -> Path:
+    """A project folder with synthetic token data, an untrained base bundle and a params file."""
+    import torch
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.model import Vocab, build_base, write_bundle
+
+    tree = yaml.safe_load(params.read_text()) if params.is_file() else {}
+    tree = tree or {}
+    paths = {"data_dir": str(root / "data"), "mlflow_uri": f"sqlite:///{root}/mlruns/mlflow.db"}
+    tree["project"] = {**tree.get("project", {}), **paths, "artifact_dir": str(root / "mlruns")}
+    for section in ("pretrain", "finetune"):
+        tree[section] = {**tree.get(section, {}), "max_steps": steps, "warmup_steps": 1, "system_metrics": False}
+    (root / "params.yaml").write_text(yaml.safe_dump(tree))
+    cfg = load_config(root / "params.yaml")
+    seq, vocab = cfg.tokenize.max_seq_len, Vocab(cfg.tokenize.vocab_size, 0, 1, 2)
+    tok = cfg.stage_dir("tokenize")
+    for corpus, n in WINDOWS.items():
+        (tok / corpus).mkdir(parents=True, exist_ok=True)
+        np.save(tok / corpus / "train.npy", _windows(n, seq, vocab.size, 0))
+        np.save(tok / corpus / "valid.npy", _windows(max(4, n // 10), seq, vocab.size, 1))
+    (tok / "tokenizer.json").write_text("{}")
+    stats = {"vocab_size": vocab.size, "pad_id": 0, "bos_id": 1, "eos_id": 2, "kind": "synthetic",
+             "max_seq_len": seq, "overlap": 0, "tokenizer_sha256": "0" * 64}  # fmt: skip
+    (tok / "report.json").write_text(json.dumps({"stats": stats}))
+    torch.manual_seed(0)
+    out = cfg.stage_dir("pretrain")
+    build_base(cfg.model, vocab, seq).save_pretrained(out / ".base")
+    write_bundle(out, out / ".base", tok / "tokenizer.json", {}, source_run_id="")
+    return root
+
+
+def _timed_store(url: Path):
+    from pipeline.checkpoint import CheckpointStore
+
+    class TimedStore(CheckpointStore):
+        def save(self, step, write, meta=None):
+            t0 = time.perf_counter()
+            where = super().save(step, write, meta)
+            self.seconds.append(time.perf_counter() - t0)
+            return where
+
+    store = TimedStore(url, keep=1)
+    store.seconds = []
+    return store
+
+
+def bench_loop(root: Path, stage: str) -> dict:
+    """Tokens/s and checkpoint size/time of a few steps of `stage` (pretrain: full weights; finetune: adapter)."""
+    from pipeline.config import load_config
+    from pipeline.dataset import TokenWindows
+    from pipeline.finetune import qlora_model
+    from pipeline.model import Vocab, build_base
+    from pipeline.train import TrainJob, fit
+
+    cfg = load_config(root / "params.yaml")
+    loop, corpus = getattr(cfg, stage), cfg.stage_dir("tokenize") / ("base" if stage == "pretrain" else "style")
+    vocab = Vocab(cfg.tokenize.vocab_size, 0, 1, 2)
+    if stage == "pretrain":
+        build = lambda device: build_base(cfg.model, vocab, cfg.tokenize.max_seq_len).to(device)  # noqa: E731
+    else:
+        build = lambda device: qlora_model(cfg.stage_dir("pretrain") / "base", cfg.finetune, device)  # noqa: E731
+    speeds: list[float] = []
+    store = _timed_store(root / f"ckpt-{stage}")
+    job = TrainJob(build, TokenWindows(corpus / "train.npy", 0), None, loop, store, cfg.project.seed, "bench",
+                   every_steps=max(2, loop.max_steps // 2), every_s=1e9, adapter_only=stage == "finetune",
+                   on_step=lambda step, m: speeds.append(m.get("tokens_per_s", 0.0)))  # fmt: skip
+    fit(job)
+    ckpt = store.latest()
+    size = sum(f["bytes"] for f in ckpt.manifest["files"].values())
+    return {
+        "tokens_per_s": round(statistics.median(speeds[2:] or speeds), 1),
+        "steps": len(speeds),
+        "batch_windows": loop.batch_size * loop.grad_accum,
+        "checkpoint_mb": round(size / 2**20, 3),
+        "checkpoint_write_s": round(statistics.median(store.seconds[1:] or store.seconds), 3),
+    }
+
+
+def memory_variant(root: Path, variant: str, steps: int) -> dict:
+    """One fine-tune variant in this process; returns its peak memory and speed."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.dataset import TokenWindows
+    from pipeline.model import add_lora, load_base
+    from pipeline.tracking import rss_mb
+    from pipeline.train import Batches, make_optimizer
+
+    cfg = load_config(root / "params.yaml")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = cfg.stage_dir("pretrain") / "base"
+    rss0 = rss_mb("VmRSS")  # MiB after imports, before the model
+    if variant == "qlora_nf4":
+        model = load_base(base, "nf4", True, cfg.finetune.compute_dtype, device)
+    else:
+        from transformers import LlamaForCausalLM
+
+        dtype = torch.bfloat16 if variant == "lora_bf16" else torch.float32
+        model = LlamaForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+    model = add_lora(model, cfg.finetune)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.finetune)
+    data = Batches(TokenWindows(cfg.stage_dir("tokenize") / "style" / "train.npy", 0), cfg.finetune.batch_size, 0)
+    times = []
+    for step in range(steps):
+        batch = {k: v.to(device) for k, v in data.get(0, step % data.per_epoch).items()}
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append((time.perf_counter() - t0, int(batch["attention_mask"].sum())))
+    peak = rss_mb("VmHWM")
+    out = {"weights_mb": round(weights / 2**20, 2), "peak_rss_mb": round(peak, 1),
+           "peak_over_imports_mb": round(peak - rss0, 1),
+           "tokens_per_s": round(statistics.median(n / t for t, n in times[1:] or times), 1)}  # fmt: skip
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def bench_memory(root: Path, steps: int) -> dict:
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, "--variant", variant, "--workdir", str(root), "--steps", str(steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        results[variant] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": proc.stderr[-500:]}
+    return results
+
+
+def bench_restart(root: Path) -> dict:
+    """SIGTERM a fine-tune after its third step, restart it, time start -> resumed -> first new step."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipeline.finetune", "-p", "params.yaml", "--fresh"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if re.search(r"step 3/", line):
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=600)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd[:-1], cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    marks = {}
+    for line in proc.stderr:
+        if "resumed from step" in line and "resumed_s" not in marks:
+            marks["resumed_s"] = round(time.monotonic() - t0, 2)
+        elif "resumed_s" in marks and re.search(r"step \d+/", line):
+            marks["first_step_s"] = round(time.monotonic() - t0, 2)
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=600)
+    return {"restart_to_resumed_s": marks.get("resumed_s"), "restart_to_first_new_step_s": marks.get("first_step_s")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per measurement")
+    parser.add_argument("--skip", default="", help="comma list of: throughput, memory, restart")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one memory variant
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(memory_variant(args.workdir, args.variant, args.steps)))
+        return
+    import torch
+
+    skip = set(filter(None, args.skip.split(",")))
+    with tempfile.TemporaryDirectory(prefix="jam-bench-train-") as tmp:
+        root = make_workdir(Path(tmp), args.params, args.steps)
+        result: dict = {"device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+        if "throughput" not in skip:
+            result["pretrain"] = bench_loop(root, "pretrain")
+            result["finetune_qlora"] = bench_loop(root, "finetune")
+        if "memory" not in skip:
+            result["memory"] = bench_memory(root, min(args.steps, 6))
+        if "restart" not in skip:
+            result["restart"] = bench_restart(root)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
