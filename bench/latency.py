@@ -1,0 +1,68 @@
+"""Jam-runner latency on simulated input; prints JSON (same code as `jam bench latency`).
+
+    python bench/latency.py                      # random demo-size model (hidden 192, 4 layers, vocab 1024)
+    python bench/latency.py --model path/to/bundle --mode continuous --rounds 50 --e2e
+
+Speed targets live here, not in tests: p99 <= 50 ms and RTF >= 10 for the demo-size model on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from realtime.benchmark import bench_latency
+from realtime.runner import prepare
+from realtime.settings import JamSettings
+from realtime.synthetic import make_random_bundle
+
+TARGETS = {"p99_ms": 50.0, "rtf": 10.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="random", help="bundle folder, models:/name@alias, or 'random'")
+    ap.add_argument("--tracking-uri", default="sqlite:///mlruns/mlflow.db")
+    ap.add_argument("--mode", default="call_response", choices=["call_response", "continuous"])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default="none")
+    ap.add_argument("--e2e", action="store_true", help="also a real-time session with a file as the human")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model == "random":
+            size = {
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "heads": args.heads,
+                "intermediate": args.hidden * 8 // 3,
+            }
+            model = str(make_random_bundle(Path(tmp) / "b", bpe_vocab=args.vocab, **size))
+        settings = JamSettings(
+            model=model, tracking_uri=args.tracking_uri, mode=args.mode, threads=args.threads, dtype=args.dtype,
+            quantization=args.quantization, transport="memory", seed=0,
+        )  # fmt: skip
+        result = bench_latency(prepare(settings), settings, rounds=args.rounds, e2e=args.e2e)
+    eng = result["engine"]
+    rtf = eng.get("rtf_at_real_density") or 0.0  # not the random model's own RTF: its output is unrealistically sparse
+    p99 = eng["p99_ms"] if eng["p99_ms"] is not None else float("inf")
+    result["meets_targets"] = p99 <= TARGETS["p99_ms"] and rtf >= TARGETS["rtf"]
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

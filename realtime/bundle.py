@@ -1,0 +1,232 @@
+"""Load a promoted model bundle and prepare it for fast inference.
+
+A bundle (docs/ARCHITECTURE.md, "Model bundle") is a folder with bundle.json, a miditok tokenizer.json, the base
+`LlamaForCausalLM` under base/ and peft adapters under adapters/<name>/. `load_bundle` folds the chosen adapters
+into the base weights (one adapter, or a weighted blend), casts to the inference dtype, optionally quantizes
+Linear layers to int8, moves to the device and switches to eval mode: the runner then calls a plain causal LM.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from realtime import constants as C
+from realtime.lora import merge_adapters
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be found or used; the message says what is wrong and where."""
+
+
+@dataclass
+class Bundle:
+    """A model ready for streaming inference plus everything needed to talk to it."""
+
+    model: torch.nn.Module
+    tokenizer: Any  # miditok.MusicTokenizer
+    meta: dict
+    path: Path
+    device: torch.device
+    adapters: dict[str, float] = field(default_factory=dict)  # adapter name -> weight folded in
+    max_seq_len: int = 256
+    tempo_bpm: float = C.DEFAULT_TEMPO_BPM
+    load_s: float = 0.0  # seconds from load_bundle call to ready
+
+    def describe(self) -> str:
+        """One line: where from, which adapters, size, device."""
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        blend = ", ".join(f"{n}x{w:g}" for n, w in self.adapters.items()) or "base only"
+        return f"{self.path} [{blend}] {params:.2f}M params on {self.device}, loaded in {self.load_s:.2f}s"
+
+
+# ---------------------------------------------------------------- locate
+
+
+def _find_bundle_dir(root: Path) -> Path:
+    hits = sorted(root.rglob(C.BUNDLE_FILE), key=lambda p: len(p.parts))
+    if not hits:
+        raise BundleError(f"{root}: no {C.BUNDLE_FILE} in the downloaded model")
+    return hits[0].parent
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, "3")."""
+    rest = uri.removeprefix("models:/").strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.rpartition("/")
+    if not name or not version:
+        raise BundleError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return name, None, version
+
+
+def _check_store(tracking_uri: str) -> None:
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.exists():
+            raise BundleError(f"no MLflow store at {tracking_uri}: train and promote a model, or pass --model PATH")
+
+
+def resolve_bundle(ref: str | Path, tracking_uri: str | None = None, cache_dir: Path | None = None) -> Path:
+    """A local folder holding bundle.json for a folder path or a `models:/<name>@<alias>` registry URI.
+
+    Args:
+        ref: bundle folder, or `models:/name@alias` / `models:/name/version` resolved in the MLflow registry.
+        tracking_uri: MLflow tracking (and registry) URI, e.g. `sqlite:///mlruns/mlflow.db`. Local stores only.
+        cache_dir: where registry downloads go; a temporary folder if None.
+
+    Raises:
+        BundleError: no such folder, registry entry or bundle.json.
+    """
+    text = str(ref)
+    if not text.startswith("models:/"):
+        path = Path(text).expanduser()
+        if not (path / C.BUNDLE_FILE).exists():
+            raise BundleError(f"{path}: not a bundle folder (no {C.BUNDLE_FILE})")
+        return path
+    if tracking_uri is None:
+        raise BundleError(f"{text}: a tracking URI is needed to resolve registry models")
+    _check_store(tracking_uri)
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    name, alias, version = _parse_models_uri(text)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except Exception as err:  # MlflowException: RESOURCE_DOES_NOT_EXIST
+        raise BundleError(f"{text}: not in the registry at {tracking_uri} ({str(err).splitlines()[0]})") from None
+    dst = Path(tempfile.mkdtemp(prefix="jam-bundle-", dir=cache_dir))
+    try:
+        got = download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri)
+    except Exception:  # a logged-model source: fall back to the run's bundle artifact
+        got = client.download_artifacts(mv.run_id, C.BUNDLE_ARTIFACT, str(dst))
+    return _find_bundle_dir(Path(got))
+
+
+def read_meta(path: Path) -> dict:
+    """bundle.json, checked against the format-1 contract."""
+    try:
+        meta = json.loads((path / C.BUNDLE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path / C.BUNDLE_FILE}: unreadable ({err})") from None
+    if meta.get("format") != C.BUNDLE_FORMAT or not meta.get("base") or not meta.get("tokenizer"):
+        raise BundleError(f"{path / C.BUNDLE_FILE}: not a format-{C.BUNDLE_FORMAT} bundle (needs base, tokenizer)")
+    return meta
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def load_tokenizer(path: Path):
+    """The miditok tokenizer saved in the bundle; its kind is read from the file. Streaming needs MIDILike."""
+    import miditok
+
+    kind = json.loads(path.read_text()).get("tokenization")
+    if kind not in C.STREAMING_TOKENIZERS:
+        raise BundleError(f"{path}: tokenizer kind {kind!r} cannot stream; use one of {C.STREAMING_TOKENIZERS}")
+    return getattr(miditok, kind)(params=path)
+
+
+def adapter_plan(meta: dict, adapters: dict[str, float] | None, normalize: bool) -> dict[str, float]:
+    """Which adapters to fold in and with what weight.
+
+    Args:
+        meta: bundle.json.
+        adapters: None = the bundle's default adapter at weight 1; {} = base model only; {name: weight} = blend.
+        normalize: divide weights by their sum, so a blend keeps one fine-tune's strength.
+    """
+    available = meta.get("adapters") or {}
+    if adapters is None:
+        default = meta.get("default_adapter")
+        return {default: 1.0} if default else {}
+    missing = sorted(set(adapters) - set(available))
+    if missing:
+        raise BundleError(f"adapters {missing} not in the bundle (has: {sorted(available) or 'none'})")
+    plan = {name: float(w) for name, w in adapters.items() if w != 0}
+    total = sum(plan.values())
+    if normalize and plan:
+        if total <= 0:
+            raise BundleError(f"adapter weights {plan} must sum to > 0 to be normalized")
+        plan = {name: w / total for name, w in plan.items()}
+    return plan
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA when present, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BundleError("device 'cuda' requested but CUDA is not available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensors in favour of torchao
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def load_bundle(
+    ref: str | Path,
+    adapters: dict[str, float] | None = None,
+    normalize: bool = True,
+    dtype: str = "float32",
+    quantization: str = "none",
+    device: str = "auto",
+    tracking_uri: str | None = None,
+) -> Bundle:
+    """Resolve, load and prepare a bundle for streaming inference.
+
+    Args:
+        ref: bundle folder or `models:/<name>@<alias>`.
+        adapters: see `adapter_plan`.
+        normalize: normalize blend weights to sum 1.
+        dtype: float32, bfloat16 or float16 weights.
+        quantization: "none" or "dynamic_int8" (CPU, Linear layers).
+        device: auto, cpu or cuda.
+        tracking_uri: MLflow store for registry URIs.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    started = time.perf_counter()
+    path = resolve_bundle(ref, tracking_uri)
+    meta = read_meta(path)
+    plan = adapter_plan(meta, adapters, normalize)
+    tokenizer = load_tokenizer(path / meta["tokenizer"])
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path / meta["base"], local_files_only=True, dtype=torch.float32)
+    if plan:
+        folders = [(w, path / meta["adapters"][name]) for name, w in plan.items()]
+        model = merge_adapters(model, folders)
+    target = pick_device(device)
+    model = model.to(dtype=getattr(torch, dtype)).eval()
+    if quantization == "dynamic_int8":
+        if target.type != "cpu":
+            raise BundleError("quantization 'dynamic_int8' runs on CPU only")
+        model = _quantize_int8(model)
+    model = model.to(target)
+    max_len = min(int(meta.get("max_seq_len") or 10**9), int(model.config.max_position_embeddings))
+    return Bundle(
+        model=model,
+        tokenizer=tokenizer,
+        meta=meta,
+        path=path,
+        device=target,
+        adapters=plan,
+        max_seq_len=max_len,
+        tempo_bpm=float(meta.get("tempo_bpm") or C.DEFAULT_TEMPO_BPM),
+        load_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,349 @@
+"""Streaming generation over one persistent KV cache.
+
+The token stream interleaves the human's events and the model's in time order, exactly as a MIDILike piece would.
+Human events are appended as they arrive (`append_events`: a few tokens through the cached model, never the whole
+context again); the model continues from there (`generate_chunk`). Every id in the window keeps its start/end
+time on the session clock, so output that has not sounded yet can be taken back (`crop_unplayed`) when the human
+plays over it, and the cache is cut to match. When the window would pass `max_seq_len` it slides: the last
+`SLIDE_KEEP_FRACTION` of it is re-prefilled from scratch (`StreamState.slide_s` records what that costs).
+
+Usage:
+    state = engine.start(now)
+    engine.append_events(state, human_events)
+    state, out = engine.generate_chunk(state, ChunkContext(until=now + 2.0, on_event=send))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from realtime import constants as C
+from realtime.codec import Decoder, NoteEvent, TokenCodec
+
+
+@dataclass
+class Sampling:
+    """Sampling controls; top_k=0 and top_p=1 disable those filters."""
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class StreamState:
+    """The context window, its cache and where it ends in time."""
+
+    tempo_bpm: float
+    cursor: float = 0.0  # session seconds at which the stream ends
+    cache: Any = None  # transformers Cache (DynamicCache) holding `ids`
+    ids: list[int] = field(default_factory=list)  # ids in the window, oldest first
+    starts: list[float] = field(default_factory=list)  # session seconds each id starts sounding (crop test)
+    ends: list[float] = field(default_factory=list)  # stream cursor (session seconds) after each id
+    serials: list[int] = field(default_factory=list)  # never reused over the session: output event tags
+    model_open: list[frozenset] = field(default_factory=list)  # model notes sounding after each id
+    next_serial: int = 0
+    logits: torch.Tensor | None = None  # (vocab,) next-token logits; None: recompute lazily
+    decoder: Decoder = field(default_factory=Decoder)
+    slide_s: list[float] = field(default_factory=list)  # seconds spent re-prefilling at each slide
+
+    @property
+    def open_notes(self) -> frozenset:
+        """Model pitches sounding at the end of the stream."""
+        return self.model_open[-1] if self.model_open else frozenset()
+
+    def seconds(self, beats: float) -> float:
+        return beats * 60.0 / self.tempo_bpm
+
+
+@dataclass
+class ChunkContext:
+    """What one `generate_chunk` call should do."""
+
+    until: float  # session seconds: stop once the stream reaches this time
+    max_tokens: int = 256
+    allow_eos: bool = False  # True: an EOS ends the chunk; False: EOS is never sampled
+    drop_leading_rest: bool = False  # an answer starts at once: its first id is one that opens with a NoteOn
+    should_stop: Callable[[], bool] | None = None  # checked between tokens (e.g. the human started playing)
+    on_event: Callable[[NoteEvent, int], None] | None = None  # (event, serial) as soon as it is decoded
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk produced and what it cost."""
+
+    events: list[NoteEvent] = field(default_factory=list)
+    tokens: int = 0
+    music_s: float = 0.0  # seconds of music the stream advanced
+    compute_s: float = 0.0
+    first_event_at: float | None = None  # session seconds when the first event was handed on
+    first_serial: int | None = None  # serial of the first id generated in this chunk
+    stopped: str = "until"  # until | eos | max_tokens | interrupt
+
+
+class Engine:
+    """A causal LM plus its codec, driven one id at a time."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        codec: TokenCodec,
+        max_seq_len: int,
+        sampling: Sampling | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.model = model
+        self.codec = codec
+        self.max_seq_len = max_seq_len
+        self.sampling = sampling or Sampling()
+        self.clock = clock
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device="cpu")
+        if self.sampling.seed is not None:
+            self.generator.manual_seed(self.sampling.seed)
+        model_vocab = getattr(getattr(model, "config", None), "vocab_size", codec.vocab_size)
+        self._banned = torch.zeros(max(model_vocab, codec.vocab_size), dtype=torch.bool)
+        self._banned[[codec.pad_id, codec.bos_id]] = True
+        self._banned[codec.vocab_size :] = True  # padded embedding rows: ids the tokenizer cannot decode
+        self._banned_eos = self._banned.clone()
+        self._banned_eos[codec.eos_id] = True
+        # An answer's first id must open with a NoteOn: the model's leading rest (or an undecodable id) would be
+        # dropped anyway, and every id sampled before the first note is latency.
+        self._banned_lead = self._banned_eos | ~self._first_op_is("on")
+        self._banned_vel = self._banned_eos | ~self._first_op_is("vel")
+
+    def _first_op_is(self, kind: str) -> torch.Tensor:
+        """(vocab,) bool: ids whose first base token is of `kind` ("on", "vel", ...)."""
+        mask = torch.zeros_like(self._banned)
+        mask[: self.codec.vocab_size] = torch.tensor([bool(ops) and ops[0][0] == kind for ops in self.codec.ops])
+        return mask
+
+    # ------------------------------------------------------------ model calls
+
+    @torch.inference_mode()
+    def _forward(self, state: StreamState, ids: list[int]) -> None:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, past_key_values=state.cache, use_cache=True, logits_to_keep=1)
+        state.cache = out.past_key_values
+        state.logits = out.logits[0, -1].float().cpu()
+
+    def _slide(self, state: StreamState, room: int) -> None:
+        """Drop the window's oldest ids and re-prefill the rest so `room` more fit."""
+        started = time.perf_counter()
+        keep = min(int(self.max_seq_len * C.SLIDE_KEEP_FRACTION), self.max_seq_len - room)
+        for name in ("ids", "starts", "ends", "serials", "model_open"):
+            setattr(state, name, getattr(state, name)[-keep:] if keep > 0 else [])
+        state.cache, state.logits = None, None
+        if state.ids:
+            self._forward(state, state.ids)
+        state.slide_s.append(time.perf_counter() - started)
+
+    def _feed(self, state: StreamState, ids: list[int], start: float, end: float) -> int:
+        """Run `ids` through the model after the window (sliding first if needed). Returns the first serial."""
+        first = state.next_serial
+        limit = max(1, self.max_seq_len // 2)
+        for i in range(0, len(ids), limit):
+            part = ids[i : i + limit]
+            if len(state.ids) + len(part) > self.max_seq_len:
+                self._slide(state, len(part))
+            self._forward(state, part)
+            state.ids.extend(part)
+            state.starts.extend([start] * len(part))
+            state.ends.extend([end] * len(part))
+            state.serials.extend(range(state.next_serial, state.next_serial + len(part)))
+            state.model_open.extend([state.open_notes] * len(part))
+            state.next_serial += len(part)
+        return first
+
+    def make_room(self, state: StreamState, room: int) -> bool:
+        """Slide now if `room` more ids would not fit, so the slide's cost is paid off the latency path.
+
+        Returns:
+            Whether the window slid.
+        """
+        if len(state.ids) + room <= self.max_seq_len:
+            return False
+        self._slide(state, min(room, self.max_seq_len // 2))
+        return True
+
+    def _ensure_logits(self, state: StreamState) -> None:
+        """After a crop the next-token logits are unknown: re-run the window's last id."""
+        if state.logits is not None or not state.ids:
+            return
+        _crop_cache(state.cache, 1)
+        self._forward(state, state.ids[-1:])
+
+    def _sample(self, state: StreamState, allow_eos: bool, leading: bool = False) -> int:
+        self._ensure_logits(state)
+        if state.decoder.pending_pitch is not None:
+            banned = self._banned_vel  # MIDILike grammar: a NoteOn is followed by its Velocity
+        elif leading:
+            banned = self._banned_lead
+        else:
+            banned = self._banned if allow_eos else self._banned_eos
+        return sample_token(state.logits, self.sampling, banned, self.generator)
+
+    # ------------------------------------------------------------ stream edits
+
+    def start(self, now: float, tempo_bpm: float) -> StreamState:
+        """A fresh stream: the piece prefix (BOS, TimeSig) prefilled, ending at `now`."""
+        state = StreamState(tempo_bpm=tempo_bpm, cursor=now)
+        self._feed(state, self.codec.encode(self.codec.prefix_tokens), now, now)
+        return state
+
+    def append_events(self, state: StreamState, events: list[NoteEvent]) -> int:
+        """Append human events (time-ordered, session seconds) as tokens. Returns the number of ids appended."""
+        tokens: list[str] = []
+        for event in events:
+            event_tokens = self.codec.event_tokens(event)
+            if not event_tokens:
+                continue
+            shift, beats = self.codec.shift_tokens(max(0.0, event.time - state.cursor) * state.tempo_bpm / 60.0)
+            tokens += shift + event_tokens
+            state.cursor += state.seconds(beats)
+        ids = self.codec.encode(tokens)
+        if ids:  # start = when it sounded (never after `now`), so a crop never takes a human event back
+            self._feed(state, ids, min(events[-1].time, state.cursor), state.cursor)
+        return len(ids)
+
+    def append_rest(self, state: StreamState, until: float) -> int:
+        """Append TimeShift tokens bringing the stream up to `until` (the tokens are quantized, the cursor is not).
+
+        Returns:
+            The number of ids appended.
+        """
+        tokens, _ = self.codec.shift_tokens(max(0.0, until - state.cursor) * state.tempo_bpm / 60.0)
+        ids = self.codec.encode(tokens)
+        if ids:
+            self._feed(state, ids, state.cursor, until)
+        state.cursor = max(state.cursor, until)
+        return len(ids)
+
+    def retract(self, state: StreamState, count: int, cursor: float) -> None:
+        """Remove the last `count` ids (e.g. a rest appended ahead of time) and put the stream end back at `cursor`."""
+        count = min(count, len(state.ids))
+        if count <= 0:
+            return
+        _crop_cache(state.cache, count)
+        for name in ("ids", "starts", "ends", "serials", "model_open"):
+            del getattr(state, name)[-count:]
+        state.cursor, state.logits, state.decoder = cursor, None, Decoder()
+
+    def crop_unplayed(self, state: StreamState, now: float) -> int | None:
+        """Take back ids that have not sounded by `now` (and a pure rest running past it).
+
+        Returns:
+            The serial of the first id removed (output events tagged >= it should be cancelled), or None.
+        """
+        cut = len(state.ids)
+        while cut > 0 and state.starts[cut - 1] > now:
+            cut -= 1
+        if cut > 0 and state.ends[cut - 1] > now and self.codec.pure_shift[state.ids[cut - 1]]:
+            cut -= 1
+        if cut == len(state.ids) or cut == 0:
+            return None
+        first = state.serials[cut]
+        _crop_cache(state.cache, len(state.ids) - cut)
+        state.cursor = state.ends[cut - 1]
+        for name in ("ids", "starts", "ends", "serials", "model_open"):
+            del getattr(state, name)[cut:]
+        state.logits, state.decoder = None, Decoder()
+        return first
+
+    def close_open_notes(self, state: StreamState, on_event: Callable[[NoteEvent, int], None] | None) -> int:
+        """End the model's sounding notes at the stream's end: NoteOff tokens appended, events handed on."""
+        pitches = sorted(state.open_notes)
+        if not pitches:
+            return 0
+        ids = self.codec.encode([f"NoteOff_{p}" for p in pitches])
+        serial = self._feed(state, ids, state.cursor, state.cursor)
+        state.model_open[-1] = frozenset()
+        for pitch in pitches:
+            if on_event:
+                on_event(NoteEvent("off", pitch, 0, state.cursor), serial)
+        return len(pitches)
+
+    # ------------------------------------------------------------ generation
+
+    def generate_chunk(self, state: StreamState, ctx: ChunkContext) -> tuple[StreamState, ChunkResult]:
+        """Sample ids until the stream reaches `ctx.until`, handing events on as soon as they decode."""
+        started, begin = time.perf_counter(), state.cursor
+        res = ChunkResult()
+        leading = ctx.drop_leading_rest
+        while state.cursor < ctx.until:
+            if res.tokens >= ctx.max_tokens:
+                res.stopped = "max_tokens"
+                break
+            if ctx.should_stop is not None and ctx.should_stop():
+                res.stopped = "interrupt"
+                break
+            token = self._sample(state, ctx.allow_eos, leading)
+            if token == self.codec.eos_id:
+                res.stopped = "eos"
+                break
+            serial, start = state.next_serial, state.cursor
+            res.first_serial = serial if res.first_serial is None else res.first_serial
+            opened = set(state.open_notes)
+            for op in state.decoder.feed(self.codec.ops[token]):
+                if op[0] == "shift":
+                    state.cursor += 0.0 if leading else state.seconds(op[1])
+                    continue
+                event = _event(op, state.cursor, opened)
+                if event is None:
+                    continue
+                leading = False
+                res.events.append(event)
+                if ctx.on_event is not None:
+                    ctx.on_event(event, serial)
+                if res.first_event_at is None:
+                    res.first_event_at = self.clock()
+            end = state.cursor
+            self._feed(state, [token], start, end)
+            state.model_open[-1] = frozenset(opened)
+            res.tokens += 1
+        res.music_s = state.cursor - begin
+        res.compute_s = time.perf_counter() - started
+        return state, res
+
+
+def _event(op: tuple, at: float, opened: set[int]) -> NoteEvent | None:
+    """A decoded op as an output event, updating the set of sounding model notes."""
+    if op[0] == "note":
+        opened.add(op[1])
+        return NoteEvent("on", op[1], op[2], at)
+    if op[0] == "off":
+        if op[1] not in opened:
+            return None  # NoteOff of a note the model never started: nothing to send
+        opened.discard(op[1])
+        return NoteEvent("off", op[1], 0, at)
+    if op[0] == "pedal":
+        return NoteEvent("pedal_on" if op[1] else "pedal_off", 0, 0, at)
+    return None
+
+
+def _crop_cache(cache: Any, remove: int) -> None:
+    """Drop the last `remove` positions (negative crop means "remove" in transformers 4.x and 5.x alike)."""
+    if cache is not None and remove > 0:
+        cache.crop(-remove)
+
+
+def sample_token(logits: torch.Tensor, sampling: Sampling, banned: torch.Tensor, generator: torch.Generator) -> int:
+    """Temperature, top-k and top-p (nucleus) sampling over one logits vector (vocab,)."""
+    x = logits / sampling.temperature
+    x = x.masked_fill(banned[: x.shape[0]], float("-inf"))
+    if 0 < sampling.top_k < x.shape[0]:
+        kth = torch.topk(x, sampling.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        drop = torch.cumsum(probs, dim=-1) - probs > sampling.top_p  # keep the smallest set reaching top_p
+        x = x.index_put((order[drop],), torch.tensor(float("-inf")))
+    probs = torch.softmax(x, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -1,0 +1,147 @@
+"""LoRA adapters folded into the base weights, with no adapter layers left at inference time.
+
+A LoRA adapter adds `scale * B @ A` to a Linear weight (`scale = alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
+A weighted blend of adapters is the weighted sum of those deltas: `W' = W + sum_i w_i * scale_i * B_i @ A_i`.
+That is exactly what peft computes with `add_weighted_adapter(..., combination_type="cat")` followed by
+`merge_and_unload()`, but done here from the adapter files directly: no peft import (3+ s, it pulls in
+bitsandbytes), no wrapper modules. Adapters this fast path does not understand (DoRA, modules_to_save, bias
+training, embedding or conv LoRA) go through peft itself (`peft_merge`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+
+class UnsupportedAdapter(ValueError):
+    """An adapter the direct merge cannot fold exactly; the caller falls back to peft."""
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """peft's rank_pattern/alpha_pattern lookup: a key matches a module name suffix (regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _check_supported(cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
+    problems = []
+    if cfg.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type {cfg.get('peft_type')}")
+    if cfg.get("use_dora"):
+        problems.append("DoRA")
+    if cfg.get("modules_to_save"):
+        problems.append("modules_to_save")
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        problems.append("trained biases")
+    if cfg.get("trainable_token_indices") or cfg.get("layer_replication"):
+        problems.append("token/layer extras")
+    odd = [k for k in tensors if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))]
+    if odd:
+        problems.append(f"non-Linear LoRA tensors ({odd[0]})")
+    if problems:
+        raise UnsupportedAdapter(", ".join(problems))
+
+
+def _load_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    for name in ADAPTER_WEIGHTS:
+        path = adapter_dir / name
+        if path.exists():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{adapter_dir}: no {' or '.join(ADAPTER_WEIGHTS)}")
+
+
+def adapter_deltas(adapter_dir: Path | str) -> dict[str, torch.Tensor]:
+    """Weight deltas of one saved LoRA adapter, keyed by the base model's module path.
+
+    Args:
+        adapter_dir: folder with adapter_config.json and adapter_model.safetensors (peft's save_pretrained).
+
+    Returns:
+        `{"model.layers.0.self_attn.q_proj": delta}`, each delta float32 of the Linear weight's shape (out, in).
+
+    Raises:
+        UnsupportedAdapter: the adapter needs peft to merge (see module docstring).
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    tensors = _load_tensors(adapter_dir)
+    _check_supported(cfg, tensors)
+    deltas: dict[str, torch.Tensor] = {}
+    for key, a in tensors.items():
+        if not key.endswith(A_SUFFIX):
+            continue
+        stem = key.removesuffix(A_SUFFIX)
+        b = tensors[stem + B_SUFFIX]  # (out, r) @ (r, in)
+        module = stem.removeprefix(PEFT_PREFIX)
+        rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", a.shape[0]))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", rank))
+        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        delta = (b.float() @ a.float()) * scale
+        deltas[module] = delta.T if cfg.get("fan_in_fan_out") else delta
+    return deltas
+
+
+def blend_deltas(weighted: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Weighted sum of adapters' deltas: `sum_i w_i * delta_i` per module (modules missing in one count as 0)."""
+    out: dict[str, torch.Tensor] = {}
+    for weight, deltas in weighted:
+        for module, delta in deltas.items():
+            out[module] = out[module] + weight * delta if module in out else weight * delta
+    return out
+
+
+def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> int:
+    """Add deltas to the named Linear weights in place. Returns the number of weights changed."""
+    with torch.no_grad():
+        for module, delta in deltas.items():
+            weight = model.get_submodule(module).weight
+            if weight.shape != delta.shape:
+                raise ValueError(f"{module}: adapter delta {tuple(delta.shape)} != weight {tuple(weight.shape)}")
+            weight.add_(delta.to(weight.dtype))
+    return len(deltas)
+
+
+def merge_adapters(model: torch.nn.Module, adapters: list[tuple[float, Path]]) -> torch.nn.Module:
+    """Fold `[(weight, adapter_dir), ...]` into `model` (direct path; peft for adapters it cannot fold).
+
+    Returns:
+        The merged model: `model` itself on the direct path, a fresh module from peft otherwise.
+    """
+    try:
+        weighted = [(w, adapter_deltas(d)) for w, d in adapters]
+    except UnsupportedAdapter:
+        return peft_merge(model, adapters)
+    apply_deltas(model, blend_deltas(weighted))
+    return model
+
+
+def peft_merge(model: torch.nn.Module, adapters: list[tuple[float, Path]]) -> torch.nn.Module:
+    """The same fold through peft: load each adapter, `add_weighted_adapter(cat)`, `merge_and_unload()`."""
+    from peft import PeftModel
+
+    names = [f"a{i}" for i in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(model, str(adapters[0][1]), adapter_name=names[0], is_trainable=False)
+    for name, (_, path) in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    weights = [w for w, _ in adapters]
+    if len(adapters) > 1 or weights[0] != 1.0:
+        peft_model.add_weighted_adapter(names, weights, "blend", combination_type="cat")
+        peft_model.set_adapter("blend")
+    return peft_model.merge_and_unload()

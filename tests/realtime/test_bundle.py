@@ -1,0 +1,125 @@
+"""Bundle loading: LoRA folded into the weights, weighted blends, dtype/quantization, registry resolution."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from realtime.bundle import BundleError, adapter_plan, load_bundle, read_meta, resolve_bundle
+from realtime.lora import UnsupportedAdapter, adapter_deltas, blend_deltas, merge_adapters
+
+X = torch.tensor([[1, 40, 41, 200, 300, 7]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=X).logits[0].float()
+
+
+def base_model(bundle):
+    return LlamaForCausalLM.from_pretrained(bundle / "base", local_files_only=True).eval()
+
+
+def peft_reference(bundle, weighted: list[tuple[float, str]]):
+    """The same fold done by peft: add_weighted_adapter(cat) + merge_and_unload."""
+    from peft import PeftModel
+
+    names = [name for _, name in weighted]
+    model = PeftModel.from_pretrained(base_model(bundle), bundle / "adapters" / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(bundle / "adapters" / name, adapter_name=name)
+    model.add_weighted_adapter(names, [w for w, _ in weighted], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    return model.merge_and_unload().eval()
+
+
+def test_blend_matches_peft_weighted_adapter(tiny_bundle_master):
+    weighted = [(2.0, "style"), (1.0, "alt")]
+    ours = merge_adapters(
+        base_model(tiny_bundle_master), [(w, tiny_bundle_master / "adapters" / n) for w, n in weighted]
+    )
+    ref = peft_reference(tiny_bundle_master, weighted)
+    torch.testing.assert_close(logits(ours), logits(ref), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logits(ours), logits(base_model(tiny_bundle_master)), atol=1e-3)  # it did something
+
+
+def test_blend_is_the_weighted_sum_of_deltas(tiny_bundle_master):
+    a = adapter_deltas(tiny_bundle_master / "adapters" / "style")
+    b = adapter_deltas(tiny_bundle_master / "adapters" / "alt")
+    mixed = blend_deltas([(2.0, a), (1.0, b)])
+    assert set(mixed) == set(a) | set(b)
+    for key in mixed:
+        torch.testing.assert_close(mixed[key], 2.0 * a[key] + b[key])
+    cfg = json.loads((tiny_bundle_master / "adapters/style/adapter_config.json").read_text())
+    assert a[next(iter(a))].shape[0] > cfg["r"]  # full weight shape (out, in), not the rank
+
+
+def test_adapter_plan_defaults_blends_and_normalizes():
+    meta = {"adapters": {"a": "adapters/a", "b": "adapters/b"}, "default_adapter": "a"}
+    assert adapter_plan(meta, None, True) == {"a": 1.0}
+    assert adapter_plan(meta, {}, True) == {}
+    assert adapter_plan(meta, {"a": 2, "b": 1}, True) == pytest.approx({"a": 2 / 3, "b": 1 / 3})
+    assert adapter_plan(meta, {"a": 2, "b": 1}, False) == {"a": 2.0, "b": 1.0}
+    with pytest.raises(BundleError, match="not in the bundle"):
+        adapter_plan(meta, {"c": 1.0}, True)
+
+
+def test_load_bundle_folds_the_default_adapter(tiny_bundle_master):
+    bundle = load_bundle(tiny_bundle_master, device="cpu")
+    assert bundle.adapters == {"style": 1.0}
+    assert not any("lora" in name for name, _ in bundle.model.named_parameters())  # plain weights, no wrappers
+    ref = peft_reference(tiny_bundle_master, [(1.0, "style")])
+    torch.testing.assert_close(logits(bundle.model), logits(ref), atol=1e-4, rtol=1e-4)
+    base_only = load_bundle(tiny_bundle_master, adapters={}, device="cpu")
+    torch.testing.assert_close(logits(base_only.model), logits(base_model(tiny_bundle_master)))
+
+
+@pytest.mark.parametrize(("dtype", "quantization"), [("bfloat16", "none"), ("float32", "dynamic_int8")])
+def test_inference_dtypes(tiny_bundle_master, dtype, quantization):
+    bundle = load_bundle(tiny_bundle_master, dtype=dtype, quantization=quantization, device="cpu")
+    out = logits(bundle.model)
+    assert torch.isfinite(out).all()
+    assert out.argmax(-1).shape == (X.shape[1],)
+
+
+def test_unsupported_adapters_go_through_peft(tiny_bundle):
+    cfg_path = tiny_bundle / "adapters/style/adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["modules_to_save"] = ["lm_head"]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedAdapter, match="modules_to_save"):
+        adapter_deltas(tiny_bundle / "adapters/style")
+
+
+def test_bad_bundles_fail_clearly(tmp_path, tiny_bundle):
+    with pytest.raises(BundleError, match="not a bundle folder"):
+        resolve_bundle(tmp_path)
+    (tiny_bundle / "bundle.json").write_text(json.dumps({"format": 2}))
+    with pytest.raises(BundleError, match="format-1"):
+        read_meta(tiny_bundle)
+    with pytest.raises(BundleError, match="no MLflow store"):
+        resolve_bundle("models:/jam-partner@champion", f"sqlite:///{tmp_path}/missing.db")
+
+
+def test_registry_alias_resolves_to_a_local_bundle(tmp_path, tiny_bundle_master):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("jam-partner", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(exp)
+    bundle_copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_master, bundle_copy)
+    client.log_artifacts(run.info.run_id, str(bundle_copy), "bundle")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("jam-partner")
+    mv = client.create_model_version("jam-partner", f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id)
+    client.set_registered_model_alias("jam-partner", "champion", mv.version)
+    path = resolve_bundle("models:/jam-partner@champion", uri, cache_dir=tmp_path)
+    assert (path / "bundle.json").exists()
+    assert read_meta(path)["default_adapter"] == "style"
+    assert resolve_bundle(f"models:/jam-partner/{mv.version}", uri, cache_dir=tmp_path).name == path.name

@@ -1,0 +1,143 @@
+"""Streaming engine: the KV cache equals a full re-encode, crops and slides stay consistent, sampling filters."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from realtime.codec import Decoder, NoteEvent, TokenCodec
+from realtime.engine import ChunkContext, Sampling, sample_token
+from realtime.synthetic import random_phrase
+
+ATOL = 1e-4
+
+
+def full_logits(engine, ids: list[int]) -> torch.Tensor:
+    """Next-token logits from encoding `ids` from scratch, no cache."""
+    with torch.inference_mode():
+        return engine.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+def play_phrase(engine, state, start: float = 0.1, seed: int = 0) -> None:
+    for event in random_phrase(random.Random(seed), start):
+        engine.append_events(state, [event])  # one event at a time, as they arrive live
+
+
+def test_streaming_equals_full_reencode(engine):
+    state = engine.start(0.0, 120.0)
+    play_phrase(engine, state)
+    engine.append_rest(state, 1.6)
+    state, out = engine.generate_chunk(state, ChunkContext(until=3.0, max_tokens=20, allow_eos=False))
+    assert out.tokens > 0
+    assert len(state.ids) < engine.max_seq_len  # no slide happened: the window is the whole stream
+    engine._ensure_logits(state)
+    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+
+
+def test_crop_takes_back_only_unplayed_output(engine):
+    state = engine.start(0.0, 120.0)
+    play_phrase(engine, state)
+    human_len = len(state.ids)
+    state, _ = engine.generate_chunk(state, ChunkContext(until=state.cursor + 3.0, max_tokens=30))
+    cut_time = state.starts[human_len] + 0.5
+    first = engine.crop_unplayed(state, cut_time)
+    if first is None:
+        pytest.skip("the random model produced nothing after the cut point")
+    assert len(state.ids) >= human_len  # human tokens are never taken back
+    assert all(s <= cut_time for s in state.starts)
+    assert state.serials[-1] < first
+    assert state.cache.get_seq_length() == len(state.ids)
+    engine._ensure_logits(state)
+    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+
+
+def test_window_slides_and_reprefills(engine):
+    state = engine.start(0.0, 120.0)
+    for round_ in range(4):
+        play_phrase(engine, state, state.cursor + 0.1, seed=round_)
+        state, _ = engine.generate_chunk(state, ChunkContext(until=state.cursor + 4.0, max_tokens=40))
+        assert len(state.ids) <= engine.max_seq_len
+    assert state.slide_s, "the window never slid"
+    assert state.cache.get_seq_length() == len(state.ids)
+    engine._ensure_logits(state)
+    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+    assert state.serials == sorted(set(state.serials))  # serials are never reused
+
+
+def test_chunk_streams_time_ordered_events(engine):
+    state = engine.start(0.0, 120.0)
+    play_phrase(engine, state)
+    engine.append_rest(state, 1.6)
+    seen = []
+    ctx = ChunkContext(until=5.6, allow_eos=True, drop_leading_rest=True, on_event=lambda e, s: seen.append((e, s)))
+    state, out = engine.generate_chunk(state, ctx)
+    assert [e for e, _ in seen] == out.events
+    times = [e.time for e in out.events]
+    assert times == sorted(times)
+    if out.events:
+        assert out.events[0].time == pytest.approx(1.6)  # the answer starts at once: leading rest dropped
+        assert out.first_event_at is not None
+    engine.close_open_notes(state, None)
+    assert not state.open_notes
+
+
+def test_sampling_filters():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0])
+    banned = torch.zeros(5, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, Sampling(top_k=1), banned, gen) for _ in range(20)} == {1}
+    assert {sample_token(logits, Sampling(top_p=0.01), banned, gen) for _ in range(20)} == {1}
+    top2 = {sample_token(logits, Sampling(top_k=2, temperature=5.0), banned, gen) for _ in range(200)}
+    assert top2 == {1, 3}
+    banned[1] = True
+    assert 1 not in {sample_token(logits, Sampling(temperature=3.0), banned, gen) for _ in range(200)}
+
+
+def test_codec_time_grid_and_ranges(prepared):
+    codec = TokenCodec(prepared.tokenizer)
+    tokens, beats = codec.shift_tokens(13.3)
+    assert beats == pytest.approx(13.25)  # 1/8-beat grid
+    assert sum(op[1] for t in tokens for op in codec.ops[codec.vocab[t]]) == pytest.approx(13.25)
+    assert codec.shift_tokens(0.04) == ([], 0.0)  # under half a grid step: no token
+    assert codec.event_tokens(NoteEvent("on", 10, 90)) == []  # below the piano: not representable
+    assert codec.event_tokens(NoteEvent("on", 60, 90)) == ["NoteOn_60", "Velocity_87"]  # nearest of 16 bins
+    ids = codec.encode(["NoteOn_60", "Velocity_63", "TimeShift_0.4.8", "NoteOff_60"])
+    ops = [op for i in ids for op in codec.ops[i]]
+    assert ops == [("on", 60), ("vel", 63), ("shift", 0.5), ("off", 60)]
+
+
+def test_decoder_skips_what_does_not_decode():
+    dec = Decoder()
+    assert dec.feed((("vel", 80),)) == []  # velocity with no NoteOn
+    assert dec.feed((("on", 60), ("shift", 0.5))) == [("shift", 0.5)]  # NoteOn without velocity: dropped
+    assert dec.feed((("on", 62),)) == []
+    assert dec.feed((("vel", 70), ("off", 62))) == [("note", 62, 70), ("off", 62)]
+
+
+def test_rest_appended_ahead_can_be_retracted(engine):
+    state = engine.start(0.0, 120.0)
+    play_phrase(engine, state)
+    ids, cursor = list(state.ids), state.cursor
+    added = engine.append_rest(state, cursor + 0.8)
+    assert added > 0 and state.cursor == pytest.approx(cursor + 0.8)
+    engine.retract(state, added, cursor)  # the human played on before the silence was complete
+    assert state.ids == ids and state.cursor == cursor
+    assert state.cache.get_seq_length() == len(ids)
+    engine._ensure_logits(state)
+    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_answers_open_with_a_complete_note(engine, seed):
+    """The first id of an answer opens with a NoteOn and a NoteOn is always followed by its Velocity, so the first
+    event comes after one or two ids whatever the model prefers."""
+    engine.generator.manual_seed(seed)
+    state = engine.start(0.0, 120.0)
+    play_phrase(engine, state, seed=seed)
+    engine.append_rest(state, 1.6)
+    ctx = ChunkContext(until=3.6, allow_eos=True, drop_leading_rest=True)
+    state, out = engine.generate_chunk(state, ctx)
+    assert out.events and out.events[0].kind == "on"
+    assert out.events[0].time == pytest.approx(1.6)
