@@ -41,8 +41,13 @@ sysdeps:
 	  else echo "warning: missing$$missing (need root + apt); falling back where possible"; fi; \
 	fi
 
+# A held-out piece of the demo player, played in real time as "the human"; the champion answers.
+DEMO_PIECE = $$($(BIN)/python -c "import json; s = json.load(open('data/split/split.json')); \
+	print('data/clean/style/' + sorted(s['style']['test'])[0] + '.mid')")
+
 demo: venv sysdeps
 	$(BIN)/jam run
+	$(BIN)/jam play --input "$(DEMO_PIECE)" --record out/demo-jam.mid --duration 30 --seed 0
 
 
 test: venv sysdeps

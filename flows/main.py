@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from pipeline.config import Config
-from pipeline.files import StageReport, raise_if_all_failed
+from pipeline.constants import EXIT_PREEMPTED, REPORT_NAME
+from pipeline.files import StageReport, raise_if_all_failed, read_json
 
 DATA_STAGES = ("demo", "base", "acquire", "transcribe", "clean", "split", "augment", "tokenize")
+TRAIN_STAGES = ("pretrain", "finetune")
+MODEL_STAGES = ("evaluate", "promote")
+ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, *MODEL_STAGES)
 NETWORK_STAGES = {"acquire"}  # the only ones worth retrying: a download can fail and then succeed
+
+
+class TrainingPreempted(RuntimeError):
+    """Training checkpointed and exited on SIGTERM (exit 75): the retry resumes it."""
 
 
 def _run_stage(name: str, cfg: Config) -> StageReport:
@@ -43,6 +53,70 @@ def stage_task(name: str, cfg: Config):
         retry_delay_seconds=cfg.acquire.backoff_s,
         cache_policy=NONE,
     )
+
+
+def _train(name: str, cfg: Config) -> StageReport:
+    """`jam train --stage NAME` in a child process, so a SIGTERM meant for training stops only training.
+
+    The child reads the exact resolved config this flow runs with (params file and overrides applied).
+    """
+    with tempfile.TemporaryDirectory(prefix="jam-train-") as tmp:
+        resolved = Path(tmp) / "params.yaml"
+        resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--stage", name, "--params", str(resolved)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    logger = get_run_logger()
+    if proc.returncode == EXIT_PREEMPTED:
+        logger.warning("%s preempted after a checkpoint; resuming", name)
+        raise TrainingPreempted(f"{name}: stopped by SIGTERM after a checkpoint")
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {tail}")
+    logger.info(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else name)
+    return _read_report(cfg.stage_dir(name))
+
+
+def _read_report(out_dir: Path) -> StageReport:
+    fields = read_json(out_dir / REPORT_NAME, {}) or {}
+    return StageReport(**{k: v for k, v in fields.items() if k in StageReport.__dataclass_fields__})
+
+
+def _only_preemption(task, task_run, state) -> bool:  # Prefect's retry_condition_fn signature
+    try:
+        state.result()
+    except TrainingPreempted:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def train_task(name: str, cfg: Config):
+    return task(
+        _train,
+        name=name,
+        retries=cfg.checkpoint.preemption_retries,
+        retry_delay_seconds=0,
+        retry_condition_fn=_only_preemption,
+        cache_policy=NONE,
+    )
+
+
+def _evaluate(cfg: Config) -> StageReport:
+    from pipeline.evaluate import run_evaluate
+
+    report = run_evaluate(cfg)
+    get_run_logger().info(report.summary())
+    return report
+
+
+def _promote(cfg: Config) -> str:
+    from pipeline.promote import run_promote
+
+    result = run_promote(cfg)
+    lines = [f"promote: {result.action}: {result.message}", *(f"  - {why}" for why in result.reasons)]
+    get_run_logger().info("\n".join(lines))
+    return "\n".join(lines)
 
 
 def summary_markdown(reports: dict[str, StageReport]) -> str:
@@ -101,18 +175,27 @@ def jam_flow(
     until: str | None = None,
 ) -> str:
     """Sources -> transcribed, cleaned, split, augmented, tokenized corpus; `until` stops after that stage."""
-    if until is not None and until not in DATA_STAGES:
-        raise ValueError(f"until: unknown stage {until!r}; one of {', '.join(DATA_STAGES)}")
+    if until is not None and until not in ALL_STAGES:
+        raise ValueError(f"until: unknown stage {until!r}; one of {', '.join(ALL_STAGES)}")
+    stages = ALL_STAGES[: ALL_STAGES.index(until) + 1] if until else ALL_STAGES
     reports: dict[str, StageReport] = {}
-    for name in DATA_STAGES:
+    promoted = ""
+    for name in stages:
         if name == "demo" and not cfg.demo.enabled:
             continue
-        reports[name] = stage_task(name, cfg)(name, cfg)
-        if name == until:
-            break
+        if name in DATA_STAGES:
+            reports[name] = stage_task(name, cfg)(name, cfg)
+        elif name in TRAIN_STAGES:
+            reports[name] = train_task(name, cfg)(name, cfg)
+        elif name == "evaluate":
+            reports[name] = task(_evaluate, name=name, cache_policy=NONE)(cfg)
+        else:
+            promoted = task(_promote, name=name, cache_policy=NONE)(cfg)
 
     table = summary_markdown(reports)
-    create_markdown_artifact(key="jam-partner-summary", markdown=f"# jam-partner run\n\n{headline(reports)}\n\n{table}")
+    create_markdown_artifact(
+        key="jam-partner-summary", markdown=f"# jam-partner run\n\n{headline(reports)}\n\n{table}\n\n{promoted}"
+    )
     if dvc_commit and not overrides and Path(params_path).name == "params.yaml":
         dvc_commit_outputs()  # dvc.lock records params.yaml; outputs made with overrides would not match it
-    return f"{headline(reports)}\n\n{table}"
+    return "\n\n".join(part for part in (headline(reports), table, promoted) if part)

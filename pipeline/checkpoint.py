@@ -283,9 +283,16 @@ class CheckpointStore:
             self.fs.rm(self._join(step_name(step)), recursive=True)
 
 
-def store_for(cfg: Config, stage: str) -> CheckpointStore:
-    """The checkpoint store of a training stage: `checkpoint.dir/<stage>`, or `<data_dir>/<stage>/checkpoints`."""
+def store_for(cfg: Config, stage: str, fingerprint: str | None = None) -> CheckpointStore:
+    """The checkpoint store of a training: `checkpoint.dir/<stage>`, or `<data_dir>/checkpoints/<stage>`.
+
+    With `fingerprint` (params + data of the training), each training gets its own sub-folder: changing params starts
+    a new training beside the old one, and changing them back resumes the old one. The default sits outside the
+    stage's DVC-tracked folder: checkpoints are transient, the bundle is the output.
+    """
     cc = cfg.checkpoint
-    url = f"{cc.dir.rstrip('/')}/{stage}" if cc.dir else str(cfg.stage_dir(stage) / "checkpoints")
+    url = f"{cc.dir.rstrip('/')}/{stage}" if cc.dir else str(cfg.stage_dir("checkpoints") / stage)
+    if fingerprint:
+        url = f"{url}/{fingerprint[:16]}"
     scratch = cc.scratch_dir / stage if cc.scratch_dir else None
     return CheckpointStore(url, cc.keep, dict(cc.storage_options), scratch)

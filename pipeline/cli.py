@@ -6,6 +6,7 @@ Heavy imports (torch, prefect, mlflow) happen inside commands, so `jam --help` a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ OFFLINE_ENV = {
 def _config(params: Path, overrides: list[str] | None) -> Config:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    # bitsandbytes looks for optional hub-fetched CPU kernels (the `kernels` package, which fetches at run time and
+    # is deliberately not installed) and warns on every import; its built-in CPU path is what we use.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return load_config(params, overrides or [])
     except ConfigError as err:
@@ -273,7 +277,7 @@ def _play_opt(name: str, *flags: str) -> typer.models.OptionInfo:
 def play(
     model: Annotated[str | None, _play_opt("model", "--model", "-m")] = None,
     mode: Annotated[str | None, _play_opt("mode")] = None,
-    input_file: Annotated[Path | None, _play_opt("input_file", "--input-file", "-i")] = None,
+    input_file: Annotated[Path | None, _play_opt("input_file", "--input-file", "--input", "-i")] = None,
     input_port: Annotated[str | None, _play_opt("input_port")] = None,
     output_port: Annotated[str | None, _play_opt("output_port")] = None,
     backend: Annotated[str | None, _play_opt("backend")] = None,

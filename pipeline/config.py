@@ -274,6 +274,7 @@ class FinetuneConfig(LoopConfig):
     lora_alpha: float = Field(8.0, gt=0)  # scale = alpha / r
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama attention projections
+    train_embeddings: bool = True  # token embedding (tied output layer) trained too, stored in the adapter
     adapter_name: str = "style"  # bundle adapters/<name>; also the bundle's default adapter
     tempo_bpm: float = Field(120.0, gt=0)  # written to bundle.json: the runner's default tempo
 
@@ -288,12 +289,13 @@ class FinetuneConfig(LoopConfig):
 class CheckpointConfig(Section):
     """Spot-safe training: periodic, atomic, checksummed checkpoints; the same command resumes."""
 
-    dir: str | None = None  # local folder or fsspec URL (s3://bucket/prefix); None = <data_dir>/<stage>/checkpoints
+    dir: str | None = None  # local folder or fsspec URL (s3://bucket/prefix); None = <data_dir>/checkpoints/<stage>
     every_steps: int = Field(40, ge=1)  # optimizer steps between checkpoints
     every_s: float = Field(300.0, gt=0)  # seconds: also checkpoint when this long has passed since the last one
     keep: int = Field(3, ge=1)  # newest checkpoints kept; older ones are deleted after a successful write
     storage_options: dict[str, Any] = {}  # passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}
     scratch_dir: Path | None = None  # local staging for remote checkpoints; None = a temp dir
+    preemption_retries: int = Field(3, ge=0)  # `jam run` restarts training this often after a SIGTERM exit (75)
 
 
 class RealtimeConfig(Section):

@@ -148,12 +148,19 @@ def add_lora(model: LlamaForCausalLM, fc: FinetuneConfig):
         raise ValueError(f"finetune.target_modules {missing} are not modules of the base (have e.g. q_proj, v_proj)")
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    extra = {}
+    if fc.train_embeddings:
+        # The token embedding (tied to the output layer) learns too, as a delta beside the frozen weights: tokens
+        # the base rarely saw (a player's own rhythms and dynamics, BPE merges from the style corpus) keep the
+        # near-random vectors pretraining left them otherwise, which LoRA on the projections cannot fix.
+        extra["trainable_token_indices"] = {"embed_tokens": list(range(model.config.vocab_size))}
     lcfg = LoraConfig(
         r=fc.lora_r,
         lora_alpha=fc.lora_alpha,
         lora_dropout=fc.lora_dropout,
         target_modules=list(fc.target_modules),
         task_type="CAUSAL_LM",
+        **extra,
     )
     return get_peft_model(model, lcfg)
 

@@ -103,3 +103,39 @@ def test_every_item_failing_stops_with_one_message(tmp_path):
     with pytest.raises(AllItemsFailed, match="acquire: all 1 items failed"):
         run(cfg)
     assert json.loads((tmp_path / "data" / "acquire" / "report.json").read_text())["failed"]
+
+
+TINY_MODEL = {
+    "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
+    "pretrain": {"batch_size": 8, "max_steps": 30, "warmup_steps": 3, "eval_every": 15, "system_metrics": False},
+    "finetune": {"batch_size": 8, "max_steps": 20, "warmup_steps": 2, "eval_every": 10, "system_metrics": False},
+    "checkpoint": {"every_steps": 10},
+    "evaluate": {"n_prompts": 2, "seeds": [0], "prompt_tokens": 8, "n_tokens": 32, "plots": 1},
+    # the tiny model is judged on whether the machinery works, not on its music
+    "promote": {"min_gain": 0.0, "min_validity": 0.0},
+}
+
+
+@pytest.mark.slow
+def test_train_evaluate_promote_and_a_poor_run_does_not_displace(tmp_path):
+    from pipeline.promote import champion_uri
+    from pipeline.runs import list_runs, mlflow_client
+
+    data = tmp_path / "data"
+    cfg = tiny_cfg(data, **TINY_MODEL)
+    summary = jam_flow(cfg=cfg, dvc_commit=False, until="promote")
+    assert "promote: promoted" in summary
+
+    client = mlflow_client(cfg)
+    champion = client.get_model_version_by_alias(cfg.project.name, "champion")
+    (finetune,) = list_runs(cfg, role="finetune", client=client)
+    assert champion.run_id == finetune.run_id
+    assert finetune.metrics["test_nll"] < finetune.metrics["base_test_nll"]  # the fine-tune learned the style
+    assert champion_uri(cfg).endswith("@champion")
+
+    # a deliberately poor run: one step. It is trained, evaluated, compared, and does not become champion.
+    poor = tiny_cfg(data, **{**TINY_MODEL, "finetune": {**TINY_MODEL["finetune"], "max_steps": 1, "warmup_steps": 0}})
+    summary = jam_flow(cfg=poor, dvc_commit=False, until="promote")
+    assert "promote: unchanged" in summary
+    assert len(list_runs(poor, role="finetune", client=client)) == 2
+    assert client.get_model_version_by_alias(cfg.project.name, "champion").run_id == finetune.run_id

@@ -98,7 +98,7 @@ def test_disk_full_keeps_previous_checkpoints(tmp_path):
 
 def test_store_for_stage_locations(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    assert store_for(cfg, "finetune").url == str(tmp_path / "data" / "finetune" / "checkpoints")
+    assert store_for(cfg, "finetune").url == str(tmp_path / "data" / "checkpoints" / "finetune")
     cfg = tiny_cfg(tmp_path, checkpoint={"dir": "s3://bucket/runs/", "storage_options": {"anon": True}})
     store = store_for(cfg, "pretrain")
     assert store.url == "s3://bucket/runs/pretrain" and not store.is_local
@@ -161,3 +161,9 @@ def test_s3_store_round_trip_on_a_new_machine(s3, tmp_path):
 
     reader.fs.pipe_file("ckpt/run/step-00000008/weights.bin", b"xx")  # corrupt the newest remotely
     assert reader.latest().step == 4
+
+
+def test_each_training_fingerprint_has_its_own_store(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    a, b = store_for(cfg, "finetune", "a" * 64), store_for(cfg, "finetune", "b" * 64)
+    assert a.url != b.url and a.url.startswith(str(tmp_path / "data" / "checkpoints" / "finetune"))

@@ -119,7 +119,7 @@ def test_bad_inputs_fail_before_training(tmp_path, case):
         damage(cfg)
     with pytest.raises(error, match=message):
         run_finetune(cfg)
-    assert not (cfg.stage_dir("finetune") / "checkpoints").exists()
+    assert not (cfg.stage_dir("checkpoints") / "finetune").exists()
 
 
 @pytest.mark.parametrize(
