@@ -435,6 +435,34 @@ def train(
         typer.echo(report.summary())
 
 
+@app.command()
+def show(
+    session: Annotated[Path, typer.Argument(help="A MIDI file, e.g. a session recorded by `jam play`.")],
+    png: Annotated[Path | None, typer.Option(help="Piano roll to write (default: beside the MIDI file).")] = None,
+) -> None:
+    """Summarise a recorded session per track and draw its piano roll (human and model overlaid)."""
+    from symusic import Score
+
+    from pipeline.features import notes_from_score
+    from pipeline.plots import session_roll_png
+
+    try:
+        score = Score(str(session))
+    except Exception as err:
+        typer.secho(f"cannot read {session}: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    tracks = {}
+    for i, track in enumerate(score.tracks):
+        single = Score(score.ticks_per_quarter)
+        single.tempos, single.tracks = score.tempos, [track]
+        tracks[track.name or f"track {i}"] = notes_from_score(single)
+    for name, notes in tracks.items():
+        span = max((n.end for n in notes), default=0.0)
+        typer.echo(f"{name}: {len(notes)} notes over {span:.1f} beats")
+    out = session_roll_png(tracks, png or session.with_suffix(".png"), title=session.name)
+    typer.echo(f"piano roll: {out}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
 

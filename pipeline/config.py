@@ -265,8 +265,8 @@ class FinetuneConfig(LoopConfig):
 
     lr: float = Field(2e-3, gt=0)  # LoRA tolerates a higher rate than full training
     warmup_steps: int = Field(10, ge=0)
-    max_steps: int = Field(120, ge=1)
-    eval_every: int = Field(30, ge=1)
+    max_steps: int = Field(240, ge=1)  # demo: ~2 min on 2 CPU cores; valid loss 4.6 at 120 steps, 4.2 at 240
+    eval_every: int = Field(60, ge=1)
     quantization: Literal["nf4", "fp4", "none"] = "nf4"  # base weights in 4 bit (bitsandbytes); none = LoRA on fp32
     double_quant: bool = True  # quantize the 4-bit block scales too (~0.4 bit/weight saved)
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype 4-bit weights dequantize to

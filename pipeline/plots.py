@@ -70,6 +70,21 @@ def piano_roll_png(
     return _save(fig, path)
 
 
+def session_roll_png(tracks: dict[str, Sequence[Note]], path: Path, title: str = "jam session") -> Path:
+    """One piano roll with every track of a session overlaid in its own colour (human vs model)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4))
+    ax = fig.subplots()
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for (name, notes), color in zip(tracks.items(), colors, strict=False):
+        _roll(ax, notes, title, color)
+        ax.plot([], [], color=color, linewidth=6, label=f"{name} ({len(notes)} notes)")
+    ax.set_ylabel("MIDI pitch")
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, path)
+
+
 def feature_comparison_png(oa: dict[str, float], base_oa: dict[str, float] | None, path: Path) -> Path:
     """Grouped bars of the overlapping area per feature: fine-tuned vs base model (vs real held-out music).
 

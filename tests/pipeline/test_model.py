@@ -146,7 +146,10 @@ def test_nf4_base_on_cpu_trains_only_the_adapter(tmp_path):
     assert 0 < diff < 1.0  # quantized: close, not equal
     peft_model = add_lora(q4, cfg.finetune)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable and all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+    assert any("trainable_tokens_delta" in n for n in trainable)  # finetune.train_embeddings: the embedding learns
+    no_emb = add_lora(load_base(tmp_path / "base", "nf4"), cfg.finetune.model_copy(update={"train_embeddings": False}))
+    assert all("lora_" in n for n, p in no_emb.named_parameters() if p.requires_grad)
     loss = peft_model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(p.grad is not None for p in peft_model.parameters() if p.requires_grad)
