@@ -170,20 +170,13 @@ def special_ids(tokenizer) -> dict[str, int]:
 
 
 def encode_piece(tokenizer, path: Path) -> list[int]:
-    """Token ids of every non-drum note of a MIDI file as one piano stream (BPE-encoded if trained)."""
-    from symusic import Score, Track
+    """Token ids of every non-drum note of a MIDI file as one piano stream, as the tokenize stage encodes it."""
+    from pipeline.tokenize import encode_score, load_piano_score
 
-    src = Score(str(path))
-    merged = Score(src.ticks_per_quarter)
-    merged.tempos = src.tempos.copy()
-    track = Track(name="piano", program=0, is_drum=False)
-    for t in src.tracks:
-        if not t.is_drum:
-            track.notes.extend(t.notes)
-    track.notes.sort()
-    merged.tracks.append(track)
-    seqs = tokenizer.encode(merged)
-    return [int(i) for s in (seqs if isinstance(seqs, list) else [seqs]) for i in s.ids]
+    try:
+        return encode_score(tokenizer, load_piano_score(path)).tolist()
+    except ValueError:  # unreadable or no notes in range: no prompt from this piece
+        return []
 
 
 def make_prompts(tokenizer, paths: dict[str, Path], ec: EvaluateConfig) -> tuple[list[str], np.ndarray]:

@@ -5,7 +5,6 @@ Everything takes the `Config` and builds its client inside the function (no trac
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -153,11 +152,10 @@ def download_bundle(cfg: Config, run_id: str, cache_dir: Path) -> Path:
 
 
 def load_tokenizer(path: Path):
-    """A miditok tokenizer from its params file; the kind is read from the file (no hub)."""
-    import miditok
+    """A miditok tokenizer from its params file (no hub): the tokenize stage's loader."""
+    from pipeline.tokenize import load_tokenizer as load
 
-    kind = json.loads(Path(path).read_text())["tokenization"]
-    return getattr(miditok, kind)(params=Path(path))
+    return load(path)
 
 
 def load_bundle(bundle: Path):

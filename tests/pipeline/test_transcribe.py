@@ -127,7 +127,7 @@ def test_cached_rerun_new_item_and_prune(tmp_path, make_cfg, piano_clip, monkeyp
     assert fourth.cached == ["b"] and sorted(fourth.stats["pruned"]) == ["a", "score"]
     assert sorted(p.name for p in (cfg.stage_dir("transcribe") / "midi").iterdir()) == ["b.mid"]
 
-    changed = make_cfg(transcribe={"onset_threshold": 0.6})
+    changed = make_cfg(transcribe={"onset_threshold": 0.7})
     assert T.run_transcribe(changed).processed == ["b"]  # new params: transcribed again
 
 
