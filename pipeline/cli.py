@@ -75,6 +75,18 @@ def resolve_stage(name: str):
     return getattr(importlib.import_module(module), func)
 
 
+def _report_or_exit(call, errors: tuple[type[Exception], ...]) -> None:
+    """Run a stage-like call: print its summary and per-item failures, or its one-line error and exit 1."""
+    try:
+        report = call()
+    except errors as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.summary())
+    for item, why in report.failed.items():
+        typer.secho(f"  failed {item}: {why}", fg=typer.colors.YELLOW, err=True)
+
+
 @app.command()
 def stage(
     name: Annotated[
@@ -87,14 +99,7 @@ def stage(
     cfg = _config(params, set_)
     from pipeline.files import AllItemsFailed
 
-    try:
-        report = resolve_stage(name)(cfg)
-    except AllItemsFailed as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    typer.echo(report.summary())
-    for item, why in report.failed.items():
-        typer.secho(f"  failed {item}: {why}", fg=typer.colors.YELLOW, err=True)
+    _report_or_exit(lambda: resolve_stage(name)(cfg), (AllItemsFailed,))
 
 
 @app.command()
@@ -138,14 +143,7 @@ def evaluate(
     from pipeline.files import AllItemsFailed
     from pipeline.runs import RunsError
 
-    try:
-        report = run_evaluate(cfg, run_id=run_id, force=force)
-    except (EvaluateError, RunsError, AllItemsFailed) as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    typer.echo(report.summary())
-    for item, why in report.failed.items():
-        typer.secho(f"  failed {item}: {why}", fg=typer.colors.YELLOW, err=True)
+    _report_or_exit(lambda: run_evaluate(cfg, run_id=run_id, force=force), (EvaluateError, RunsError, AllItemsFailed))
 
 
 @app.command()

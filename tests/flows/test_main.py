@@ -139,3 +139,43 @@ def test_train_evaluate_promote_and_a_poor_run_does_not_displace(tmp_path):
     assert "promote: unchanged" in summary
     assert len(list_runs(poor, role="finetune", client=client)) == 2
     assert client.get_model_version_by_alias(cfg.project.name, "champion").run_id == finetune.run_id
+
+
+def _fake_training(monkeypatch, codes: list[int]):
+    """Replace the `jam train` child process by a list of exit codes; returns the calls made."""
+    import subprocess
+
+    import flows.main as M
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, codes[len(calls) - 1], stdout="finetune: done\n", stderr="boom\n")
+
+    monkeypatch.setattr(M.subprocess, "run", fake_run)
+    return calls
+
+
+def test_training_is_retried_after_preemption_only(tmp_path, monkeypatch):
+    from prefect import flow
+
+    from flows.main import EXIT_PREEMPTED, train_task
+    from pipeline.files import StageReport
+
+    cfg = tiny_cfg(tmp_path / "data", checkpoint={"preemption_retries": 3})
+    StageReport("finetune", items_in=5, processed=["style"]).finish(cfg.stage_dir("finetune"))
+
+    @flow
+    def only_training(cfg):
+        return train_task("finetune", cfg)("finetune", cfg)
+
+    calls = _fake_training(monkeypatch, [EXIT_PREEMPTED, EXIT_PREEMPTED, 0])
+    report = only_training(cfg)
+    assert len(calls) == 3 and report.processed == ["style"]  # resumed twice, then finished
+    assert "--params" in calls[0] and calls[0][calls[0].index("--stage") + 1] == "finetune"
+
+    calls = _fake_training(monkeypatch, [1, 0])
+    with pytest.raises(RuntimeError, match="finetune failed \\(exit 1\\): boom"):
+        only_training(cfg)
+    assert len(calls) == 1  # a real error is not retried
