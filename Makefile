@@ -41,19 +41,20 @@ sysdeps:
 	  else echo "warning: missing$$missing (need root + apt); falling back where possible"; fi; \
 	fi
 
-# A held-out piece of the demo player, played in real time as "the human"; the champion accompanies it
-# (continuous mode: the piece has no silences for call-and-response to answer).
+# A held-out piece of the demo player plays "the human": cut into phrases with rests, the champion answers each
+# (call-and-response); then the whole piece, which the champion accompanies (continuous).
 DEMO_PIECE = $$($(BIN)/python -c "import json; s = json.load(open('data/split/split.json')); \
 	print('data/clean/style/' + sorted(s['style']['test'])[0] + '.mid')")
 
 demo: venv sysdeps
 	$(BIN)/jam run
-	$(BIN)/jam play --input "$(DEMO_PIECE)" --mode continuous --record out/demo-jam.mid --duration 20 --seed 0
+	$(BIN)/jam phrases "$(DEMO_PIECE)" out/demo-phrases.mid
+	$(BIN)/jam play --input out/demo-phrases.mid --record out/demo-jam.mid --seed 0
+	$(BIN)/jam play --input "$(DEMO_PIECE)" --mode continuous --record out/demo-accompany.mid --duration 15 --seed 0
 	$(BIN)/jam show out/demo-jam.mid
 	@if command -v fluidsynth >/dev/null && [ -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then \
 	  fluidsynth -ni -q -F out/demo-jam.wav -r 44100 /usr/share/sounds/sf2/FluidR3_GM.sf2 out/demo-jam.mid >/dev/null \
 	  && echo "listen: out/demo-jam.wav"; fi
-
 
 test: venv sysdeps
 	$(BIN)/python -m pytest -q

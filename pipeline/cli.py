@@ -434,6 +434,26 @@ def train(
 
 
 @app.command()
+def phrases(
+    src: Annotated[Path, typer.Argument(help="A MIDI file, e.g. a held-out piece of the player.")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the phrased file.")],
+    bars: Annotated[float, typer.Option(help="Bars per phrase.")] = 2.0,
+    rest_bars: Annotated[float, typer.Option(help="Bars of silence after each phrase (the partner's turn).")] = 2.0,
+    count: Annotated[int, typer.Option(help="Number of phrases.")] = 4,
+) -> None:
+    """Cut a piece into phrases with rests between them: a simulated human for call-and-response."""
+    from pipeline.demo import phrase_file
+    from pipeline.midi_utils import MidiError
+
+    try:
+        n = phrase_file(src, dest, bars, rest_bars, count)
+    except MidiError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{dest}: {count} phrases of {bars:g} bars, {n} notes, {rest_bars:g} bars of rest after each")
+
+
+@app.command()
 def show(
     session: Annotated[Path, typer.Argument(help="A MIDI file, e.g. a session recorded by `jam play`.")],
     png: Annotated[Path | None, typer.Option(help="Piano roll to write (default: beside the MIDI file).")] = None,

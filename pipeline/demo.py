@@ -23,7 +23,16 @@ from pipeline import constants as C
 from pipeline.base_corpus import corpus_item_id, corpus_root, list_corpus_pieces, parse_corpus_piece
 from pipeline.config import Config, DemoConfig, section_json
 from pipeline.files import ItemIndex, StageReport, atomic_path, raise_if_all_failed, sha256_file, sha256_text
-from pipeline.midi_utils import ItemResult, Job, MidiError, count_outputs, note_totals, notes_to_midi, run_jobs
+from pipeline.midi_utils import (
+    ItemResult,
+    Job,
+    MidiError,
+    count_outputs,
+    load_midi,
+    note_totals,
+    notes_to_midi,
+    run_jobs,
+)
 from pipeline.midi_utils import save_midi as save_midi_file
 
 STAGE_VERSION = "demo-1"  # bump when rendering changes, so every item is rebuilt
@@ -167,3 +176,32 @@ def run_demo(cfg: Config) -> StageReport:
     report.finish(out_dir, section_json(section))
     raise_if_all_failed(report)
     return report
+
+
+def phrase_file(src: Path, dest: Path, bars: float = 2.0, rest_bars: float = 2.0, count: int = 4) -> int:
+    """Cut a piece into `count` phrases of `bars` bars, each followed by `rest_bars` bars of silence.
+
+    Played back as "the human" (`jam play --input`), it leaves the gaps in which a call-and-response partner answers;
+    a recorded performance rarely pauses long enough on its own. Bars are 4/4 at the file's first tempo.
+
+    Returns:
+        Notes written.
+    """
+    pm = load_midi(src)
+    bar_s = 4 * 60.0 / (pm.get_tempo_changes()[1][:1].tolist() or [120.0])[0]
+    notes = sorted((n for inst in pm.instruments if not inst.is_drum for n in inst.notes), key=lambda n: n.start)
+    if not notes:
+        raise MidiError(f"{src}: no notes to cut phrases from")
+    start, span, gap = notes[0].start, bars * bar_s, rest_bars * bar_s
+    phrased = []
+    for k in range(count):
+        lo, hi, shift = start + k * span, start + (k + 1) * span, k * gap - start
+        for n in notes:
+            if lo <= n.start < hi:
+                phrased.append(pretty_midi.Note(n.velocity, n.pitch, n.start + shift, min(n.end, hi) + shift))
+    out = pretty_midi.PrettyMIDI(initial_tempo=240.0 / bar_s)
+    piano = pretty_midi.Instrument(program=0, name="human")
+    piano.notes = phrased
+    out.instruments.append(piano)
+    save_midi_file(out, dest)
+    return len(phrased)

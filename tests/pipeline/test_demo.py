@@ -59,3 +59,26 @@ def test_run_demo_fallback_synth_and_pruning(make_cfg, tmp_path):
         report = run_demo(fewer)
     assert report.cached == ["chopin-mazurka06-2"] and report.outputs == 2
     assert not (cfg.stage_dir("demo") / "audio/joplin-maple-leaf-rag.wav").exists()
+
+
+def test_phrase_file_leaves_rests_for_the_partner(tmp_path):
+    import pretty_midi
+
+    from pipeline.demo import phrase_file
+
+    pm = pretty_midi.PrettyMIDI(initial_tempo=120.0)  # a bar is 2 s
+    piano = pretty_midi.Instrument(program=0)
+    piano.notes = [pretty_midi.Note(80, 60 + i % 12, 1.0 + 0.25 * i, 1.0 + 0.25 * i + 0.2) for i in range(64)]
+    pm.instruments.append(piano)
+    pm.write(str(tmp_path / "piece.mid"))
+
+    n = phrase_file(tmp_path / "piece.mid", tmp_path / "phrases.mid", bars=1, rest_bars=1, count=3)
+    out = pretty_midi.PrettyMIDI(str(tmp_path / "phrases.mid")).instruments[0].notes
+    assert n == len(out) == 24  # 3 phrases of one 2 s bar, 8 notes each
+    starts = sorted(x.start for x in out)
+    assert starts[0] == pytest.approx(0.0, abs=1e-3)
+    # each phrase is one bar long and followed by a bar of silence
+    for k in range(3):
+        phrase = [x for x in out if 4 * k <= x.start < 4 * k + 2]
+        assert len(phrase) == 8 and max(x.end for x in phrase) <= 4 * k + 2 + 1e-3
+        assert not [x for x in out if 4 * k + 2 <= x.start < 4 * k + 4]
