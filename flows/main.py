@@ -17,8 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from pipeline.config import Config
-from pipeline.constants import EXIT_PREEMPTED, REPORT_NAME
-from pipeline.files import StageReport, raise_if_all_failed, read_json
+from pipeline.constants import EXIT_PREEMPTED
+from pipeline.files import StageReport, raise_if_all_failed
 
 DATA_STAGES = ("demo", "base", "acquire", "transcribe", "clean", "split", "augment", "tokenize")
 TRAIN_STAGES = ("pretrain", "finetune")
@@ -73,12 +73,7 @@ def _train(name: str, cfg: Config) -> StageReport:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"{name} failed (exit {proc.returncode}): {tail}")
     logger.info(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else name)
-    return _read_report(cfg.stage_dir(name))
-
-
-def _read_report(out_dir: Path) -> StageReport:
-    fields = read_json(out_dir / REPORT_NAME, {}) or {}
-    return StageReport(**{k: v for k, v in fields.items() if k in StageReport.__dataclass_fields__})
+    return StageReport.load(cfg.stage_dir(name))
 
 
 def _only_preemption(task, task_run, state) -> bool:  # Prefect's retry_condition_fn signature

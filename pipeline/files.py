@@ -109,6 +109,13 @@ class StageReport:
             write_text(out_dir / C.CONFIG_NAME, json.dumps(json.loads(config_json), indent=2) + "\n")
         return self
 
+    @classmethod
+    def load(cls, out_dir: Path, **updates: Any) -> StageReport:
+        """The report a stage last wrote in `out_dir` (an empty one if none), with `updates` applied."""
+        fields = read_json(out_dir / C.REPORT_NAME, {}) or {}
+        known = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__ and k != "started"}
+        return cls(**{"stage": out_dir.name, **known, **updates})
+
     def summary(self) -> str:
         parts = [f"{self.stage}: {self.items_in} in", f"{len(self.processed)} processed", f"{len(self.cached)} cached"]
         if self.dropped:

@@ -58,9 +58,7 @@ def up_to_date(stage: str, out_dir: Path, fingerprint: str, bundle_dir: Path) ->
     report = read_json(out_dir / C.REPORT_NAME) or {}
     stats = report.get("stats", {})
     if stats.get("fingerprint") == fingerprint and stats.get("complete") and (bundle_dir / BUNDLE_FILE).is_file():
-        fields = {k: v for k, v in report.items() if k in StageReport.__dataclass_fields__}
-        fields.pop("started", None)
-        done = StageReport(**{**fields, "processed": [], "cached": [stage]})
+        done = StageReport.load(out_dir, processed=[], cached=[stage])
         return done.finish(out_dir)  # the report says what this run did: nothing
     return None
 

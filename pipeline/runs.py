@@ -161,25 +161,21 @@ def load_tokenizer(path: Path):
 def load_bundle(bundle: Path):
     """Base model (+ default adapter, if any) and tokenizer of a bundle folder, from local files only.
 
+    Checks the bundle first so a broken one gives a clear `RunsError`; the model is built by `model.load_bundle`.
+
     Returns:
         (model in eval mode, tokenizer, bundle.json dict, adapter name or None).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
+    from pipeline.model import load_bundle as load_model
 
     info = read_json(bundle / BUNDLE_FILE, {}) or {}
     if info.get("format") != 1 or "base" not in info or "tokenizer" not in info:
         raise RunsError(f"{bundle / BUNDLE_FILE}: not a format-1 bundle (needs format, base, tokenizer)")
-    model = AutoModelForCausalLM.from_pretrained(bundle / info["base"], local_files_only=True, dtype=torch.float32)
     adapter = info.get("default_adapter")
-    if adapter:
-        from peft import PeftModel
-
-        rel = (info.get("adapters") or {}).get(adapter)
-        if not rel or not (bundle / rel).exists():
-            raise RunsError(f"{bundle / BUNDLE_FILE}: default adapter {adapter!r} has no folder in the bundle")
-        model = PeftModel.from_pretrained(model, bundle / rel, adapter_name=adapter, is_trainable=False)
-    return model.eval(), load_tokenizer(bundle / info["tokenizer"]), info, adapter
+    rel = (info.get("adapters") or {}).get(adapter) if adapter else None
+    if adapter and (not rel or not (bundle / rel).exists()):
+        raise RunsError(f"{bundle / BUNDLE_FILE}: default adapter {adapter!r} has no folder in the bundle")
+    return load_model(bundle), load_tokenizer(bundle / info["tokenizer"]), info, adapter
 
 
 def same_vocab(a, b) -> bool:
