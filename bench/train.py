@@ -6,7 +6,7 @@
 - checkpoint: size (MB) and write time (s) of a full-weights (pretrain) and an adapter-only (finetune) checkpoint
 - memory: peak memory of one fine-tune on the same base as QLoRA (4-bit NF4), LoRA fp32, LoRA bf16 (each variant in
   its own process: CPU peak RSS only grows); `weights_mb` is the model's parameter + buffer bytes
-- restart: seconds from starting `python -m pipeline.finetune` again after a SIGTERM to its first new step
+- restart: seconds from starting `python -m pipeline.train --stage finetune` again after a SIGTERM to its first new step
 Model and loop sizes come from the params file (defaults: the CPU demo profile); data shape from `tokenize`.
 """
 
@@ -51,8 +51,8 @@ def make_workdir(root: Path, params: Path, steps: int) -> Path:
     import torch
     import yaml
 
-    from pipeline.config import load_config
-    from pipeline.model import Vocab, build_base, write_bundle
+    from pipeline.core.config import load_config
+    from pipeline.train.model import Vocab, build_base, write_bundle
 
     tree = yaml.safe_load(params.read_text()) if params.is_file() else {}
     tree = tree or {}
@@ -80,7 +80,7 @@ def make_workdir(root: Path, params: Path, steps: int) -> Path:
 
 
 def _timed_store(url: Path):
-    from pipeline.checkpoint import CheckpointStore
+    from pipeline.train.checkpoint import CheckpointStore
 
     class TimedStore(CheckpointStore):
         def save(self, step, write, meta=None):
@@ -96,11 +96,11 @@ def _timed_store(url: Path):
 
 def bench_loop(root: Path, stage: str) -> dict:
     """Tokens/s and checkpoint size/time of a few steps of `stage` (pretrain: full weights; finetune: adapter)."""
-    from pipeline.config import load_config
-    from pipeline.dataset import TokenWindows
-    from pipeline.finetune import qlora_model
-    from pipeline.model import Vocab, build_base
-    from pipeline.train import TrainJob, fit
+    from pipeline.core.config import load_config
+    from pipeline.train.dataset import TokenWindows
+    from pipeline.train.finetune import qlora_model
+    from pipeline.train.loop import TrainJob, fit
+    from pipeline.train.model import Vocab, build_base
 
     cfg = load_config(root / "params.yaml")
     loop, corpus = getattr(cfg, stage), cfg.stage_dir("tokenize") / ("base" if stage == "pretrain" else "style")
@@ -130,11 +130,11 @@ def memory_variant(root: Path, variant: str, steps: int) -> dict:
     """One fine-tune variant in this process; returns its peak memory and speed."""
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.dataset import TokenWindows
-    from pipeline.model import add_lora, load_base
-    from pipeline.tracking import rss_mb
-    from pipeline.train import Batches, make_optimizer
+    from pipeline.core.config import load_config
+    from pipeline.registry.tracking import rss_mb
+    from pipeline.train.dataset import TokenWindows
+    from pipeline.train.loop import Batches, make_optimizer
+    from pipeline.train.model import add_lora, load_base
 
     cfg = load_config(root / "params.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,7 +181,7 @@ def bench_memory(root: Path, steps: int) -> dict:
 def bench_restart(root: Path) -> dict:
     """SIGTERM a fine-tune after its third step, restart it, time start -> resumed -> first new step."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "pipeline.finetune", "-p", "params.yaml", "--fresh"]
+    cmd = [sys.executable, "-m", "pipeline.train", "--stage", "finetune", "-p", "params.yaml", "--fresh"]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
         if re.search(r"step 3/", line):

@@ -23,8 +23,8 @@ import numpy as np
 import pretty_midi
 import soundfile as sf
 
-from pipeline.config import load_config
-from pipeline.transcribe import load_model, model_id, transcribe_audio
+from pipeline.core.config import load_config
+from pipeline.data.transcribe import load_model, model_id, transcribe_audio
 
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 ONSET_TOLERANCE_S = 0.05  # mir_eval's default: an onset within 50 ms counts

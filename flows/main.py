@@ -16,15 +16,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from pipeline.config import Config
-from pipeline.constants import EXIT_PREEMPTED
-from pipeline.files import StageReport, raise_if_all_failed
-
-DATA_STAGES = ("demo", "base", "acquire", "transcribe", "clean", "split", "augment", "tokenize")
-TRAIN_STAGES = ("pretrain", "finetune")
-MODEL_STAGES = ("evaluate", "promote")
-ALL_STAGES = (*DATA_STAGES, *TRAIN_STAGES, *MODEL_STAGES)
-NETWORK_STAGES = {"acquire"}  # the only ones worth retrying: a download can fail and then succeed
+from pipeline.core import graph
+from pipeline.core.config import Config
+from pipeline.core.constants import EXIT_PREEMPTED
+from pipeline.core.items import StageReport, raise_if_all_failed
 
 
 class TrainingPreempted(RuntimeError):
@@ -32,9 +27,7 @@ class TrainingPreempted(RuntimeError):
 
 
 def _run_stage(name: str, cfg: Config) -> StageReport:
-    from pipeline.cli import resolve_stage
-
-    report = resolve_stage(name)(cfg)
+    report = graph.run_stage(name, cfg)
     logger = get_run_logger()
     logger.info(report.summary())
     for item, why in report.failed.items():
@@ -43,27 +36,15 @@ def _run_stage(name: str, cfg: Config) -> StageReport:
     return report
 
 
-def stage_task(name: str, cfg: Config):
-    """A Prefect task for one stage, retried only where a retry can help."""
-    retries = cfg.acquire.retries if name in NETWORK_STAGES else 0
-    return task(
-        _run_stage,
-        name=name,
-        retries=retries,
-        retry_delay_seconds=cfg.acquire.backoff_s,
-        cache_policy=NONE,
-    )
-
-
 def _train(name: str, cfg: Config) -> StageReport:
-    """`jam train --stage NAME` in a child process, so a SIGTERM meant for training stops only training.
+    """`python -m pipeline.train --stage NAME` in a child process, so a SIGTERM meant for training stops only it.
 
     The child reads the exact resolved config this flow runs with (params file and overrides applied).
     """
     with tempfile.TemporaryDirectory(prefix="jam-train-") as tmp:
         resolved = Path(tmp) / "params.yaml"
         resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--stage", name, "--params", str(resolved)]
+        cmd = [sys.executable, "-m", "pipeline.train", "--stage", name, "--params", str(resolved)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
     logger = get_run_logger()
     if proc.returncode == EXIT_PREEMPTED:
@@ -86,32 +67,24 @@ def _only_preemption(task, task_run, state) -> bool:  # Prefect's retry_conditio
     return False
 
 
-def train_task(name: str, cfg: Config):
-    return task(
-        _train,
-        name=name,
-        retries=cfg.checkpoint.preemption_retries,
-        retry_delay_seconds=0,
-        retry_condition_fn=_only_preemption,
-        cache_policy=NONE,
-    )
-
-
-def _evaluate(cfg: Config) -> StageReport:
-    from pipeline.evaluate import run_evaluate
-
-    report = run_evaluate(cfg)
-    get_run_logger().info(report.summary())
-    return report
-
-
-def _promote(cfg: Config) -> str:
-    from pipeline.promote import run_promote
-
-    result = run_promote(cfg)
+def _promote(name: str, cfg: Config) -> str:
+    result = graph.run_stage(name, cfg)
     lines = [f"promote: {result.action}: {result.message}", *(f"  - {why}" for why in result.reasons)]
     get_run_logger().info("\n".join(lines))
     return "\n".join(lines)
+
+
+def stage_task(node: graph.Stage, cfg: Config):
+    """The Prefect task for one stage node: retried only where a retry can help."""
+    if node.kind == "train":  # a preempted child is retried (it resumes); any other failure is not
+        options = dict(retries=cfg.checkpoint.preemption_retries, retry_condition_fn=_only_preemption)
+        return task(_train, name=node.name, retry_delay_seconds=0, cache_policy=NONE, **options)
+    if node.name == "promote":
+        return task(_promote, name=node.name, cache_policy=NONE)
+    retries = cfg.acquire.retries if node.network else 0  # a download can fail and then succeed
+    return task(
+        _run_stage, name=node.name, retries=retries, retry_delay_seconds=cfg.acquire.backoff_s, cache_policy=NONE
+    )
 
 
 def summary_markdown(reports: dict[str, StageReport]) -> str:
@@ -169,23 +142,17 @@ def jam_flow(
     dvc_commit: bool = True,
     until: str | None = None,
 ) -> str:
-    """Sources -> transcribed, cleaned, split, augmented, tokenized corpus; `until` stops after that stage."""
-    if until is not None and until not in ALL_STAGES:
-        raise ValueError(f"until: unknown stage {until!r}; one of {', '.join(ALL_STAGES)}")
-    stages = ALL_STAGES[: ALL_STAGES.index(until) + 1] if until else ALL_STAGES
+    """Every enabled stage of the graph in order (sources -> corpus -> models -> champion); `until` stops early."""
     reports: dict[str, StageReport] = {}
     promoted = ""
-    for name in stages:
-        if name == "demo" and not cfg.demo.enabled:
+    for node in graph.until(until):
+        if not node.enabled(cfg):
             continue
-        if name in DATA_STAGES:
-            reports[name] = stage_task(name, cfg)(name, cfg)
-        elif name in TRAIN_STAGES:
-            reports[name] = train_task(name, cfg)(name, cfg)
-        elif name == "evaluate":
-            reports[name] = task(_evaluate, name=name, cache_policy=NONE)(cfg)
+        result = stage_task(node, cfg)(node.name, cfg)
+        if isinstance(result, StageReport):
+            reports[node.name] = result
         else:
-            promoted = task(_promote, name=name, cache_policy=NONE)(cfg)
+            promoted = result
 
     table = summary_markdown(reports)
     create_markdown_artifact(

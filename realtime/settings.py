@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class JamSettings:
-    """Everything `run_jam` needs; defaults match `RealtimeConfig` in pipeline/config.py."""
+    """Everything `run_jam` needs; defaults match `RealtimeConfig` in pipeline/core/config.py."""
 
     model: str | None = None  # bundle folder or models:/<name>@<alias>
     registry_name: str = "jam-partner"  # used when model is None: models:/<registry_name>@champion

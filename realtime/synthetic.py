@@ -15,7 +15,7 @@ from pathlib import Path
 from realtime import constants as C
 from realtime.codec import NoteEvent
 
-TOKENIZER_PARAMS = {  # mirrors pipeline.tokenize.make_tokenizer (realtime may not import pipeline)
+TOKENIZER_PARAMS = {  # mirrors pipeline.data.tokenize.make_tokenizer (realtime may not import pipeline)
     "pitch_range": (21, 109),
     "beat_res": {(0, 4): 8, (4, 12): 4},
     "num_velocities": 16,

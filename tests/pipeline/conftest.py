@@ -9,7 +9,7 @@ from typing import Any
 import pretty_midi
 import pytest
 
-from pipeline.config import Config, config_from_dict
+from pipeline.core.config import Config, config_from_dict
 
 NoteSpec = tuple[int, float, float, int]  # (pitch, start s, end s, velocity)
 

@@ -1,0 +1,431 @@
+"""params.yaml parsed once into typed, validated models.
+
+`load_config(path, overrides)` is the only entry point. A bad value fails before any work, naming the dotted key
+and what was expected (`ConfigError`). Every section forbids unknown keys so a typo is an error, not a silent
+default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.core import constants as C
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not validate; the message names the dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProjectConfig(Section):
+    name: str = "jam-partner"  # MLflow experiment and registered model name
+    data_dir: Path = Path("data")
+    mlflow_uri: str = "sqlite:///mlruns/mlflow.db"
+    artifact_dir: Path = Path("mlruns/artifacts")
+    seed: int = 1234
+    workers: int = Field(2, ge=1)  # processes for per-item CPU work (transcription)
+
+
+class DemoConfig(Section):
+    """Offline demo sources: public-domain scores rendered to piano audio, held out of the base corpus."""
+
+    enabled: bool = True
+    # music21 corpus composer names (`corpus.getComposer`), disjoint from base.composers. Works are taken one per
+    # composer in turn, smallest file first (parse time): ~30 pieces in ~40 s on 2 cores.
+    composers: list[str] = [
+        "beethoven", "chopin", "cpebach", "haydn", "joplin", "mozart", "schumann_clara", "schumann_robert",
+    ]  # fmt: skip
+    max_pieces: int = Field(30, ge=1)
+    excerpt_s: float = Field(30.0, gt=0)  # seconds rendered per piece; transcription time grows with it
+    soundfont: Path = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
+    sample_rate: int = Field(22050, ge=8000)  # Hz; Basic Pitch resamples to 22050 anyway
+    program: int = Field(0, ge=0, le=127)  # GM Acoustic Grand Piano
+
+
+class AcquireConfig(Section):
+    sources: list[str] = []  # YouTube video/playlist URLs (anything yt-dlp supports), audio/MIDI files or folders
+    max_duration_s: float = Field(1800.0, gt=0)  # longer uploads are skipped (likely not a single performance)
+    retries: int = Field(3, ge=0)
+    backoff_s: float = Field(2.0, ge=0)  # first retry delay, doubled each time
+    sample_rate: int = Field(22050, ge=8000)  # audio is stored as mono WAV at this rate
+    socket_timeout_s: float = Field(30.0, gt=0)
+
+
+class TranscribeConfig(Section):
+    model: Literal["icassp_2022"] = "icassp_2022"  # Basic Pitch's shipped model (run through ONNX)
+    onset_threshold: float = Field(0.6, gt=0, lt=1)  # 0.5 (Basic Pitch default) admits octave ghosts
+    frame_threshold: float = Field(0.3, gt=0, lt=1)
+    minimum_note_length_ms: float = Field(58.0, gt=0)  # Basic Pitch's default (~5 frames)
+    min_pitch: int = Field(C.PIANO_MIN_PITCH, ge=0, le=127)
+    max_pitch: int = Field(C.PIANO_MAX_PITCH, ge=0, le=127)
+    melodia_trick: bool = False  # on: more octave/twelfth ghosts on piano (bench/transcribe.py)
+    estimate_tempo: bool = True  # librosa beat tracking; the tokenizer's time grid is in beats
+    default_tempo: float = Field(120.0, gt=0)  # BPM when estimation is off or fails
+
+    @model_validator(mode="after")
+    def _pitch_order(self) -> TranscribeConfig:
+        if self.min_pitch >= self.max_pitch:
+            raise ValueError("min_pitch must be below max_pitch")
+        return self
+
+
+class CleanConfig(Section):
+    min_notes: int = Field(16, ge=1)  # fewer notes: empty or failed transcription
+    min_duration_s: float = Field(4.0, ge=0)
+    min_note_s: float = Field(0.03, ge=0)  # shorter notes are transcription ghosts
+    min_velocity: int = Field(8, ge=0, le=127)
+    min_pitch: int = Field(C.PIANO_MIN_PITCH, ge=0, le=127)
+    max_pitch: int = Field(C.PIANO_MAX_PITCH, ge=0, le=127)
+    segment_s: float = Field(0.0, ge=0)  # split performances longer than this into segments; 0 keeps them whole
+
+    @model_validator(mode="after")
+    def _pitch_order(self) -> CleanConfig:
+        if self.min_pitch >= self.max_pitch:
+            raise ValueError("min_pitch must be below max_pitch")
+        return self
+
+
+class SplitConfig(Section):
+    valid_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError("valid_fraction + test_fraction must leave something to train on")
+        return self
+
+
+class AugmentConfig(Section):
+    pitch_offsets: list[int] = [-3, -2, -1, 1, 2, 3]  # semitones; copies leaving the piano range are dropped
+    velocity_offsets: list[int] = [-8, 8]
+    duration_offsets: list[float] = [-0.25, 0.25]  # beats
+    # time stretch: note onsets and durations in ticks are multiplied by the factor (1.1 = 10% slower), on the
+    # original and on every offset copy; miditok has none, so we do this one ourselves
+    tempo_factors: list[float] = [0.9, 1.1]
+    all_offset_combinations: bool = False  # True: every pitch x velocity x duration combination
+
+    @field_validator("tempo_factors")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(f <= 0 for f in v):
+            raise ValueError("tempo factors must be > 0")
+        return v
+
+
+class BaseCorpusConfig(Section):
+    source: Literal["music21", "folder"] = "music21"
+    path: Path | None = None  # folder of MIDI files when source is "folder" (e.g. MAESTRO, PiJAMA)
+    # music21 corpus composers, one work each in turn (sorted paths); bach chorales parse in ~0.05 s, palestrina
+    # ~0.2 s, monteverdi madrigals ~0.5 s. Must not overlap demo.composers (the demo is held-out style data).
+    composers: list[str] = ["bach", "palestrina", "monteverdi", "handel", "corelli"]
+    max_pieces: int = Field(150, ge=1)  # pieces at most (either source); music21 parsing ~0.2 s a score, cached
+
+    @model_validator(mode="after")
+    def _path_for_folder(self) -> BaseCorpusConfig:
+        if self.source == "folder" and self.path is None:
+            raise ValueError("path is required when source is 'folder'")
+        return self
+
+
+class TokenizeConfig(Section):
+    kind: Literal["MIDILike", "TSD", "REMI", "Structured"] = "MIDILike"
+    vocab_size: int = Field(1024, ge=64)  # after BPE; base vocabulary is 385 with these defaults (no BPE if <=)
+    beat_res: dict[str, int] = {"0_4": 8, "4_12": 4}  # beat range -> samples per beat
+    num_velocities: int = Field(16, ge=1, le=127)
+    use_sustain_pedals: bool = False
+    max_seq_len: int = Field(256, ge=16)  # tokens per training window
+    overlap: int = Field(64, ge=0)  # tokens shared by consecutive windows
+    # BPE merges stay inside a bar, so bars already played keep their ids while a live performance grows.
+    encode_ids_split: Literal["bar", "beat", "no"] = "bar"
+    bpe_max_files: int = Field(400, ge=1)  # files sampled (seeded) to train BPE; bounds its time
+    bpe_max_tokens_per_file: int = Field(4096, ge=1)  # base tokens per file fed to BPE training; bounds its time
+
+    @field_validator("beat_res")
+    @classmethod
+    def _beat_ranges(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v:
+            raise ValueError("beat_res needs at least one beat range")
+        for key, res in v.items():
+            lo, sep, hi = key.partition("_")
+            if not (sep and lo.isdigit() and hi.isdigit() and int(lo) < int(hi)) or res < 1:
+                raise ValueError(f"beat_res wants 'start_end' beat ranges -> samples per beat >= 1, got {key}: {res}")
+        return v
+
+    @model_validator(mode="after")
+    def _overlap(self) -> TokenizeConfig:
+        if self.overlap >= self.max_seq_len:
+            raise ValueError("overlap must be smaller than max_seq_len")
+        return self
+
+
+class EvaluateConfig(Section):
+    """Held-out evaluation of trained runs (`jam evaluate`); any change here re-evaluates every run."""
+
+    max_windows: int = Field(0, ge=0)  # test windows scored for NLL; 0 = all (bounds time on big test sets)
+    batch_size: int = Field(8, ge=1)  # windows per forward pass
+    n_prompts: int = Field(4, ge=1)  # test pieces (sorted ids) whose opening prompts a continuation
+    prompt_tokens: int = Field(32, ge=1)  # tokens of each piece's opening given as prompt (after BOS)
+    seeds: list[int] = [0, 1]  # one sample per prompt per seed; fixed so runs compare on equal footing
+    n_tokens: int = Field(256, ge=1)  # new tokens sampled per continuation
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling; 1 disables
+    top_k: int = Field(0, ge=0)  # 0 disables
+    max_open_beats: float = Field(16.0, gt=0)  # a NoteOn still unmatched this many beats later is a hung note
+    oa_method: Literal["kde", "hist"] = "kde"  # density estimate for overlapping areas (Yang & Lerch use KDE)
+    window_beats: float = Field(8.0, gt=0)  # window for pitch range and note density (two 4/4 bars)
+    plots: int = Field(2, ge=0)  # piano-roll PNGs logged per model
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one seed is needed")
+        return v
+
+
+class PromoteConfig(Section):
+    """Which evaluated fine-tune becomes the registry's `champion` (`jam promote`)."""
+
+    metric: str = "test_nll"  # MLflow metric that ranks fine-tune runs
+    mode: Literal["min", "max"] = "min"  # min for losses, max for scores (e.g. style_score)
+    min_gain: float = Field(0.02, ge=0, lt=1)  # gate: nll_ratio (finetune/base) <= 1 - min_gain
+    min_validity: float = Field(0.8, ge=0, le=1)  # gate: share of samples that decode to valid MIDI
+
+
+class ModelConfig(Section):
+    """The base decoder (a small LlamaForCausalLM); vocabulary and context length come from `tokenize`."""
+
+    hidden_size: int = Field(192, ge=8)  # demo: ~2M parameters, pretrains in ~2-3 min on 2 CPU cores
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(6, ge=1)  # head_dim = hidden_size / num_heads = 32
+    num_kv_heads: int | None = Field(None, ge=1)  # grouped-query attention; None = num_heads
+    intermediate_size: int = Field(512, ge=8)  # SwiGLU MLP width
+    rope_theta: float = Field(10000.0, gt=0)
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    tie_embeddings: bool = True  # the output projection reuses the token embedding: fewer parameters
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class LoopConfig(Section):
+    """Optimisation shared by pretraining and fine-tuning. One step = batch_size x grad_accum x processes windows."""
+
+    batch_size: int = Field(16, ge=1)  # windows per micro-batch per process
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    lr: float = Field(1e-3, gt=0)  # peak learning rate, reached after warmup, then cosine decay to 0
+    warmup_steps: int = Field(20, ge=0)  # optimizer steps of linear warmup
+    max_steps: int = Field(240, ge=1)  # optimizer steps in total
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables clipping
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes 8-bit states (CPU and CUDA)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # accelerate autocast; fp16 needs CUDA
+    eval_every: int = Field(40, ge=1)  # optimizer steps between validation passes (and at the last step)
+    eval_windows: int = Field(0, ge=0)  # valid windows scored per pass; 0 = all
+    log_every: int = Field(1, ge=1)  # optimizer steps between train_loss/lr/tokens_per_s points
+    system_metrics: bool = True  # MLflow system/ metrics (CPU, RAM, GPU) sampled every 10 s
+
+    @model_validator(mode="after")
+    def _warmup(self) -> LoopConfig:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError("warmup_steps must be smaller than max_steps")
+        return self
+
+
+class PretrainConfig(LoopConfig):
+    """The base model: trained here on the base corpus (`source: pretrain`) or taken from a local folder."""
+
+    source: Literal["pretrain", "path"] = "pretrain"
+    path: Path | None = None  # `source: path`: a bundle (bundle.json) or HF folder with config.json + tokenizer.json
+
+    @model_validator(mode="after")
+    def _path_for_path(self) -> PretrainConfig:
+        if self.source == "path" and self.path is None:
+            raise ValueError("path is required when source is 'path'")
+        return self
+
+
+class FinetuneConfig(LoopConfig):
+    """QLoRA on the style corpus: the base frozen (4-bit NF4 by default), a LoRA adapter trained."""
+
+    lr: float = Field(2e-3, gt=0)  # LoRA tolerates a higher rate than full training
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(240, ge=1)  # demo: ~2 min on 2 CPU cores; valid loss 4.6 at 120 steps, 4.2 at 240
+    eval_every: int = Field(60, ge=1)
+    quantization: Literal["nf4", "fp4", "none"] = "nf4"  # base weights in 4 bit (bitsandbytes); none = LoRA on fp32
+    double_quant: bool = True  # quantize the 4-bit block scales too (~0.4 bit/weight saved)
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype 4-bit weights dequantize to
+    lora_r: int = Field(4, ge=1)  # adapter rank
+    lora_alpha: float = Field(8.0, gt=0)  # scale = alpha / r
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama attention projections
+    train_embeddings: bool = True  # token embedding (tied output layer) trained too, stored in the adapter
+    adapter_name: str = "style"  # bundle adapters/<name>; also the bundle's default adapter
+    tempo_bpm: float = Field(120.0, gt=0)  # written to bundle.json: the runner's default tempo
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one target module is needed")
+        return v
+
+
+class CheckpointConfig(Section):
+    """Spot-safe training: periodic, atomic, checksummed checkpoints; the same command resumes."""
+
+    dir: str | None = None  # local folder or fsspec URL (s3://bucket/prefix); None = <data_dir>/checkpoints/<stage>
+    every_steps: int = Field(40, ge=1)  # optimizer steps between checkpoints
+    every_s: float = Field(300.0, gt=0)  # seconds: also checkpoint when this long has passed since the last one
+    keep: int = Field(3, ge=1)  # newest checkpoints kept; older ones are deleted after a successful write
+    storage_options: dict[str, Any] = {}  # passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}
+    scratch_dir: Path | None = None  # local staging for remote checkpoints; None = a temp dir
+    preemption_retries: int = Field(3, ge=0)  # `jam run` restarts training this often after a SIGTERM exit (75)
+
+
+class RealtimeConfig(Section):
+    """The jam runner (`jam play`, `jam bench latency`): what it loads, how it listens and answers, where MIDI goes.
+
+    Converted to `realtime.settings.JamSettings` by the CLI (realtime/ imports no pipeline code).
+    """
+
+    model: str | None = None  # bundle folder or models:/<name>@<alias>; None = models:/<project.name>@champion
+    mode: Literal["call_response", "continuous"] = "call_response"  # answer phrases, or accompany while listening
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; lower = safer and more repetitive
+    top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling; 1 disables
+    top_k: int = Field(0, ge=0)  # keep the k likeliest tokens; 0 disables
+    tempo_bpm: float | None = Field(None, gt=0)  # None = the bundle's tempo_bpm; sets the beat grid of in- and output
+    follow_clock: bool = True  # follow an incoming MIDI clock (24 ppqn) when one is sent
+    beats_per_bar: int = Field(4, ge=1)  # bars are the unit of response_bars
+    response_bars: float = Field(2.0, gt=0)  # call_response: length of each answer
+    silence_gap_s: float = Field(0.8, gt=0)  # seconds with no key down that end a phrase (~1.5 beats at 120 BPM)
+    trigger_cc: int | None = Field(None, ge=0, le=127)  # controller that ends a phrase at once (64 = sustain pedal,
+    # or a footswitch); None = silence gap only (pianists pedal mid-phrase)
+    lookahead_s: float = Field(0.5, gt=0)  # continuous: seconds of output planned ahead; less reacts faster
+    adapters: dict[str, float] | None = None  # None = the bundle's default adapter; {} = base model only;
+    # {style_a: 2, style_b: 1} = weighted blend of adapters folded into the weights
+    normalize_weights: bool = True  # divide blend weights by their sum: a blend keeps one adapter's strength
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 is fastest for tiny models on CPU
+    quantization: Literal["none", "dynamic_int8"] = "none"  # int8 Linear weights (CPU); pays off for bigger models
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present, else CPU
+    threads: int = Field(1, ge=0)  # torch threads; 1 is fastest for tiny matmuls and leaves a core for I/O; 0 = default
+    max_seq_len: int | None = Field(None, ge=16)  # context window in tokens; None = the bundle's
+    transport: Literal["midi", "file"] = "midi"  # live MIDI ports, or input_file played back as the human
+    backend: Literal["auto", "jack", "alsa"] = "auto"  # rtmidi API; auto = ALSA if /dev/snd/seq exists, else JACK
+    client_name: str = "jam"  # MIDI client name; virtual ports are <client>-in and <client>-out
+    input_port: str | None = None  # connect to this port (exact name or unique substring); None = virtual port
+    output_port: str | None = None  # likewise; with transport file, None = no MIDI output (recording only)
+    input_file: Path | None = None  # transport file: the MIDI file played in real time as the human
+    record: Path | None = Path("out/jam-session.mid")  # the session as MIDI (human and model tracks); None = off
+    out_channel: int = Field(0, ge=0, le=15)  # MIDI channel of the model's notes (0 = channel 1)
+    max_note_s: float = Field(4.0, gt=0)  # seconds; a model note held longer is ended (no stuck notes)
+    tail_s: float = Field(1.0, ge=0)  # seconds the last answer may ring after the input file ends
+    duration_s: float | None = Field(None, gt=0)  # stop after this many seconds; None = Ctrl-C or end of input file
+    seed: int | None = None  # sampling seed; None = a different session every time
+
+    @model_validator(mode="after")
+    def _file_needs_input(self) -> RealtimeConfig:
+        if self.transport == "file" and self.input_file is None:
+            raise ValueError("input_file is required when transport is 'file'")
+        return self
+
+
+class Config(Section):
+    project: ProjectConfig = ProjectConfig()
+    demo: DemoConfig = DemoConfig()
+    acquire: AcquireConfig = AcquireConfig()
+    transcribe: TranscribeConfig = TranscribeConfig()
+    clean: CleanConfig = CleanConfig()
+    split: SplitConfig = SplitConfig()
+    augment: AugmentConfig = AugmentConfig()
+    base: BaseCorpusConfig = BaseCorpusConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+    realtime: RealtimeConfig = RealtimeConfig()
+
+    @model_validator(mode="after")
+    def _demo_held_out(self) -> Config:
+        shared = sorted(set(self.demo.composers) & set(self.base.composers))
+        if self.demo.enabled and self.base.source == "music21" and shared:
+            raise ValueError(f"demo.composers and base.composers must not overlap (the demo is held out): {shared}")
+        return self
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.project.data_dir / stage
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{key}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3). The value is YAML, so lists and numbers keep their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects dotted.key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "invalid params:\n" + "\n".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: Path | str | None = "params.yaml", overrides: list[str] | None = None) -> Config:
+    """Read params.yaml (missing file: all defaults), apply `dotted.key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree = loaded or {}
+    elif path is not None and str(path) != "params.yaml":
+        raise ConfigError(f"params file not found: {path}")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def section_json(section: BaseModel) -> str:
+    """Canonical JSON of a section: the stable text hashed into cache keys and written beside outputs."""
+    return json.dumps(section.model_dump(mode="json"), sort_keys=True)

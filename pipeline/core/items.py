@@ -1,0 +1,228 @@
+"""The per-item driver every item-wise stage uses: the item index, the stage report, workers, failures.
+
+A stage builds one `Job` per item (its id, a cache key hashing everything the item's output depends on: input
+content, the stage's params, the code version, and the picklable call that builds it) and hands them to `run_jobs`.
+Same key and outputs still on disk: skipped. A failing item becomes a one-line message in the report and the index
+(same key: not retried, still reported) while the rest go on. Workers are spawned processes, each optionally set up
+once by an initializer (a transcription model, a tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.core import constants as C
+from pipeline.core.files import read_json, write_json, write_text
+
+
+@dataclass
+class StageReport:
+    """What a stage did this run. Written as `report.json` beside the stage's outputs."""
+
+    stage: str
+    items_in: int = 0
+    processed: list[str] = field(default_factory=list)  # did work this run
+    cached: list[str] = field(default_factory=list)  # up to date, no work
+    failed: dict[str, str] = field(default_factory=dict)  # item id -> clear error message
+    dropped: dict[str, str] = field(default_factory=dict)  # item id -> why it was filtered out (not an error)
+    outputs: int = 0
+    seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)  # stage-specific figures
+    started: float = field(default_factory=time.time)
+
+    def finish(self, out_dir: Path, config_json: str | None = None) -> StageReport:
+        self.seconds = round(time.time() - self.started, 3)
+        write_json(out_dir / C.REPORT_NAME, asdict(self))
+        if config_json is not None:
+            write_text(out_dir / C.CONFIG_NAME, json.dumps(json.loads(config_json), indent=2) + "\n")
+        return self
+
+    @classmethod
+    def load(cls, out_dir: Path, **updates: Any) -> StageReport:
+        """The report a stage last wrote in `out_dir` (an empty one if none), with `updates` applied."""
+        fields = read_json(out_dir / C.REPORT_NAME, {}) or {}
+        known = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__ and k != "started"}
+        return cls(**{"stage": out_dir.name, **known, **updates})
+
+    def summary(self) -> str:
+        parts = [f"{self.stage}: {self.items_in} in", f"{len(self.processed)} processed", f"{len(self.cached)} cached"]
+        if self.dropped:
+            parts.append(f"{len(self.dropped)} dropped")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        parts.append(f"{self.outputs} out ({self.seconds:.1f} s)")
+        return ", ".join(parts)
+
+
+class AllItemsFailed(RuntimeError):
+    """Every item of a stage failed: nothing to hand downstream."""
+
+
+def raise_if_all_failed(report: StageReport) -> None:
+    if report.items_in and len(report.failed) == report.items_in:
+        first = next(iter(report.failed.items()))
+        raise AllItemsFailed(
+            f"{report.stage}: all {report.items_in} items failed (first: {first[0]}: {first[1]}); "
+            f"see {report.stage} report.json"
+        )
+
+
+class ItemIndex:
+    """Per-item record of the input key each output was made from.
+
+    `record` appends one JSON line to a journal (`index.json.log`), so recording is O(1) and a crash loses at most
+    the line being written; loading replays the journal over the last snapshot and compacts it into `index.json`.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.journal = path.with_name(path.name + ".log")
+        self.entries: dict[str, dict[str, Any]] = read_json(path, {}) or {}
+        if self.journal.exists():
+            self._replay()
+            self.save()
+
+    def _replay(self) -> None:
+        for line in self.journal.read_text().splitlines():
+            try:
+                item_id, entry = json.loads(line)
+            except ValueError:  # a line cut short by a crash: that item is simply redone
+                continue
+            if entry is None:
+                self.entries.pop(item_id, None)
+            else:
+                self.entries[item_id] = entry
+
+    def fresh(self, item_id: str, key: str, base: Path) -> dict[str, Any] | None:
+        """The entry if `item_id` was made from `key` and its outputs (relative to `base`) all exist."""
+        entry = self.entries.get(item_id)
+        if not entry or entry.get("key") != key:
+            return None
+        if all((base / p).exists() for p in entry.get("outputs", [])):
+            return entry
+        return None
+
+    def record(self, item_id: str, key: str, outputs: list[str] | None = None, **extra: Any) -> None:
+        entry = {"key": key, "outputs": outputs or [], **extra}
+        self.entries[item_id] = entry
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a") as f:
+            f.write(json.dumps([item_id, entry], sort_keys=True, default=str) + "\n")
+
+    def prune(self, keep: set[str], base: Path) -> list[str]:
+        """Forget items no longer in the input set and delete their outputs. Returns the removed ids."""
+        gone = [i for i in self.entries if i not in keep]
+        for item_id in gone:
+            for rel in self.entries[item_id].get("outputs", []):
+                (base / rel).unlink(missing_ok=True)
+            del self.entries[item_id]
+        self.save()
+        return gone
+
+    def save(self) -> None:
+        """Write the snapshot and drop the journal it now contains."""
+        write_json(self.path, self.entries)
+        self.journal.unlink(missing_ok=True)
+
+
+@dataclass
+class ItemResult:
+    """What one item produced: output paths relative to the stage dir, filtered-out parts, per-item figures."""
+
+    outputs: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # item or sub-item id -> reason
+    stats: dict[str, float] = field(default_factory=dict)  # summed over items into the report
+
+
+@dataclass
+class Job:
+    """One item to (re)build: its id, cache key, and the picklable call that builds it."""
+
+    item_id: str
+    key: str
+    fn: Callable[..., ItemResult]
+    args: tuple[Any, ...]
+
+
+def _call(job: Job) -> ItemResult | str:
+    """Run a job; a failure comes back as a one-line message so the pool and the other items go on."""
+    try:
+        return job.fn(*job.args)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}".replace("\n", " ")[:500]
+
+
+def _results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, ItemResult | str]]:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield job, _call(job)
+        return
+    # spawn, not fork: drivers run inside Prefect/MLflow processes whose background threads may hold locks
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
+        futures = {pool.submit(_call, job): job for job in jobs}
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def _forget_stale(index: ItemIndex, item_id: str, keep: list[str], base: Path) -> None:
+    """Delete outputs an item made last time but not this time (fewer segments, now dropped or failing)."""
+    for rel in index.entries.get(item_id, {}).get("outputs", []):
+        if rel not in keep:
+            (base / rel).unlink(missing_ok=True)
+
+
+def run_jobs(jobs: list[Job], index: ItemIndex, out_dir: Path, report: StageReport, workers: int) -> None:
+    """The driver loop: skip fresh items, build the rest (in `workers` processes), record everything.
+
+    Cached items re-report their stored error or dropped reasons, so report.json always describes the whole
+    input set, not just this run's work.
+    """
+    report.items_in += len(jobs)
+    pending = []
+    for job in jobs:
+        entry = index.fresh(job.item_id, job.key, out_dir)
+        if entry is None:
+            pending.append(job)
+            continue
+        report.cached.append(job.item_id)
+        if entry.get("error"):
+            report.failed[job.item_id] = entry["error"]
+        report.dropped.update(entry.get("dropped", {}))
+    bar = tqdm(total=len(pending), desc=report.stage, disable=None, unit="item")
+    for job, result in _results(pending, workers):
+        bar.update()
+        if isinstance(result, str):
+            _forget_stale(index, job.item_id, [], out_dir)
+            report.failed[job.item_id] = result
+            index.record(job.item_id, job.key, error=result)
+            continue
+        _forget_stale(index, job.item_id, result.outputs, out_dir)
+        report.processed.append(job.item_id)
+        report.dropped.update(result.dropped)
+        index.record(job.item_id, job.key, outputs=result.outputs, dropped=result.dropped, stats=result.stats)
+    bar.close()
+
+
+def summed_stats(index: ItemIndex, ids: Iterable[str]) -> dict[str, float]:
+    """Per-item stats (as recorded in the index) summed over `ids`."""
+    total: dict[str, float] = {}
+    for item_id in ids:
+        for name, value in index.entries.get(item_id, {}).get("stats", {}).items():
+            total[name] = round(total.get(name, 0) + value, 3)
+    return total
+
+
+def count_outputs(index: ItemIndex, ids: Iterable[str]) -> int:
+    """Number of output files the index holds for `ids`."""
+    return sum(len(index.entries.get(i, {}).get("outputs", [])) for i in ids)

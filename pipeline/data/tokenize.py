@@ -1,0 +1,445 @@
+"""Tokenize stage: one shared BPE vocabulary, cached per-piece ids, fixed-length training windows.
+
+Why MIDILike by default: its NoteOn / NoteOff / TimeShift events come in the order they happen on a MIDI wire.
+The real-time runner can append a human's notes as they arrive (a NoteOff when the key is released) and send the
+model's NoteOn/NoteOff as they are generated, with no need to know a note's duration at its onset, which TSD and
+REMI (a Duration token right after the pitch) require. TSD/REMI/Structured remain selectable via `tokenize.kind`.
+
+Outputs under `data/tokenize/`:
+  tokenizer.json          miditok params with the trained BPE model (`load_tokenizer` reads it back)
+  vocab.json              hash of the params that define the vocabulary, BPE training files and seconds
+  cache/<corpus>/<id>.npy int32 ids of one piece (no BOS/EOS), keyed by MIDI sha256 + tokenizer.json sha256
+  <corpus>/<split>.npy    int32 (n_windows, max_seq_len): BOS + ids + EOS per piece, cut into overlapping
+                          windows, the last one padded with PAD; a piece's windows are contiguous
+BPE is trained once on base train + style train, so the base model and every fine-tune share one vocabulary; it is
+retrained only when the vocabulary params change (a retrain invalidates trained models), never for new pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import miditok
+import numpy as np
+from miditok.utils.utils import np_get_closest  # not re-exported by miditok.utils
+from symusic import Score, Track
+from tqdm import tqdm
+
+from pipeline.core import constants as C
+from pipeline.core.config import Config, TokenizeConfig, section_json
+from pipeline.core.files import atomic_path, piece_id, read_json, sha256_file, sha256_text, write_json
+from pipeline.core.items import ItemIndex, StageReport, raise_if_all_failed
+
+STAGE_VERSION = "1"  # bump when the per-piece encoding changes, to invalidate the cache
+TOKENIZER_NAME = "tokenizer.json"
+VOCAB_META_NAME = "vocab.json"
+CACHE_DIR = "cache"
+SPECIAL_TOKENS = ["PAD", "BOS", "EOS"]  # no MASK: the model is a causal LM
+WINDOW_FIELDS = ("max_seq_len", "overlap")  # TokenizeConfig fields that do not change the vocabulary
+TOKENIZER_KINDS = {
+    "MIDILike": miditok.MIDILike,
+    "TSD": miditok.TSD,
+    "REMI": miditok.REMI,
+    "Structured": miditok.Structured,
+}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One MIDI file feeding one (corpus, split)."""
+
+    corpus: str
+    split: str
+    item_id: str
+    path: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.corpus}/{self.item_id}"
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def make_tokenizer(tc: TokenizeConfig) -> miditok.MusicTokenizer:
+    """An untrained miditok tokenizer of kind `tc.kind` for one piano track (no program, tempo or meter tokens)."""
+    beat_res = {tuple(int(b) for b in k.split("_")): res for k, res in tc.beat_res.items()}
+    config = miditok.TokenizerConfig(
+        pitch_range=(C.PIANO_MIN_PITCH, C.PIANO_MAX_PITCH + 1),
+        beat_res=beat_res,
+        num_velocities=tc.num_velocities,
+        special_tokens=list(SPECIAL_TOKENS),
+        use_sustain_pedals=tc.use_sustain_pedals,
+        use_programs=False,
+        # A live player gives no meter or tempo map: time is counted in quarter-note beats, bars assumed 4/4.
+        use_time_signatures=False,
+        use_tempos=False,
+        remove_duplicated_notes=True,  # two voices on one key are one piano key
+        encode_ids_split=tc.encode_ids_split,
+    )
+    return TOKENIZER_KINDS[tc.kind](config)
+
+
+def load_tokenizer(path: Path | str) -> miditok.MusicTokenizer:
+    """Reload a tokenizer saved by this stage; the kind is read from the file (no hub access)."""
+    kind = json.loads(Path(path).read_text())["tokenization"]
+    return getattr(miditok, kind)(params=Path(path))
+
+
+def special_ids(tokenizer: miditok.MusicTokenizer) -> dict[str, int]:
+    """PAD/BOS/EOS ids as they appear in encoded sequences (base ids survive BPE training unchanged)."""
+    ids = {name.lower() + "_id": tokenizer[f"{name}_None"] for name in SPECIAL_TOKENS}
+    if tokenizer.is_trained:
+        for name, base_id in ids.items():
+            byte = chr(base_id + miditok.constants.CHR_ID_START)
+            if tokenizer.vocab_model.get(byte) != base_id:
+                raise RuntimeError(f"{name}: BPE moved special token {base_id}; windows would be padded wrongly")
+    return ids
+
+
+def vocab_hash(tc: TokenizeConfig) -> str:
+    """Hash of the params that define the vocabulary (all but the windowing ones)."""
+    params = {k: v for k, v in json.loads(section_json(tc)).items() if k not in WINDOW_FIELDS}
+    return sha256_text(json.dumps(params, sort_keys=True))
+
+
+class _BPEIterator(miditok.TokTrainingIterator):
+    """Training text for BPE: the same merged piano track we encode, capped per file to bound training time."""
+
+    def __init__(self, tokenizer: miditok.MusicTokenizer, files_paths: list[Path], max_tokens: int):
+        super().__init__(tokenizer, files_paths)
+        self.max_tokens = max_tokens
+        self.used: set[Path] = set()  # files that gave tokens
+        self.first_error = ""
+
+    def load_file(self, path: Path) -> list[str]:
+        try:
+            seqs = self.tokenizer.encode(load_piano_score(path), encode_ids=False)
+        except Exception as err:  # reported per item when the file is encoded; here it just adds nothing
+            self.first_error = self.first_error or f"{Path(path).name}: {err}"
+            return []
+        chunks = [c.ids for seq in _as_list(seqs) for c in _split_for_bpe(self.tokenizer, seq)]
+        starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])  # base tokens before each chunk
+        chunks = [c for c, start in zip(chunks, starts, strict=True) if start < self.max_tokens]
+        if chunks:
+            self.used.add(Path(path))
+        return self.tokenizer._ids_to_bytes(chunks, as_one_str=True) if chunks else []
+
+
+def _as_list(seqs: miditok.TokSequence | list[miditok.TokSequence]) -> list[miditok.TokSequence]:
+    return seqs if isinstance(seqs, list) else [seqs]  # one-stream tokenizers return a bare sequence
+
+
+def _split_for_bpe(tokenizer: miditok.MusicTokenizer, seq: miditok.TokSequence) -> list[miditok.TokSequence]:
+    split = tokenizer.config.encode_ids_split
+    parts = seq.split_per_bars() if split == "bar" else seq.split_per_beats() if split == "beat" else [seq]
+    return [p for p in parts if len(p) > 0]
+
+
+def train_bpe(tokenizer: miditok.MusicTokenizer, paths: list[Path], tc: TokenizeConfig, seed: int) -> dict:
+    """Train BPE in place on a seeded sample of `paths`. Returns what was trained on and how long it took.
+
+    Raises:
+        ValueError: no sampled file gave tokens (a vocabulary learned from nothing would be kept for good).
+    """
+    sample = sorted(paths)
+    if len(sample) > tc.bpe_max_files:
+        sample = sorted(random.Random(seed).sample(sample, tc.bpe_max_files))
+    started = time.perf_counter()
+    if tc.vocab_size > len(tokenizer):
+        iterator = _BPEIterator(tokenizer, sample, tc.bpe_max_tokens_per_file)
+        tokenizer.train(vocab_size=tc.vocab_size, model="BPE", iterator=iterator)
+        if not iterator.used:
+            raise ValueError(
+                f"tokenize: none of {len(sample)} train files gave tokens to learn BPE from "
+                f"(first error: {iterator.first_error or 'none'})"
+            )
+    return {"bpe_seconds": round(time.perf_counter() - started, 3), "bpe_files": len(sample)}
+
+
+def ensure_tokenizer(cfg: Config, train_paths: list[Path], out_dir: Path) -> tuple[miditok.MusicTokenizer, dict]:
+    """Load tokenizer.json if it was made from the current vocabulary params, else train and save it.
+
+    Returns:
+        The tokenizer and stats: `bpe_trained` (this run), `bpe_seconds`, `bpe_files`, `vocab_hash`.
+    """
+    tok_path, meta_path = out_dir / TOKENIZER_NAME, out_dir / VOCAB_META_NAME
+    want = vocab_hash(cfg.tokenize)
+    meta = read_json(meta_path, {}) or {}
+    if tok_path.exists() and meta.get("vocab_hash") == want and meta.get("sha256") == sha256_file(tok_path):
+        return load_tokenizer(tok_path), {**_meta_stats(meta), "bpe_trained": False}
+    tokenizer = make_tokenizer(cfg.tokenize)
+    stats = train_bpe(tokenizer, train_paths, cfg.tokenize, cfg.project.seed)
+    with atomic_path(tok_path) as tmp:
+        tokenizer.save(tmp)
+    meta = {"vocab_hash": want, "sha256": sha256_file(tok_path), "trained_at": time.time(), **stats}
+    write_json(meta_path, meta)
+    # Reload so this run encodes exactly as every later reader of tokenizer.json will.
+    return load_tokenizer(tok_path), {**_meta_stats(meta), "bpe_trained": True}
+
+
+def _meta_stats(meta: dict) -> dict:
+    return {k: meta[k] for k in ("vocab_hash", "bpe_seconds", "bpe_files")}
+
+
+# ---------------------------------------------------------------- per piece
+
+
+def load_piano_score(path: Path | str) -> Score:
+    """Read a MIDI file and merge its non-drum tracks into one piano track (the model sees one stream).
+
+    Raises:
+        ValueError: the file cannot be parsed or has no notes.
+    """
+    try:
+        score = Score(str(path))
+    except Exception as err:
+        raise ValueError(f"unreadable MIDI: {err}") from None
+    merged = Score(score.ticks_per_quarter)
+    merged.tempos = score.tempos.copy()
+    track = Track(name="piano", program=0, is_drum=False)
+    for src in score.tracks:
+        if not src.is_drum:
+            track.notes.extend(src.notes)
+            track.pedals.extend(src.pedals)
+    if len(track.notes) == 0:
+        raise ValueError("no notes")
+    track.notes.sort()
+    merged.tracks.append(track)
+    return merged
+
+
+def encode_score(tokenizer: miditok.MusicTokenizer, score: Score) -> np.ndarray:
+    """Token ids (BPE-encoded if trained) of a one-track score, without BOS/EOS. int32 (n_tokens,)."""
+    ids = [i for seq in _as_list(tokenizer.encode(score)) for i in seq.ids]
+    if not ids:
+        raise ValueError(f"no tokens (no notes in pitch range {C.PIANO_MIN_PITCH}-{C.PIANO_MAX_PITCH}?)")
+    return np.asarray(ids, dtype=np.int32)
+
+
+def decode_ids(tokenizer: miditok.MusicTokenizer, ids: np.ndarray | list[int]) -> Score:
+    """Inverse of `encode_score`: a one-track score at the tokenizer's time division."""
+    seq = miditok.TokSequence(ids=[int(i) for i in ids], are_ids_encoded=tokenizer.is_trained)
+    return tokenizer.decode([seq])
+
+
+def encode_file(tokenizer: miditok.MusicTokenizer, path: Path) -> tuple[np.ndarray, dict[str, int]]:
+    """Encode one MIDI file and check its round trip.
+
+    Returns:
+        (ids without BOS/EOS, `roundtrip_counts` of encode -> decode).
+    """
+    score = load_piano_score(path)
+    ids = encode_score(tokenizer, score)
+    return ids, roundtrip_counts(tokenizer, score, decode_ids(tokenizer, ids))
+
+
+def roundtrip_counts(tokenizer: miditok.MusicTokenizer, original: Score, decoded: Score) -> dict[str, int]:
+    """Notes of `original` that survive encode -> decode within the tokenizer's quantization.
+
+    A note matches an unused decoded note of the same pitch whose onset is within half the finest grid step,
+    whose velocity is the original's velocity bin, and whose duration is within one grid step of the beat range
+    it falls in (notes longer than the grid's last beat may also come back capped there). Times are in beats.
+
+    Returns:
+        `notes` in `original`, `matched` (all four criteria), `onsets_matched` (pitch and onset only: MIDILike
+        cannot tell overlapping notes of one pitch apart, so only their durations may differ).
+    """
+    step = 1.0 / tokenizer.config.max_num_pos_per_beat  # beats
+    ranges = sorted((lo, hi, 1.0 / res) for (lo, hi), res in tokenizer.config.beat_res.items())
+    lookup: dict[tuple[int, int], list[tuple[float, float, int]]] = defaultdict(list)
+    for onset, dur, pitch, vel in _note_table(decoded):
+        lookup[(int(pitch), round(onset / step))].append((onset, dur, int(vel)))
+    table = _note_table(original)
+    vel_bins = np_get_closest(tokenizer.velocities, table[:, 3]) if len(table) else []
+    matched = onsets = 0
+    for (onset, dur, pitch, _), vel_bin in zip(table, vel_bins, strict=True):
+        near = _pop_nearest(lookup, int(pitch), onset, step)
+        onsets += near is not None
+        matched += near is not None and near[2] == vel_bin and _duration_ok(dur, near[1], ranges, step)
+    return {"notes": len(table), "matched": int(matched), "onsets_matched": onsets}
+
+
+def _note_table(score: Score) -> np.ndarray:
+    """(n_notes, 4) float64: onset (beats), duration (beats), pitch, velocity, over all tracks."""
+    soas = [track.notes.numpy() for track in score.tracks]
+    cols = [np.column_stack([soa[k] for k in ("time", "duration", "pitch", "velocity")]) for soa in soas]
+    table = np.concatenate(cols or [np.zeros((0, 4))]).astype(np.float64)
+    table[:, :2] /= score.ticks_per_quarter
+    return table
+
+
+def _pop_nearest(lookup: dict, pitch: int, onset: float, step: float) -> tuple[float, float, int] | None:
+    center = round(onset / step)
+    best = None
+    for cell in (center - 1, center, center + 1):
+        for j, cand in enumerate(lookup.get((pitch, cell), [])):
+            err = abs(cand[0] - onset)
+            if err <= step / 2 + 1e-9 and (best is None or err < best[0]):
+                best = (err, cell, j)
+    return None if best is None else lookup[(pitch, best[1])].pop(best[2])
+
+
+def _duration_ok(original: float, decoded: float, ranges: list[tuple[int, int, float]], step: float) -> bool:
+    tol = max([step] + [g for lo, hi, g in ranges if lo <= original < hi]) + 1e-9
+    longest = ranges[-1][1]
+    return abs(decoded - original) <= tol or (original > longest and abs(decoded - longest) <= tol)
+
+
+def window_ids(ids: np.ndarray, max_seq_len: int, overlap: int, pad_id: int) -> np.ndarray:
+    """Cut one sequence into windows of `max_seq_len` sharing `overlap` tokens; the last is PAD-padded.
+
+    Returns:
+        int32 (n_windows, max_seq_len); n_windows = 1 + ceil((n - L) / (L - overlap)) for n > L, else 1.
+    """
+    stride = max_seq_len - overlap
+    n_windows = 1 + max(0, -(-(len(ids) - max_seq_len) // stride))
+    padded = np.full((n_windows - 1) * stride + max_seq_len, pad_id, dtype=np.int32)
+    padded[: len(ids)] = ids
+    return np.lib.stride_tricks.sliding_window_view(padded, max_seq_len)[::stride].copy()
+
+
+# ---------------------------------------------------------------- driver
+
+
+def collect_items(inputs: dict[str, Path]) -> list[Item]:
+    """Every (corpus, split) input file named by split.json. Style train = augmented copies (clean if none).
+
+    Raises:
+        FileNotFoundError: split.json is missing.
+        ValueError: the style train split is empty.
+    """
+    split_path = inputs["split"] / "split.json"
+    if not split_path.exists():
+        raise FileNotFoundError(f"tokenize: {split_path} not found; run the split stage first")
+    splits = read_json(split_path)
+    if not splits.get(C.STYLE, {}).get("train"):
+        raise ValueError(f"tokenize: style train split is empty in {split_path}; nothing to fine-tune on")
+    items = []
+    for corpus in (C.STYLE, C.BASE):
+        clean = sorted((inputs["clean"] / corpus).glob("*.mid"))
+        for split in C.SPLITS:
+            pieces = {piece_id(i) for i in splits.get(corpus, {}).get(split, [])}
+            chosen = [p for p in clean if piece_id(p.stem) in pieces]
+            if corpus == C.STYLE and split == "train":
+                chosen = _with_augmented(inputs["augment"], chosen, pieces)
+            items += [Item(corpus, split, p.stem, p) for p in chosen]
+    return items
+
+
+def _with_augmented(augment_dir: Path, clean: list[Path], pieces: set[str]) -> list[Path]:
+    augmented = [p for p in sorted((augment_dir / "midi").glob("*.mid")) if piece_id(p.stem) in pieces]
+    covered = {piece_id(p.stem) for p in augmented}
+    return augmented + [p for p in clean if piece_id(p.stem) not in covered]
+
+
+def encode_items(items: list[Item], tokenizer: miditok.MusicTokenizer, out_dir: Path, report: StageReport) -> dict:
+    """Encode new or changed items into the cache (per-item failures go to `report.failed`).
+
+    Returns:
+        item key -> index entry (with `n_tokens`, `matched`, `notes`) for items that encoded.
+    """
+    index = ItemIndex(out_dir / CACHE_DIR / C.INDEX_NAME)
+    tok_sha = sha256_file(out_dir / TOKENIZER_NAME)
+    done = {}
+    for item in tqdm(items, desc="tokenize", disable=None):
+        key = sha256_text(sha256_file(item.path), tok_sha, STAGE_VERSION)
+        entry = index.fresh(item.key, key, out_dir)
+        if entry is None:
+            entry = _encode_item(item, tokenizer, out_dir, index, key)
+            report.processed.append(item.key)
+        else:
+            report.cached.append(item.key)
+        if "error" in entry:
+            report.failed[item.key] = entry["error"]
+        else:
+            done[item.key] = entry
+    index.prune({i.key for i in items}, out_dir)
+    return done
+
+
+def _encode_item(item: Item, tokenizer: miditok.MusicTokenizer, out_dir: Path, index: ItemIndex, key: str) -> dict:
+    rel = f"{CACHE_DIR}/{item.corpus}/{item.item_id}.npy"
+    try:
+        ids, counts = encode_file(tokenizer, item.path)
+    except Exception as err:
+        index.record(item.key, key, error=f"{type(err).__name__}: {err}")
+    else:
+        _save_npy(out_dir / rel, ids)
+        index.record(item.key, key, outputs=[rel], n_tokens=len(ids), **counts)
+    return index.entries[item.key]
+
+
+def _save_npy(dest: Path, array: np.ndarray) -> None:
+    with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def write_windows(items: list[Item], done: dict, out_dir: Path, tc: TokenizeConfig, ids: dict[str, int]) -> dict:
+    """Write `<corpus>/<split>.npy` for every corpus and split (empty ones too). Returns per-split counts."""
+    counts = {}
+    for corpus in (C.STYLE, C.BASE):
+        for split in C.SPLITS:
+            parts = [np.zeros((0, tc.max_seq_len), dtype=np.int32)]
+            n_tokens = 0
+            for item in items:
+                if item.corpus == corpus and item.split == split and item.key in done:
+                    seq = np.load(out_dir / done[item.key]["outputs"][0])
+                    parts.append(window_ids(_framed(seq, ids), tc.max_seq_len, tc.overlap, ids["pad_id"]))
+                    n_tokens += len(seq) + 2
+            windows = np.concatenate(parts)
+            _save_npy(out_dir / corpus / f"{split}.npy", windows)
+            counts[f"{corpus}/{split}"] = {"pieces": len(parts) - 1, "tokens": n_tokens, "windows": len(windows)}
+    return counts
+
+
+def _framed(seq: np.ndarray, ids: dict[str, int]) -> np.ndarray:
+    return np.concatenate([[ids["bos_id"]], seq, [ids["eos_id"]]]).astype(np.int32)
+
+
+def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
+    """Train (once) the shared BPE tokenizer, encode new pieces, and write every split's training windows.
+
+    Raises:
+        ValueError: the style train split is empty, or none of its pieces could be encoded.
+        AllItemsFailed: every input file failed to encode.
+    """
+    report = StageReport(stage="tokenize")
+    items = collect_items(inputs)
+    report.items_in = len(items)
+    train_paths = [i.path for i in items if i.split == "train"]
+    tokenizer, bpe_stats = ensure_tokenizer(cfg, train_paths, out_dir)
+    ids = special_ids(tokenizer)
+    done = encode_items(items, tokenizer, out_dir, report)
+    counts = write_windows(items, done, out_dir, cfg.tokenize, ids)
+    report.outputs = len(counts)
+    report.stats = _stats(cfg.tokenize, tokenizer, ids, bpe_stats, done, counts)
+    report.stats["tokenizer_sha256"] = sha256_file(out_dir / TOKENIZER_NAME)  # logged by training runs
+    report.finish(out_dir, section_json(cfg.tokenize))
+    raise_if_all_failed(report)
+    if counts[f"{C.STYLE}/train"]["windows"] == 0:
+        raise ValueError("tokenize: no style train piece could be encoded; see tokenize report.json")
+    return report
+
+
+def _stats(
+    tc: TokenizeConfig, tokenizer: miditok.MusicTokenizer, ids: dict, bpe: dict, done: dict, counts: dict
+) -> dict:
+    notes, matched, onsets = (sum(e[k] for e in done.values()) for k in ("notes", "matched", "onsets_matched"))
+    return {
+        "kind": tc.kind,
+        "vocab_size": tokenizer.vocab_size,
+        **ids,
+        "max_seq_len": tc.max_seq_len,
+        "overlap": tc.overlap,
+        **bpe,
+        "roundtrip_notes": notes,
+        "roundtrip_note_match": round(matched / notes, 4) if notes else None,
+        "roundtrip_onset_match": round(onsets / notes, 4) if notes else None,
+        "splits": counts,
+    }

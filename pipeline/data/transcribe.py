@@ -1,0 +1,363 @@
+"""Transcribe: acquired audio -> piano MIDI with Basic Pitch (its shipped ONNX model); MIDI sources pass through.
+
+Reads `data/acquire/manifest.jsonl`, writes `data/transcribe/midi/<id>.mid` (one piano track, program 0). Items are
+cached by (input sha256, transcription params, model id): a re-run transcribes nothing, a new source only itself.
+The model is loaded once per worker process; files run in parallel across `project.workers` processes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import multiprocessing
+import os
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pretty_midi
+from tqdm import tqdm
+
+from pipeline.core import constants as C
+from pipeline.core.config import Config, TranscribeConfig, section_json
+from pipeline.core.files import atomic_path, sha256_file, sha256_text
+from pipeline.core.items import ItemIndex, StageReport, raise_if_all_failed
+from pipeline.data.acquire import read_manifest
+
+log = logging.getLogger(__name__)
+
+STAGE_VERSION = "transcribe-1"
+TEMPO_RANGE_BPM = (60.0, 180.0)  # estimates outside are folded in by octaves (beat trackers halve/double)
+MIDI_RESOLUTION = 480  # ticks per beat of the written files
+BATCH_WINDOWS = 4  # Basic Pitch windows (~2 s of audio each) per ONNX call
+OVERLAP_FRAMES = 30  # Basic Pitch's own window overlap, in model frames
+NO_NOTES = "no notes detected — silent or non-piano audio?"
+
+_MODEL: Any = None  # this process's Basic Pitch model (loaded by the pool initializer or on first inline use)
+
+
+class TranscribeError(RuntimeError):
+    """An item that cannot be transcribed; the message is one clear line for the report."""
+
+
+@contextmanager
+def _quiet_import():
+    """basic_pitch logs a warning per missing backend (TF, CoreML, TFLite) at import; keep them out of the logs."""
+    root, guard, previous = logging.getLogger(), logging.NullHandler(), logging.root.manager.disable
+    root.addHandler(guard)  # logging.warning() would otherwise install a stderr handler on the root logger
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # resampy, via basic_pitch
+            yield
+    finally:
+        logging.disable(previous)
+        root.removeHandler(guard)
+
+
+def model_id(tcfg: TranscribeConfig) -> str:
+    """Names the model weights and post-processing code: part of every cache key."""
+    return f"{tcfg.model}/nmp.onnx/basic-pitch=={importlib.metadata.version('basic-pitch')}"
+
+
+def load_model(threads: int | None = None) -> Any:
+    """Basic Pitch's shipped ICASSP 2022 model on onnxruntime's CPU provider.
+
+    Args:
+        threads: onnxruntime intra-op threads (None: its default, one per physical core).
+
+    Returns:
+        A `basic_pitch.inference.Model`.
+    """
+    with _quiet_import():
+        import onnxruntime as ort
+        from basic_pitch import ICASSP_2022_MODEL_PATH
+        from basic_pitch.inference import Model
+
+    model = Model(ICASSP_2022_MODEL_PATH)
+    if threads:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        model.model = ort.InferenceSession(str(ICASSP_2022_MODEL_PATH), opts, providers=["CPUExecutionProvider"])
+    return model
+
+
+def _infer(audio: np.ndarray, model: Any) -> dict[str, np.ndarray]:
+    """Basic Pitch's `run_inference` on an in-memory signal, batching windows. Returns (frames, bins) arrays."""
+    with _quiet_import():
+        from basic_pitch.constants import AUDIO_N_SAMPLES, FFT_HOP
+        from basic_pitch.inference import unwrap_output, window_audio_file
+
+    overlap = OVERLAP_FRAMES * FFT_HOP  # samples
+    padded = np.concatenate([np.zeros(overlap // 2, dtype=np.float32), audio])
+    out: dict[str, list[np.ndarray]] = {"note": [], "onset": [], "contour": []}
+    windows = [w for w, _ in window_audio_file(padded, AUDIO_N_SAMPLES - overlap)]  # each (AUDIO_N_SAMPLES, 1)
+    for i in range(0, len(windows), BATCH_WINDOWS):
+        for key, value in model.predict(np.stack(windows[i : i + BATCH_WINDOWS])).items():
+            out[key].append(value)
+    return {k: unwrap_output(np.concatenate(v), len(audio), OVERLAP_FRAMES) for k, v in out.items()}
+
+
+def estimate_tempo(audio: np.ndarray, sr: int, default: float) -> float:
+    """Global tempo in BPM by librosa beat tracking, folded into `TEMPO_RANGE_BPM`; `default` if it fails."""
+    import librosa
+
+    try:
+        tempo, _ = librosa.beat.beat_track(y=audio, sr=sr)
+        bpm = float(np.atleast_1d(tempo)[0])
+    except Exception as err:  # librosa raises ParameterError and others on degenerate input
+        log.debug("tempo estimation failed: %s", err)
+        return default
+    return fold_tempo(bpm, default)
+
+
+def fold_tempo(bpm: float, default: float) -> float:
+    """Fold a tempo into `TEMPO_RANGE_BPM` by octaves (300 -> 150, 40 -> 80); `default` if not a positive number."""
+    if not np.isfinite(bpm) or bpm <= 0:
+        return default
+    low, high = TEMPO_RANGE_BPM
+    while bpm < low:
+        bpm *= 2
+    while bpm > high:
+        bpm /= 2
+    return round(bpm, 2)
+
+
+def _piano_midi(notes: list[pretty_midi.Note], tempo: float) -> pretty_midi.PrettyMIDI:
+    pm = pretty_midi.PrettyMIDI(resolution=MIDI_RESOLUTION, initial_tempo=tempo)
+    piano = pretty_midi.Instrument(program=0, name="Piano")
+    piano.notes = sorted(notes, key=lambda n: (n.start, n.pitch))
+    pm.instruments.append(piano)
+    return pm
+
+
+def transcribe_audio(path: Path | str, model: Any, tcfg: TranscribeConfig) -> pretty_midi.PrettyMIDI:
+    """Transcribe one audio file to a single-piano MIDI (notes at their times in seconds).
+
+    Args:
+        path: any audio librosa reads (acquire stores mono WAV).
+        model: from `load_model`.
+        tcfg: thresholds, minimum note length, pitch range, melodia trick, tempo options.
+
+    Returns:
+        The MIDI, with the estimated (or default) tempo as its initial tempo.
+
+    Raises:
+        TranscribeError: the audio decodes to nothing or no notes are detected.
+    """
+    import librosa
+
+    with _quiet_import():
+        from basic_pitch.constants import AUDIO_SAMPLE_RATE, FFT_HOP
+        from basic_pitch.note_creation import model_output_to_notes
+
+    audio, _ = librosa.load(str(path), sr=AUDIO_SAMPLE_RATE, mono=True)
+    if audio.size == 0:
+        raise TranscribeError("audio decodes to nothing (0 samples)")
+    frames_per_s = AUDIO_SAMPLE_RATE / FFT_HOP
+    _, events = model_output_to_notes(
+        _infer(audio, model),
+        onset_thresh=tcfg.onset_threshold,
+        frame_thresh=tcfg.frame_threshold,
+        min_note_len=max(1, round(tcfg.minimum_note_length_ms / 1000 * frames_per_s)),
+        min_freq=float(librosa.midi_to_hz(tcfg.min_pitch - 0.5)),
+        max_freq=float(librosa.midi_to_hz(tcfg.max_pitch + 0.5)),
+        include_pitch_bends=False,
+        melodia_trick=tcfg.melodia_trick,
+    )
+    notes = [
+        pretty_midi.Note(
+            velocity=int(np.clip(round(127 * amp), 1, C.MIDI_MAX_VELOCITY)),
+            pitch=int(pitch),
+            start=float(start),
+            end=float(end),
+        )
+        for start, end, pitch, amp, _ in events
+        if tcfg.min_pitch <= pitch <= tcfg.max_pitch and end > start
+    ]
+    if not notes:
+        raise TranscribeError(NO_NOTES)
+    tempo = estimate_tempo(audio, AUDIO_SAMPLE_RATE, tcfg.default_tempo) if tcfg.estimate_tempo else tcfg.default_tempo
+    return _piano_midi(notes, tempo)
+
+
+def normalize_midi(path: Path | str) -> pretty_midi.PrettyMIDI:
+    """A MIDI source as one piano track: non-drum notes and sustain pedal merged; tempo map and meter kept.
+
+    Raises:
+        TranscribeError: no non-drum notes.
+    """
+    pm = pretty_midi.PrettyMIDI(str(path))
+    piano = pretty_midi.Instrument(program=0, name="Piano")
+    for inst in pm.instruments:
+        if not inst.is_drum:
+            piano.notes.extend(inst.notes)
+            piano.control_changes.extend(cc for cc in inst.control_changes if cc.number == 64)
+    if not piano.notes:
+        raise TranscribeError("MIDI has no (non-drum) notes")
+    piano.notes.sort(key=lambda n: (n.start, n.pitch))
+    piano.control_changes.sort(key=lambda cc: cc.time)
+    pm.instruments = [piano]
+    return pm
+
+
+# --- workers -----------------------------------------------------------------------------------------------------
+
+
+def _init_worker(threads: int | None) -> None:
+    global _MODEL
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    _MODEL = load_model(threads)
+
+
+def _model() -> Any:
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = load_model()
+    return _MODEL
+
+
+def _work(job: dict[str, Any]) -> dict[str, Any]:
+    """Transcribe (or pass through) one item and write its MIDI. Never raises: errors come back as text."""
+    t0 = time.perf_counter()
+    src, dest = Path(job["src"]), Path(job["dest"])
+    try:
+        if not src.exists():  # not cached as a failure: acquire may bring the same file back
+            return {"id": job["id"], "error": f"input missing: {src}", "transient": True}
+        if job["kind"] == "midi":
+            pm, audio_s = normalize_midi(src), 0.0
+        else:
+            pm = transcribe_audio(src, _model(), TranscribeConfig.model_validate_json(job["tcfg"]))
+            audio_s = _audio_seconds(src)
+        with atomic_path(dest) as tmp:
+            pm.write(str(tmp))
+    except TranscribeError as err:
+        return {"id": job["id"], "error": str(err)}
+    except Exception as err:  # decoders raise many types; one bad file must not stop the others
+        return {"id": job["id"], "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    notes = sum(len(i.notes) for i in pm.instruments)
+    tempo = round(float(pm.get_tempo_changes()[1][0]), 2) if len(pm.get_tempo_changes()[1]) else None
+    return {"id": job["id"], "notes": notes, "audio_s": audio_s, "seconds": time.perf_counter() - t0, "tempo": tempo}
+
+
+def _audio_seconds(path: Path) -> float:
+    import soundfile as sf
+
+    try:
+        return float(sf.info(str(path)).duration)
+    except Exception:  # not a soundfile format (mp3 via audioread): the figure is only for the report
+        return 0.0
+
+
+def _run_jobs(jobs: list[dict[str, Any]], workers: int):
+    """Yield each job's result; inline for one worker or one job, else across a spawned process pool."""
+    bar = tqdm(total=len(jobs), desc="transcribe", unit="file", disable=None)
+    n = min(workers, len(jobs))
+    if n <= 1:
+        for job in jobs:
+            yield _work(job)
+            bar.update()
+    else:
+        threads = max(1, (os.cpu_count() or 1) // n)  # n processes share the cores
+        ctx = multiprocessing.get_context("spawn")  # fork is unsafe beside onnxruntime's and Prefect's threads
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = {pool.submit(_work, job): job for job in jobs}
+            for fut in as_completed(futures):
+                try:
+                    yield fut.result()
+                except Exception as err:  # a crashed worker (BrokenProcessPool) fails its item, not the stage
+                    yield {
+                        "id": futures[fut]["id"],
+                        "error": f"worker failed: {type(err).__name__}: {err}",
+                        "transient": True,
+                    }
+                bar.update()
+    bar.close()
+
+
+# --- driver ------------------------------------------------------------------------------------------------------
+
+
+def _job(row: dict[str, Any], cfg: Config, in_dir: Path, out_dir: Path) -> tuple[dict[str, Any], str]:
+    kind = row.get("kind", "audio")
+    src = in_dir / ("midi" if kind == "midi" else "audio") / f"{row['id']}{'.mid' if kind == 'midi' else '.wav'}"
+    sha = row.get("sha256") or (sha256_file(src) if src.exists() else "missing")
+    if kind == "midi":
+        key = sha256_text(sha, "midi-passthrough", STAGE_VERSION)
+    else:
+        key = sha256_text(sha, section_json(cfg.transcribe), model_id(cfg.transcribe), STAGE_VERSION)
+    job = {
+        "id": row["id"],
+        "kind": kind,
+        "src": str(src),
+        "dest": str(out_dir / "midi" / f"{row['id']}.mid"),
+        "tcfg": cfg.transcribe.model_dump_json(),
+    }
+    return job, key
+
+
+def _stats(results: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    done = [r for r in results if "error" not in r]
+    audio_s = sum(r["audio_s"] for r in done)
+    work_s = sum(r["seconds"] for r in done if r["audio_s"] > 0)
+    return {
+        "audio_s": round(audio_s, 2),  # seconds of audio transcribed this run
+        "transcribe_s": round(wall_s, 2),  # wall time of the transcription phase
+        "x_realtime": round(audio_s / wall_s, 2) if wall_s > 0 and audio_s > 0 else None,  # throughput
+        "x_realtime_per_worker": round(audio_s / work_s, 2) if work_s > 0 else None,
+        "notes_per_item": {r["id"]: r["notes"] for r in done},
+        "tempo_per_item": {r["id"]: r["tempo"] for r in done},
+    }
+
+
+def run_transcribe(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
+    """Transcribe every acquired item (cached per item) into `data/transcribe/midi/`.
+
+    Args:
+        cfg: the project config (`cfg.transcribe`, `cfg.project.workers`).
+
+    Returns:
+        The stage report (also written to `data/transcribe/report.json`).
+
+    Raises:
+        AllItemsFailed: every item failed.
+    """
+    in_dir = inputs["acquire"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = StageReport(stage="transcribe")
+    index = ItemIndex(out_dir / C.INDEX_NAME)
+    rows = list(read_manifest(in_dir).values())
+    report.items_in = len(rows)
+    jobs, keys = [], {}
+    for row in rows:
+        job, keys[row["id"]] = _job(row, cfg, in_dir, out_dir)
+        entry = index.fresh(row["id"], keys[row["id"]], out_dir)
+        if entry is None:
+            jobs.append(job)
+        elif entry.get("error"):
+            report.failed[row["id"]] = entry["error"]
+        else:
+            report.cached.append(row["id"])
+    t0 = time.perf_counter()
+    results = []
+    for result in _run_jobs(jobs, cfg.project.workers):
+        results.append(result)
+        item_id = result["id"]
+        if "error" in result:
+            report.failed[item_id] = result["error"]
+            if not result.get("transient"):  # deterministic for these bytes and params: don't retry every run
+                index.record(item_id, keys[item_id], error=result["error"])
+        else:
+            report.processed.append(item_id)
+            index.record(item_id, keys[item_id], outputs=[f"midi/{item_id}.mid"], notes=result["notes"])
+    report.processed.sort()
+    report.stats = _stats(results, time.perf_counter() - t0)
+    report.stats["pruned"] = index.prune({r["id"] for r in rows}, out_dir)
+    report.outputs = len(report.processed) + len(report.cached)
+    report.finish(out_dir, section_json(cfg.transcribe))
+    raise_if_all_failed(report)
+    return report

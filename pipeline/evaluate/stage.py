@@ -1,0 +1,406 @@
+"""Evaluate trained runs on the held-out style test split and log the results to their MLflow runs.
+
+Per fine-tune run (and once for its base run): mean token NLL and perplexity on `data/tokenize/style/test.npy`;
+continuations of test-piece openings sampled at fixed seeds, their validity rate, and per-feature overlapping areas
+(`pipeline.evaluate.features`) against the real test pieces. The base model is the same bundle with its adapter
+disabled, so `base_*` metrics describe exactly the weights the adapter sits on. A tag `jam.eval_key` (hash of the
+eval params and test data) makes a second `jam evaluate` skip runs already evaluated with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core import constants as C
+from pipeline.core.config import Config, EvaluateConfig, section_json
+from pipeline.core.files import read_json, sha256_file, sha256_text, write_json
+from pipeline.core.items import StageReport, raise_if_all_failed
+from pipeline.evaluate import features as F
+from pipeline.evaluate import plots
+from pipeline.registry.runs import (
+    BASE_RUN_TAG,
+    EVAL_KEY_TAG,
+    RunsError,
+    RunSummary,
+    download_bundle,
+    get_run,
+    list_runs,
+    load_bundle,
+    load_tokenizer,
+    mlflow_client,
+    same_vocab,
+)
+
+STAGE = "evaluate"
+EVAL_VERSION = "1"  # bump when a metric's definition changes, to re-evaluate every run
+TOKENIZER_NAME = "tokenizer.json"
+SPECIALS = ("PAD", "BOS", "EOS")
+
+
+class EvaluateError(RuntimeError):
+    """Nothing can be evaluated (no test data, bad bundle); the message says what to do."""
+
+
+@dataclass
+class TestSet:
+    """The held-out style test split, ready for every model."""
+
+    windows: np.ndarray  # (n_windows, max_seq_len) int32, PAD-padded
+    pad_id: int
+    pieces: dict[str, list[F.Note]]  # item id -> notes in beats (sorted ids)
+    paths: dict[str, Path]  # item id -> clean MIDI
+    real_values: dict[str, np.ndarray]  # pooled feature values of all pieces
+    tokenizer_path: Path
+    key: str = ""  # hash of the data (eval params are added by `eval_key`)
+
+
+@dataclass
+class ModelEval:
+    """One model's results: metrics without prefix, samples and their feature values."""
+
+    metrics: dict[str, float]
+    values: dict[str, np.ndarray]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _piece_paths(clean_dir: Path, ids: list[str]) -> dict[str, Path]:
+    """Clean MIDI of each test id: `<id>.mid`, or its segments `<id>__s*.mid` when the split lists pieces."""
+    found: dict[str, Path] = {}
+    for item in sorted(ids):
+        path = clean_dir / f"{item}.mid"
+        segments = [path] if path.exists() else sorted(clean_dir.glob(f"{item}{C.SEGMENT_SEP}*.mid"))
+        found.update({p.stem: p for p in segments})
+    return found
+
+
+def _even_subset(windows: np.ndarray, limit: int) -> np.ndarray:
+    if not limit or len(windows) <= limit:
+        return windows
+    return windows[np.linspace(0, len(windows) - 1, limit).round().astype(int)]
+
+
+def _read_pieces(paths: dict[str, Path]) -> dict[str, list[F.Note]]:
+    """Notes of each readable, non-empty piece (a broken test file is left out, not fatal)."""
+    pieces = {}
+    for item, path in sorted(paths.items()):
+        try:
+            notes = F.load_notes(path)
+        except Exception:  # symusic raises RuntimeError/ValueError on corrupt files
+            continue
+        if notes:
+            pieces[item] = notes
+    return pieces
+
+
+def load_test_set(cfg: Config, inputs: dict[str, Path]) -> TestSet:
+    """Test windows, test pieces and their features.
+
+    Raises:
+        EvaluateError: a missing or empty test split (with the stage to run).
+    """
+    tok_dir, clean_dir = inputs["tokenize"], inputs["clean"] / C.STYLE
+    npy, tok_path = tok_dir / C.STYLE / "test.npy", tok_dir / TOKENIZER_NAME
+    ids = (read_json(inputs["split"] / "split.json", {}) or {}).get(C.STYLE, {}).get("test", [])
+    if not ids:
+        raise EvaluateError("empty test split: data/split/split.json lists no style test pieces (`jam stage split`)")
+    if not npy.exists() or not tok_path.exists():
+        raise EvaluateError(f"{npy} or {tok_path} missing: run `jam stage tokenize` first")
+    windows = np.load(npy)
+    if windows.ndim != 2 or len(windows) == 0:
+        raise EvaluateError(f"empty test split: {npy} has no token windows")
+    paths = _piece_paths(clean_dir, ids)
+    pieces = _read_pieces(paths)
+    if not pieces:
+        raise EvaluateError(f"empty test split: no readable test piece with notes under {clean_dir}")
+    pad_id = (read_json(tok_dir / C.REPORT_NAME, {}) or {}).get("stats", {}).get("pad_id")
+    if pad_id is None:
+        pad_id = load_tokenizer(tok_path).pad_token_id
+    return TestSet(
+        windows=_even_subset(windows, cfg.evaluate.max_windows),
+        pad_id=int(pad_id),
+        pieces=pieces,
+        paths={k: paths[k] for k in pieces},
+        real_values=F.pooled_values(pieces.values(), cfg.evaluate.window_beats),
+        tokenizer_path=tok_path,
+        key=sha256_text(sha256_file(npy), sha256_file(tok_path), json.dumps(sorted(pieces))),
+    )
+
+
+def eval_key(ec: EvaluateConfig, test: TestSet) -> str:
+    """Hash of everything an evaluation depends on besides the model: params, test data, metric code version."""
+    return sha256_text(section_json(ec), test.key, EVAL_VERSION)[:16]
+
+
+# ---------------------------------------------------------------- model
+
+
+def mean_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> float:
+    """Mean next-token negative log-likelihood (nats) over non-PAD targets of PAD-padded windows."""
+    import torch
+    import torch.nn.functional as TF
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            ids = torch.as_tensor(windows[i : i + batch_size], dtype=torch.long)  # (batch, seq)
+            mask = ids != pad_id
+            logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
+            target, keep = ids[:, 1:], mask[:, 1:]
+            nll = TF.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (batch, seq - 1)
+            total += float(nll[keep].sum())
+            count += int(keep.sum())
+    if not count:
+        raise EvaluateError("test windows hold no tokens besides PAD")
+    return total / count
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+    """PAD/BOS/EOS ids (absent ones left out)."""
+    return {name: tokenizer[f"{name}_None"] for name in SPECIALS if f"{name}_None" in tokenizer.vocab}
+
+
+def encode_piece(tokenizer, path: Path) -> list[int]:
+    """Token ids of every non-drum note of a MIDI file as one piano stream, as the tokenize stage encodes it."""
+    from pipeline.data.tokenize import encode_score, load_piano_score
+
+    try:
+        return encode_score(tokenizer, load_piano_score(path)).tolist()
+    except ValueError:  # unreadable or no notes in range: no prompt from this piece
+        return []
+
+
+def make_prompts(tokenizer, paths: dict[str, Path], ec: EvaluateConfig) -> tuple[list[str], np.ndarray]:
+    """BOS + the opening tokens of the first `n_prompts` test pieces, cut to one common length.
+
+    Returns:
+        (piece ids, prompts int64 (n_prompts, length)).
+    """
+    bos = special_ids(tokenizer).get("BOS")
+    opened = [(item, encode_piece(tokenizer, p)) for item, p in list(paths.items())[: ec.n_prompts]]
+    opened = [(item, ids) for item, ids in opened if ids]
+    if not opened:
+        raise EvaluateError("no test piece encodes to any token: cannot make prompts")
+    k = min(ec.prompt_tokens, *(len(ids) for _, ids in opened))
+    rows = [([bos] if bos is not None else []) + ids[:k] for _, ids in opened]
+    return [item for item, _ in opened], np.asarray(rows, dtype=np.int64)
+
+
+def sample_continuations(model, tokenizer, prompts: np.ndarray, ec: EvaluateConfig, max_len: int) -> list[list]:
+    """New token ids per (seed, prompt), seed-major; cut at EOS, specials removed.
+
+    The prompt plus continuation is kept within `max_len` (the context the model was trained on).
+    """
+    import torch
+
+    sp = special_ids(tokenizer)
+    new_tokens = max(1, min(ec.n_tokens, max_len - prompts.shape[1]))
+    x = torch.as_tensor(prompts)
+    out: list[list] = []
+    for seed in ec.seeds:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                do_sample=True,
+                max_new_tokens=new_tokens,
+                temperature=ec.temperature,
+                top_p=ec.top_p,
+                top_k=ec.top_k,
+                pad_token_id=sp.get("PAD", 0),
+                eos_token_id=sp.get("EOS"),
+            )
+        for row in gen[:, prompts.shape[1] :].tolist():
+            if "EOS" in sp and sp["EOS"] in row:
+                row = row[: row.index(sp["EOS"])]
+            out.append([t for t in row if t not in sp.values()])
+    return out
+
+
+# ---------------------------------------------------------------- one model
+
+
+def evaluate_model(model, tokenizer, test: TestSet, ec: EvaluateConfig, out_dir: Path, max_len: int) -> ModelEval:
+    """Likelihood, samples, validity and style OAs of one model; sample MIDI and piano rolls go to `out_dir`."""
+    nll = mean_nll(model, test.windows, test.pad_id, ec.batch_size)
+    items, prompts = make_prompts(tokenizer, test.paths, ec)
+    continuations = sample_continuations(model, tokenizer, prompts, ec, max_len)
+    samples, pieces = [], []
+    for i, ids in enumerate(continuations):
+        seed, item = ec.seeds[i // len(items)], items[i % len(items)]
+        score, problems = F.check_sample(tokenizer, ids, ec.max_open_beats)
+        notes = F.notes_from_score(score) if score is not None else []
+        name = f"{item}_seed{seed}"
+        if score is not None:
+            score.dump_midi(str(_mkdir(out_dir / "samples") / f"{name}.mid"))
+            pieces.append(notes)
+        if i < ec.plots:
+            plots.piano_roll_png(
+                notes, test.pieces[item], out_dir / f"pianoroll_{name}.png", (f"sample (seed {seed})", f"real: {item}")
+            )
+        samples.append(
+            {
+                "piece": item,
+                "seed": seed,
+                "tokens": len(ids),
+                "notes": len(notes),
+                "valid": not problems,
+                "problems": problems,
+            }
+        )
+    values = F.pooled_values(pieces, ec.window_beats)
+    oa = F.compare_sets(values, test.real_values, ec.oa_method)
+    metrics = {
+        "test_nll": nll,
+        "test_ppl": math.exp(min(nll, 50.0)),  # capped: an untrained model must not log inf
+        "validity_rate": sum(s["valid"] for s in samples) / len(samples),
+        "style_score": F.style_score(oa),
+        **{f"oa_{k}": v for k, v in oa.items()},
+    }
+    return ModelEval(metrics=metrics, values=values, samples=samples)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_outputs(out_dir: Path, ev: ModelEval, base: ModelEval | None, test: TestSet, ec: EvaluateConfig) -> None:
+    plots.feature_comparison_png(_oa(ev), _oa(base) if base else None, out_dir / "features_oa.png")
+    sets = {"real": test.real_values, "model": ev.values, **({"base": base.values} if base else {})}
+    plots.feature_histograms_png(sets, out_dir / "features_hist.png")
+    write_json(out_dir / "samples.json", ev.samples)
+    write_json(out_dir / "metrics.json", ev.metrics)
+    write_json(out_dir / "eval_config.json", json.loads(section_json(ec)))
+
+
+def _oa(ev: ModelEval) -> dict[str, float]:
+    return {k.removeprefix("oa_"): v for k, v in ev.metrics.items() if k.startswith("oa_")}
+
+
+def _log(client, run_id: str, metrics: dict[str, float], out_dir: Path, key: str) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())])
+    client.log_artifacts(run_id, str(out_dir), "eval")
+    client.set_tag(run_id, EVAL_KEY_TAG, key)
+
+
+# ---------------------------------------------------------------- runs
+
+
+def evaluate_run(
+    cfg: Config,
+    run: RunSummary,
+    test: TestSet,
+    key: str,
+    client,
+    base_done: dict[str, bool],
+    root: Path,
+    force: bool = False,
+) -> dict:
+    """Evaluate one run's bundle, log to it (and, once, to its base run). Returns the metrics logged.
+
+    `base_done` maps base run ids handled in this session to whether they were logged (False: already current).
+    """
+    ec = cfg.evaluate
+    bundle = download_bundle(cfg, run.run_id, root / "bundles")
+    model, tokenizer, info, adapter = load_bundle(bundle)
+    if not same_vocab(tokenizer, load_tokenizer(test.tokenizer_path)):
+        raise EvaluateError("the run's tokenizer differs from data/tokenize/tokenizer.json: re-tokenize or retrain")
+    if run.role == "finetune" and not adapter:
+        raise EvaluateError("fine-tune bundle has no default adapter to evaluate")
+    max_len = int(info.get("max_seq_len") or cfg.tokenize.max_seq_len)
+    out = _fresh_dir(root / "runs" / run.run_id)
+    ev = evaluate_model(model, tokenizer, test, ec, out, max_len)
+    base = None
+    if adapter:
+        base_id = run.tags.get(BASE_RUN_TAG)
+        base_out = _fresh_dir(root / "runs" / (base_id or f"{run.run_id}_base"))
+        with model.disable_adapter():
+            base = evaluate_model(model, tokenizer, test, ec, base_out, max_len)
+        _write_outputs(base_out, base, None, test, ec)
+        if base_id and base_id not in base_done:
+            base_done[base_id] = _log_base_run(cfg, client, base_id, base, base_out, key, force)
+    metrics = dict(ev.metrics)
+    if base:
+        metrics.update({f"base_{k}": v for k, v in base.metrics.items()})
+        metrics["nll_ratio"] = ev.metrics["test_nll"] / base.metrics["test_nll"]
+    _write_outputs(out, ev, base, test, ec)
+    _log(client, run.run_id, metrics, out, key)
+    return metrics
+
+
+def _log_base_run(cfg: Config, client, base_id: str, base: ModelEval, out: Path, key: str, force: bool) -> bool:
+    """Log base metrics to the base run unless it already carries this eval key. Returns whether it logged."""
+    if not force and get_run(cfg, base_id, client).tags.get(EVAL_KEY_TAG) == key:
+        return False
+    _log(client, base_id, base.metrics, out, key)
+    return True
+
+
+def _fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return _mkdir(path)
+
+
+def _targets(cfg: Config, run_id: str | None, client) -> list[RunSummary]:
+    if run_id:
+        return [get_run(cfg, run_id, client)]
+    return list_runs(cfg, role="finetune", client=client)
+
+
+def run_evaluate(
+    cfg: Config, inputs: dict[str, Path], out_dir: Path, run_id: str | None = None, force: bool = False
+) -> StageReport:
+    """Evaluate every fine-tune run not yet evaluated with the current eval params (or just `run_id`).
+
+    Args:
+        cfg: project config; `cfg.evaluate` holds the eval params.
+        run_id: evaluate only this run (fine-tune or base).
+        force: re-evaluate even runs tagged with the current eval key.
+
+    Returns:
+        The stage report: processed / cached run ids, failures with one-line reasons, metrics in `stats`.
+
+    Raises:
+        EvaluateError: no test data. RunsError: no MLflow store or experiment. AllItemsFailed: every run failed.
+    """
+    import torch
+
+    report = StageReport(stage=STAGE)
+    test = load_test_set(cfg, inputs)
+    key = eval_key(cfg.evaluate, test)
+    client = mlflow_client(cfg)
+    targets = _targets(cfg, run_id, client)
+    report.items_in, base_done = len(targets), {}
+    torch.manual_seed(cfg.project.seed)
+    for run in targets:
+        if not force and run.tags.get(EVAL_KEY_TAG) == key:
+            report.cached.append(run.run_id)
+            continue
+        try:
+            report.stats[run.run_id] = evaluate_run(cfg, run, test, key, client, base_done, out_dir, force)
+            report.processed.append(run.run_id)
+        except (EvaluateError, RunsError) as err:
+            report.failed[run.run_id] = str(err)
+        except Exception as err:  # one broken run must not stop the others
+            report.failed[run.run_id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    logged_bases = sorted(b for b, logged in base_done.items() if logged)
+    report.outputs = len(report.processed) + len(logged_bases)
+    report.stats.update({"eval_key": key, "base_runs_logged": logged_bases})
+    report.finish(_mkdir(out_dir), section_json(cfg.evaluate))
+    raise_if_all_failed(report)
+    return report

@@ -1,0 +1,149 @@
+"""Stage `finetune`: QLoRA on the style corpus (base frozen in 4-bit NF4, LoRA adapter trained).
+
+Input: the base bundle in `data/pretrain/` and the style windows `data/tokenize/style/{train,valid}.npy`.
+Output: `data/finetune/bundle/` (bundle.json, tokenizer.json, base/, adapters/<finetune.adapter_name>/), report.json
+and config.json; the MLflow run (tags jam.role=finetune, jam.base_run_id or jam.base_path) gets the bundle as
+artifact `bundle`. Checkpoints hold only the adapter (plus optimizer, scheduler, RNG and data position).
+
+Run: `jam train --stage finetune [--fresh]`, `python -m pipeline.train --stage finetune [--fresh]`, or on several
+GPUs `accelerate launch -m pipeline.train --stage finetune`.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.core import constants as C
+from pipeline.core.config import Config, FinetuneConfig, section_json
+from pipeline.core.files import sha256_file, sha256_text
+from pipeline.core.items import StageReport
+from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, RunTracker, client_for, finish_run, run_tags
+from pipeline.train.checkpoint import store_for
+from pipeline.train.dataset import TokenWindows
+from pipeline.train.loop import TrainInputError, TrainJob, check_windows, fit, loop_fingerprint
+from pipeline.train.model import (
+    Vocab,
+    add_lora,
+    check_tokenizer_files,
+    check_vocab,
+    load_base,
+    read_bundle,
+    write_bundle,
+)
+from pipeline.train.pretrain import bundle_meta, tokenize_inputs, up_to_date
+
+STAGE = "finetune"
+ROLE = "finetune"
+BUNDLE_DIR = "bundle"
+
+
+def base_inputs(src: Path, vocab: Vocab, tokenizer: Path) -> tuple[Path, dict]:
+    """The pretrain bundle's base folder and bundle.json, checked against the tokenizer the data was made with.
+
+    Raises:
+        TrainInputError: no base bundle yet.
+        VocabMismatch: base and tokenizer disagree.
+    """
+    try:
+        info = read_bundle(src)
+    except FileNotFoundError:
+        raise TrainInputError(f"no base model bundle in {src}: run `jam train --stage pretrain` first") from None
+    from transformers import AutoConfig
+
+    check_tokenizer_files(src / info["tokenizer"], tokenizer)
+    check_vocab(AutoConfig.from_pretrained(src / info["base"]), vocab, f"base in {src}")
+    return src / info["base"], info
+
+
+def qlora_model(base_dir: Path, fc: FinetuneConfig, device: torch.device) -> torch.nn.Module:
+    """The base loaded as `finetune.quantization` on `device`, frozen, with a fresh LoRA adapter."""
+    return add_lora(load_base(base_dir, fc.quantization, fc.double_quant, fc.compute_dtype, device), fc)
+
+
+def _check_runtime(cfg: Config) -> None:
+    fc = cfg.finetune
+    if fc.compute_dtype == "float16" and fc.quantization != "none" and not torch.cuda.is_available():
+        raise TrainInputError("finetune.compute_dtype float16 needs CUDA; use float32 or bfloat16 on CPU")
+
+
+def _base_tags(info: dict) -> dict[str, str]:
+    if info.get("base_path"):
+        return {BASE_PATH_TAG: info["base_path"]}
+    return {BASE_RUN_TAG: info.get("source_run_id", "")}
+
+
+def run_finetune(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: bool = False) -> StageReport:
+    """Fine-tune (or resume fine-tuning) a LoRA adapter on the style corpus and write the bundle.
+
+    Args:
+        cfg: resolved config (`finetune`, `checkpoint`, `project`).
+        fresh: discard checkpoints and start a new MLflow run.
+
+    Raises:
+        TrainInputError: missing/empty data or base, impossible params (batch larger than the data...).
+        VocabMismatch: base and tokenizer disagree.
+        Preempted: stopped by SIGTERM after a checkpoint (re-run to resume).
+        CheckpointError: checkpoints could not be written or read.
+    """
+    fc = cfg.finetune
+    report = StageReport(stage=STAGE, processed=[fc.adapter_name], outputs=1)
+    vocab, tokenizer = tokenize_inputs(inputs["tokenize"])
+    base_dir, info = base_inputs(inputs["pretrain"], vocab, tokenizer)
+    _check_runtime(cfg)
+    corpus = inputs["tokenize"] / C.STYLE
+    n_train = check_windows(corpus / "train.npy", vocab.size, cfg.tokenize.max_seq_len)
+    n_valid = check_windows(corpus / "valid.npy", vocab.size, cfg.tokenize.max_seq_len, required=False)
+    weights = sorted(base_dir.glob("*.safetensors"))
+    fingerprint = sha256_text(
+        loop_fingerprint(fc), str(cfg.project.seed), sha256_file(corpus / "train.npy"), sha256_file(tokenizer),
+        *(sha256_file(w) for w in weights),
+    )  # fmt: skip
+    if not fresh and (done := up_to_date(STAGE, out_dir, fingerprint, out_dir / BUNDLE_DIR)) is not None:
+        return done
+    job = TrainJob(
+        build_model=functools.partial(qlora_model, base_dir, fc),
+        train_ds=TokenWindows(corpus / "train.npy", vocab.pad_id),
+        valid_ds=TokenWindows(corpus / "valid.npy", vocab.pad_id) if n_valid else None,
+        loop=fc,
+        store=store_for(cfg, STAGE, fingerprint),
+        seed=cfg.project.seed,
+        fingerprint=fingerprint,
+        every_steps=cfg.checkpoint.every_steps,
+        every_s=cfg.checkpoint.every_s,
+        fresh=fresh,
+        tracker=RunTracker(cfg, run_tags(ROLE, tokenizer, **_base_tags(info)), fc.system_metrics),
+        adapter_only=True,
+    )
+    result = fit(job)
+    report.items_in = n_train
+    if result.accelerator.is_main_process:
+        export_bundle(result.model, out_dir / BUNDLE_DIR, base_dir, tokenizer, cfg, result.run_id, info)
+        finish_run(client_for(cfg), result.run_id, cfg, out_dir / BUNDLE_DIR, out_dir)
+        job.tracker.close()
+    report.stats = {"run_id": result.run_id, "steps": result.step, "resumed_from": result.resumed_from,
+                    "fingerprint": fingerprint, "complete": True, "valid_windows": n_valid,
+                    **result.metrics}  # fmt: skip
+    return report.finish(out_dir, section_json(fc))
+
+
+def export_bundle(
+    model: torch.nn.Module, dest: Path, base_dir: Path, tokenizer: Path, cfg: Config, run_id: str, info: dict
+) -> Path:
+    """Write the fine-tuned bundle: the full-precision base, the tokenizer, the adapter in peft format.
+
+    The adapter was trained against the 4-bit base; the bundle ships the base unquantized so the runner can load it
+    in whatever precision it likes (standard QLoRA practice; the quantization error is small next to the adapter).
+    """
+    name = cfg.finetune.adapter_name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = "base"  # bundle-relative: no hub, no training machine path
+        model.save_pretrained(Path(tmp) / name, save_embedding_layers=False)  # no hub lookup
+        base_ref = {"run_id": info.get("source_run_id", ""), "path": info.get("base_path", "")}
+        write_bundle(dest, base_dir, tokenizer, {name: Path(tmp) / name}, **bundle_meta(cfg, run_id, base_ref=base_ref))
+    return dest

@@ -1,0 +1,441 @@
+"""The training loop shared by pretraining and fine-tuning: accelerate, spot-safe checkpoints, exact resume.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` windows per process. The data order is a seeded
+permutation per epoch (`numpy.random.default_rng([seed, epoch])`), so the position (epoch, batch index) is all a
+checkpoint needs to continue it. A checkpoint (accelerate `save_state` + `register_for_checkpointing`) holds the
+weights (only the adapter when fine-tuning), optimizer, scheduler, grad scaler, python/numpy/torch/cuda RNG states
+and `TrainState` (position, step, MLflow run id, metrics not yet logged). Resuming from it replays the same
+arithmetic: on CPU the weights match an uninterrupted run exactly.
+
+SIGTERM (and a first Ctrl-C): finish the current step, checkpoint, raise `Preempted` (the CLI exits 75).
+SIGKILL: the next run resumes from the last periodic checkpoint and replays the steps after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.core.config import LoopConfig
+from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
+from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, stop_on_signals
+from pipeline.train.dataset import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+ADAPTER_STATE = "adapter_{}.safetensors"  # adapter weights inside a checkpoint (fine-tuning)
+_RESUME_NEUTRAL = {"eval_every", "eval_windows", "log_every", "system_metrics"}  # may change across a resume
+
+
+class TrainInputError(ValueError):
+    """Data or params that cannot train (found before the first step); the message says what to fix."""
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+
+
+def check_windows(path: Path, vocab_size: int, max_positions: int, required: bool = True) -> int:
+    """Validate a window file before training; returns its number of windows (0 when optional and absent).
+
+    Raises:
+        TrainInputError: missing (when required), not 2-D integer, empty, too long, or ids outside the vocabulary.
+    """
+    if not path.is_file():
+        if required:
+            raise TrainInputError(f"missing dataset {path}: run `jam stage tokenize` first")
+        return 0
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise TrainInputError(f"unreadable dataset {path}: {err}") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise TrainInputError(f"{path}: expected (n_windows, seq_len) integers, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] < 2:
+        if required:
+            raise TrainInputError(f"empty dataset {path} (shape {arr.shape}): nothing to train on")
+        return 0
+    if arr.shape[1] > max_positions:
+        raise TrainInputError(f"{path}: windows of {arr.shape[1]} tokens exceed the model's {max_positions}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        raise TrainInputError(f"{path}: token ids span {lo}..{hi}, outside the vocabulary (size {vocab_size})")
+    return int(arr.shape[0])
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack windows and drop the columns that are padding in every row (windows are right-padded)."""
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}  # each (batch, seq)
+    used = batch["attention_mask"].any(dim=0).nonzero()
+    length = max(2, int(used.max()) + 1) if len(used) else 2
+    return {k: v[:, :length] for k, v in batch.items()}
+
+
+class Batches:
+    """Micro-batches over a seeded per-epoch permutation; batch `index` of `epoch` is always the same windows.
+
+    A global micro-batch is `batch_size * world` windows; process `rank` takes its slice. Last partial one dropped.
+    """
+
+    def __init__(self, ds: torch.utils.data.Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.ds, self.batch_size, self.seed, self.rank, self.world = ds, batch_size, seed, rank, world
+        self.per_epoch = len(ds) // (batch_size * world)
+        if self.per_epoch == 0:
+            raise TrainInputError(
+                f"batch_size {batch_size} x {world} process(es) is larger than the {len(ds)} training windows"
+            )
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def indices(self, epoch: int, index: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ds)))
+        size = self.batch_size * self.world
+        chunk = self._perm[1][index * size : (index + 1) * size]
+        return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+    def get(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        return collate([self.ds[int(i)] for i in self.indices(epoch, index)])
+
+
+# ---- state ------------------------------------------------------------------------------------------------------
+
+
+def _torch_rng_sha() -> str:
+    return hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class TrainState:
+    """What the loop itself must carry across a restart (registered with accelerate for checkpointing)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch's permutation consumed
+    tokens: int = 0  # non-pad tokens trained on (this process)
+    run_id: str = ""  # MLflow run
+    fingerprint: str = ""  # params + data this training was started with
+    pending: list[list[Any]] = field(default_factory=list)  # metrics not yet in MLflow (see MetricBuffer)
+    rng_sha: str = ""  # main process's torch RNG at save: accelerate restores RNG best-effort (silently)
+    verify_rng: bool = field(default=True, repr=False)  # not saved; False on other processes (other RNG streams)
+
+    def advance(self, per_epoch: int) -> None:
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch >= per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        self.rng_sha = _torch_rng_sha()  # accelerate saves custom objects right after the RNG states
+        return {k: v for k, v in asdict(self).items() if k != "verify_rng"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+        if self.verify_rng and self.rng_sha and self.rng_sha != _torch_rng_sha():
+            raise CheckpointError("the checkpoint's random state was not restored; resuming would not be exact")
+
+    def meta(self) -> dict[str, Any]:
+        """Small JSON copy for the checkpoint manifest (readable without torch)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("pending", "verify_rng")}
+
+
+def loop_fingerprint(loop: LoopConfig) -> str:
+    """The loop params whose change makes resuming a different training (eval/logging cadence may change)."""
+    return loop.model_dump_json(exclude=_RESUME_NEUTRAL)
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainJob:
+    """Everything `fit` needs; stages build one (see pretrain.py, finetune.py)."""
+
+    build_model: Callable[[torch.device], torch.nn.Module]  # called after seeding, on every (re)start
+    train_ds: torch.utils.data.Dataset
+    valid_ds: torch.utils.data.Dataset | None
+    loop: LoopConfig
+    store: CheckpointStore
+    seed: int
+    fingerprint: str  # see TrainState.fingerprint
+    every_steps: int  # checkpoint cadence: optimizer steps ...
+    every_s: float  # ... or seconds, whichever comes first
+    tracker: RunTracker | None = None  # None: no MLflow (unit tests, benchmarks)
+    adapter_only: bool = False  # checkpoint only the peft adapter, not the frozen base
+    fresh: bool = False  # delete the store's checkpoints first (one process does it)
+    on_step: Callable[[int, dict[str, float]], None] | None = None  # progress hook (tests, notebooks)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # unwrapped
+    accelerator: Any
+    step: int
+    run_id: str
+    resumed_from: int | None
+    metrics: dict[str, float]  # the last step's
+
+
+@dataclass
+class _Run:
+    job: TrainJob
+    acc: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    data: Batches
+    state: TrainState
+    buffer: MetricBuffer
+    trainable: list[torch.nn.Parameter]
+
+
+def make_accelerator(mixed_precision: str):
+    """An `Accelerator` for this loop (scheduler stepped by us, once per optimizer step).
+
+    Raises:
+        TrainInputError: fp16 without CUDA.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise TrainInputError("mixed_precision fp16 needs CUDA; use bf16 or no on CPU")
+    AcceleratorState._reset_state()  # several trainings in one process (tests, bench) may differ in precision
+    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], loop: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.95); weight decay on matrices only, not on norms and biases."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": loop.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if loop.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=loop.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=loop.lr, betas=(0.9, 0.95))
+
+
+def _adapter_hooks(acc) -> None:
+    """Make accelerate checkpoint only the adapter: the 4-bit base is frozen and rebuilt from the bundle."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            state = get_peft_model_state_dict(acc.unwrap_model(model))
+            if acc.is_main_process:
+                tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+                save_file(tensors, str(Path(output_dir) / ADAPTER_STATE.format(i)))
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):
+            state = load_file(str(Path(input_dir) / ADAPTER_STATE.format(i)))
+            result = set_peft_model_state_dict(acc.unwrap_model(model), state)
+            if result.unexpected_keys:
+                raise CheckpointError(f"adapter checkpoint has unexpected keys {result.unexpected_keys[:3]}")
+        models.clear()
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+
+
+def _setup(job: TrainJob) -> _Run:
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    acc = make_accelerator(job.loop.mixed_precision)
+    data = Batches(job.train_ds, job.loop.batch_size, job.seed, acc.process_index, acc.num_processes)
+    set_seed(job.seed)
+    model = job.build_model(acc.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, job.loop)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, job.loop.warmup_steps, job.loop.max_steps)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    state = TrainState(fingerprint=job.fingerprint, verify_rng=acc.is_main_process)
+    acc.register_for_checkpointing(state)
+    if job.adapter_only:
+        _adapter_hooks(acc)
+    return _Run(job, acc, model, optimizer, scheduler, data, state, MetricBuffer(), trainable)
+
+
+def _restore(run: _Run) -> int | None:
+    """Load the newest valid checkpoint into the run; None when there is none (a fresh start)."""
+    from accelerate.utils import broadcast_object_list
+
+    if run.job.fresh and run.acc.is_main_process:
+        run.job.store.clear()
+    ckpt = run.job.store.latest() if run.acc.is_main_process else None
+    found = [None if ckpt is None else (str(ckpt.path), ckpt.meta.get("fingerprint"))]
+    if run.acc.num_processes > 1:
+        broadcast_object_list(found)
+    if found[0] is None:
+        return None
+    path, fingerprint = found[0]
+    if fingerprint != run.job.fingerprint:
+        raise TrainInputError(
+            f"checkpoints in {run.job.store.url} were made with other params or data; "
+            "re-run with --fresh to start over (or restore the params)"
+        )
+    run.acc.load_state(path)
+    run.buffer = MetricBuffer(run.state.pending)
+    log.info("resumed from step %d (epoch %d, batch %d)", run.state.step, run.state.epoch, run.state.batch_in_epoch)
+    return run.state.step
+
+
+def _checkpoint(run: _Run) -> str:
+    """Write a checkpoint, then hand its metrics to MLflow (never before: see MetricBuffer)."""
+    acc, store, state = run.acc, run.job.store, run.state
+    state.pending = run.buffer.items if acc.is_main_process else []
+    if acc.num_processes == 1:
+        where = store.save(state.step, lambda folder: acc.save_state(str(folder)), state.meta())
+    else:  # every process writes its RNG state into the same staging folder; the main one publishes
+        folder = [str(store.staging(state.step)) if acc.is_main_process else None]
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(folder)
+        acc.save_state(folder[0])
+        acc.wait_for_everyone()
+        where = store.commit(state.step, Path(folder[0]), state.meta()) if acc.is_main_process else ""
+        acc.wait_for_everyone()
+    if acc.is_main_process:
+        if run.job.tracker is not None:
+            run.buffer.flush(run.job.tracker.client, state.run_id)
+        log.info("checkpoint step %d -> %s", state.step, where)
+    return where
+
+
+def _train_step(run: _Run) -> tuple[float, int]:
+    """One optimizer step over `grad_accum` micro-batches. Returns (mean loss in nats/token, non-pad tokens)."""
+    acc, k = run.acc, run.job.loop.grad_accum
+    run.model.train()
+    total, tokens = 0.0, 0
+    for i in range(k):
+        batch = {n: t.to(acc.device) for n, t in run.data.get(run.state.epoch, run.state.batch_in_epoch).items()}
+        run.state.advance(run.data.per_epoch)
+        with acc.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
+            loss = run.model(**batch).loss
+            acc.backward(loss / k)
+        total += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    if run.job.loop.grad_clip > 0:
+        acc.clip_grad_norm_(run.trainable, run.job.loop.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if acc.num_processes > 1:
+        summed = acc.reduce(torch.tensor([total / k, tokens], device=acc.device, dtype=torch.float64), "sum")
+        return float(summed[0]) / acc.num_processes, int(summed[1])
+    return total / k, tokens
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds: torch.utils.data.Dataset, acc, batch_size: int, limit: int = 0) -> float:
+    """Mean cross-entropy (nats/token) over the first `limit` windows of `ds` (0: all), sharded over processes."""
+    model.eval()
+    n = min(limit, len(ds)) if limit else len(ds)
+    idx = list(range(acc.process_index, n, acc.num_processes))
+    sums = torch.zeros(2, dtype=torch.float64, device=acc.device)  # (nll sum, predicted tokens)
+    for start in range(0, len(idx), batch_size):
+        batch = {k: v.to(acc.device) for k, v in collate([ds[i] for i in idx[start : start + batch_size]]).items()}
+        count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # positions the causal loss averages over
+        sums += torch.stack([model(**batch).loss.double() * count, count.double()])
+    if acc.num_processes > 1:
+        sums = acc.reduce(sums, "sum")
+    model.train()
+    return float(sums[0] / sums[1].clamp(min=1))
+
+
+def _agree(acc, *flags: bool) -> list[bool]:
+    """Flags any process raised (all processes must checkpoint and stop together)."""
+    if acc.num_processes == 1:
+        return list(flags)
+    t = acc.reduce(torch.tensor([float(f) for f in flags], device=acc.device), "sum")
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def _step_metrics(run: _Run, loss: float, tokens: int, seconds: float) -> dict[str, float]:
+    loop, step = run.job.loop, run.state.step
+    metrics: dict[str, float] = {}
+    if step % loop.log_every == 0 or step == loop.max_steps:
+        lr = run.scheduler.get_last_lr()[0]
+        metrics |= {"train_loss": loss, "lr": lr, "tokens_per_s": tokens / max(seconds, 1e-9)}
+        metrics["peak_mem_mb"] = peak_mem_mb(run.acc.device)
+    if run.job.valid_ds is not None and (step % loop.eval_every == 0 or step == loop.max_steps):
+        metrics["valid_loss"] = evaluate(run.model, run.job.valid_ds, run.acc, loop.batch_size, loop.eval_windows)
+    return metrics
+
+
+def _loop(run: _Run, stop: threading.Event) -> dict[str, float]:
+    job, state = run.job, run.state
+    last_save, metrics = time.monotonic(), {}
+    while state.step < job.loop.max_steps:
+        t0 = time.perf_counter()
+        loss, tokens = _train_step(run)
+        state.step, state.tokens = state.step + 1, state.tokens + tokens
+        metrics = _step_metrics(run, loss, tokens, time.perf_counter() - t0)
+        if run.acc.is_main_process:
+            run.buffer.add(state.step, **metrics)
+            log.info("step %d/%d %s", state.step, job.loop.max_steps, _fmt(metrics))
+        if job.on_step is not None:
+            job.on_step(state.step, metrics)
+        timed = time.monotonic() - last_save >= job.every_s
+        stopping, timed = _agree(run.acc, stop.is_set(), timed)
+        if stopping or timed or state.step % job.every_steps == 0 or state.step == job.loop.max_steps:
+            where = _checkpoint(run)
+            last_save = time.monotonic()
+            if stopping:
+                raise Preempted(state.step, where)
+    return metrics
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+def fit(job: TrainJob) -> TrainResult:
+    """Train `job` to `loop.max_steps`, resuming from its newest valid checkpoint when there is one.
+
+    A fresh start evaluates once (step 0) and writes checkpoint 0 before the first step: it holds the MLflow run id
+    and proves the checkpoint location writable. The MLflow run is left open (RUNNING) for the stage to finish.
+
+    Raises:
+        Preempted: a signal stopped training after a checkpoint.
+        TrainInputError: checkpoints from other params/data, fp16 on CPU, batch larger than the data.
+        CheckpointError: a checkpoint could not be written (earlier ones intact).
+    """
+    run = _setup(job)
+    with stop_on_signals() as stop:
+        resumed = _restore(run)
+        tracker = job.tracker if run.acc.is_main_process else None
+        try:
+            if tracker is not None:
+                run.state.run_id = tracker.open(run.state.run_id or None)
+                run.buffer.drop_logged(tracker.client, run.state.run_id)
+            if resumed is None:
+                if job.valid_ds is not None:
+                    loss0 = evaluate(run.model, job.valid_ds, run.acc, job.loop.batch_size, job.loop.eval_windows)
+                    run.buffer.add(0, valid_loss=loss0)
+                _checkpoint(run)
+            metrics = _loop(run, stop)
+        except Preempted:
+            if tracker is not None:
+                tracker.close("KILLED")
+            raise
+        except BaseException:
+            if tracker is not None:
+                tracker.close("FAILED")
+            raise
+    model = run.acc.unwrap_model(run.model)
+    return TrainResult(model, run.acc, run.state.step, run.state.run_id, resumed, metrics)

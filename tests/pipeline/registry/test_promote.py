@@ -1,0 +1,232 @@
+"""Promotion policy (pure) and registry moves on a temporary sqlite MLflow store."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.config import Config, config_from_dict
+from pipeline.core.graph import run_stage
+from pipeline.registry.promote import gate_reasons, rollback, select_best
+from pipeline.registry.runs import RunsError, RunSummary, mlflow_client
+from realtime.bundle import BundleError, resolve_bundle
+
+GOOD = {"nll_ratio": 0.9, "validity_rate": 1.0}
+
+
+@functools.cache
+def _template_db() -> Path:
+    """An empty, migrated MLflow sqlite db made once per session (migrations take seconds); tests copy it."""
+    import mlflow
+
+    folder = tempfile.mkdtemp(prefix="mlflow-template-")
+    atexit.register(shutil.rmtree, folder, True)
+    db = Path(folder) / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def make_store(root: Path, name: str = "jam-test") -> Config:
+    """A Config whose MLflow store is a fresh sqlite db under `root`, with experiment `name` created."""
+    root.mkdir(parents=True, exist_ok=True)
+    db = root / "mlflow.db"
+    if not db.exists():
+        shutil.copy(_template_db(), db)
+    cfg = config_from_dict(
+        {
+            "project": {
+                "name": name,
+                "data_dir": str(root / "data"),
+                "mlflow_uri": f"sqlite:///{db}",
+                "artifact_dir": str(root / "artifacts"),
+            }
+        }
+    )
+    client = mlflow_client(cfg)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=(root / "artifacts").resolve().as_uri())
+    return cfg
+
+
+def fake_run(
+    cfg: Config,
+    role: str,
+    metrics: dict[str, float] | None = None,
+    base_run_id: str | None = None,
+    bundle: Path | bool | None = True,
+    params: dict[str, str] | None = None,
+) -> str:
+    """Log a finished run like training does: role tags, params, metrics, and a `bundle` artifact.
+
+    `bundle=True` logs a stub bundle (bundle.json only); a Path logs that folder; False logs none.
+    """
+    client = mlflow_client(cfg)
+    exp = client.get_experiment_by_name(cfg.project.name).experiment_id
+    tags = {"jam.role": role, **({"jam.base_run_id": base_run_id} if base_run_id else {})}
+    run_id = client.create_run(exp, tags=tags).info.run_id
+    for key, value in (params or {}).items():
+        client.log_param(run_id, key, value)
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, value)
+    if bundle is True:
+        stub = Path(tempfile.mkdtemp()) / "bundle"
+        stub.mkdir()
+        (stub / "bundle.json").write_text(json.dumps({"format": 1, "source_run_id": run_id}))
+        bundle = stub
+    if bundle:
+        client.log_artifacts(run_id, str(bundle), "bundle")
+    client.set_terminated(run_id)
+    return run_id
+
+
+def _aliases(cfg: Config) -> dict[str, str]:
+    client = mlflow_client(cfg)
+    out = {}
+    for alias in ("champion", "previous"):
+        with contextlib.suppress(Exception):  # alias unset
+            out[alias] = client.get_model_version_by_alias(cfg.project.name, alias).run_id
+    return out
+
+
+# ---------------------------------------------------------------- pure policy
+
+
+def _summary(run_id: str, start: int, **metrics: float) -> RunSummary:
+    return RunSummary(run_id=run_id, role="finetune", start_time=start, metrics=metrics)
+
+
+def test_select_best_by_direction_and_ties():
+    runs = [
+        _summary("a", 1, test_nll=2.0, style_score=0.5),
+        _summary("b", 2, test_nll=1.5, style_score=0.4),
+        _summary("c", 3, style_score=0.9),
+        _summary("d", 4, test_nll=1.5),
+    ]
+    assert select_best(runs, "test_nll", "min").run_id == "d"  # tie with b: the newer run wins
+    assert select_best(runs, "style_score", "max").run_id == "c"
+    assert select_best(runs, "valid_loss", "min") is None
+    assert select_best([_summary("n", 1, test_nll=float("nan"))], "test_nll") is None
+
+
+def test_gate_reasons_per_gate():
+    pc = Config().promote  # min_gain 0.02, min_validity 0.8
+    assert gate_reasons(_summary("a", 1, nll_ratio=0.9, validity_rate=0.9), pc) == []
+    reasons = gate_reasons(_summary("b", 1, nll_ratio=0.99, validity_rate=0.5), pc)
+    assert len(reasons) == 2
+    assert reasons[0].startswith("base gate: nll_ratio 0.9900 > 0.9800")
+    assert reasons[1].startswith("validity gate: validity_rate 0.500 < 0.800")
+    missing = gate_reasons(_summary("c", 1), pc)
+    assert [r.split(":")[0] for r in missing] == ["base gate", "validity gate"]
+    assert "jam evaluate" in missing[0]
+
+
+# ---------------------------------------------------------------- registry
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("promote_store")
+
+
+def test_promote_rollback_lifecycle(store_root, tmp_path):
+    cfg = make_store(store_root, "jam-life")
+    assert run_stage("promote", cfg).action == "none"  # nothing evaluated yet
+
+    base = fake_run(cfg, "base", {"test_nll": 2.2})
+    ft1 = fake_run(cfg, "finetune", {"test_nll": 2.0, **GOOD}, base)
+    ft2 = fake_run(cfg, "finetune", {"test_nll": 1.8, **GOOD}, base)
+    result = run_stage("promote", cfg)
+    assert (result.action, result.run_id) == ("promoted", ft2)
+    assert _aliases(cfg) == {"champion": ft2}
+    bundle = resolve_bundle(f"models:/{cfg.project.name}@champion", cfg.project.mlflow_uri, tmp_path)
+    assert json.loads((bundle / "bundle.json").read_text())["source_run_id"] == ft2
+
+    assert run_stage("promote", cfg).action == "unchanged"
+
+    ft3 = fake_run(cfg, "finetune", {"test_nll": 1.5, **GOOD}, base)
+    assert run_stage("promote", cfg).action == "promoted"
+    assert _aliases(cfg) == {"champion": ft3, "previous": ft2}
+
+    assert rollback(cfg).action == "rolled_back"
+    assert _aliases(cfg) == {"champion": ft2, "previous": ft3}
+    assert rollback(cfg).action == "rolled_back"
+    assert _aliases(cfg) == {"champion": ft3, "previous": ft2}
+
+    # A better run failing both gates changes nothing and says why, per gate.
+    fake_run(cfg, "finetune", {"test_nll": 1.0, "nll_ratio": 0.995, "validity_rate": 0.5}, base)
+    blocked = run_stage("promote", cfg)
+    assert blocked.action == "blocked" and not blocked.changed
+    assert [r.split(":")[0] for r in blocked.reasons] == ["base gate", "validity gate"]
+    assert _aliases(cfg) == {"champion": ft3, "previous": ft2}
+    assert ft1 not in _aliases(cfg).values()
+
+
+def test_reregistering_a_run_reuses_its_version(store_root):
+    cfg = make_store(store_root, "jam-reuse")
+    a = fake_run(cfg, "finetune", {"test_nll": 1.0, **GOOD})
+    first = run_stage("promote", cfg)
+    b = fake_run(cfg, "finetune", {"test_nll": 0.9, **GOOD})
+    run_stage("promote", cfg)
+    rollback(cfg)  # champion a again, previous b
+    client = mlflow_client(cfg)
+    client.log_metric(b, "test_nll", 0.8)  # b is still the best: promoting it again reuses its version
+    again = run_stage("promote", cfg)
+    assert again.action == "promoted" and again.run_id == b
+    assert len(client.search_model_versions(f"name='{cfg.project.name}'")) == 2
+    assert _aliases(cfg) == {"champion": b, "previous": a} and first.version == "1"
+
+
+def test_missing_bundle_blocks(store_root):
+    cfg = make_store(store_root, "jam-nobundle")
+    fake_run(cfg, "finetune", {"test_nll": 1.0, **GOOD}, bundle=False)
+    result = run_stage("promote", cfg)
+    assert result.action == "blocked"
+    assert result.reasons == ["bundle gate: run has no 'bundle/bundle.json' artifact"]
+    assert _aliases(cfg) == {}
+
+
+def test_registry_without_champion(store_root, tmp_path):
+    cfg = make_store(store_root, "jam-empty")
+    result = rollback(cfg)
+    assert result.action == "refused" and "no champion" in result.message
+    with pytest.raises(BundleError, match="not in the registry"):
+        resolve_bundle(f"models:/{cfg.project.name}@champion", cfg.project.mlflow_uri, tmp_path)
+    fake_run(cfg, "finetune", {"test_nll": 1.0, **GOOD})
+    assert run_stage("promote", cfg).action == "promoted"
+    only = rollback(cfg)
+    assert only.action == "refused" and "no previous" in only.message
+
+
+def test_missing_store_or_experiment(tmp_path, store_root):
+    cfg = config_from_dict({"project": {"mlflow_uri": f"sqlite:///{tmp_path}/nope/mlflow.db"}})
+    with pytest.raises(RunsError, match="no MLflow store"):
+        run_stage("promote", cfg)
+    project = make_store(store_root, "jam-exists").project.model_dump(mode="json")
+    ghost = config_from_dict({"project": {**project, "name": "ghost"}})
+    with pytest.raises(RunsError, match="no MLflow experiment 'ghost'"):
+        run_stage("promote", ghost)
+
+
+def test_cli_promote_says_why_and_rollback_refusal_exits_1(store_root, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    cfg = make_store(store_root, "jam-cli")
+    fake_run(cfg, "finetune", {"test_nll": 1.0, "nll_ratio": 1.01, "validity_rate": 0.9})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"project": cfg.project.model_dump(mode="json")}))
+    runner = CliRunner()
+    blocked = runner.invoke(app, ["promote", "-p", str(params)])
+    assert blocked.exit_code == 0 and "not promoted" in blocked.output and "base gate: nll_ratio" in blocked.output
+    refused = runner.invoke(app, ["promote", "--rollback", "-p", str(params)])
+    assert refused.exit_code == 1 and "no champion" in refused.output
+    assert _aliases(cfg) == {}

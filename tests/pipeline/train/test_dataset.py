@@ -1,0 +1,77 @@
+"""TokenWindows and dataset_info: masks and labels from PAD, memory-mapped reads, the stage's report."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.core.files import write_json
+from pipeline.core.graph import run_stage
+from pipeline.train.dataset import IGNORE_INDEX, TokenWindows, dataset_info
+from tests.pipeline.data.test_tokenize import make_corpus, tiny_config
+
+PAD = 0
+
+
+@pytest.fixture
+def npy(tmp_path):
+    windows = np.array([[1, 5, 6, 7, 8, 9], [7, 8, 9, 2, PAD, PAD]], dtype=np.int32)  # (2 windows, L=6)
+    path = tmp_path / "train.npy"
+    np.save(path, windows)
+    return path, windows
+
+
+def test_item_has_ids_mask_and_labels(npy):
+    path, windows = npy
+    ds = TokenWindows(path, pad_id=PAD)
+    assert len(ds) == 2 and ds.seq_len == 6
+    item = ds[1]
+    assert all(v.dtype == torch.long and v.shape == (6,) for v in item.values())
+    assert item["input_ids"].tolist() == windows[1].tolist()
+    assert item["attention_mask"].tolist() == [1, 1, 1, 1, 0, 0]
+    assert item["labels"].tolist() == [7, 8, 9, 2, IGNORE_INDEX, IGNORE_INDEX]
+    assert ds[0]["attention_mask"].sum() == 6 and (ds[0]["labels"] == ds[0]["input_ids"]).all()
+
+
+def test_reads_memory_mapped_and_batches(npy):
+    path, _ = npy
+    ds = TokenWindows(path, pad_id=PAD)
+    assert isinstance(ds.windows, np.memmap)
+    batch = next(iter(DataLoader(ds, batch_size=2)))
+    assert batch["input_ids"].shape == (2, 6) and batch["labels"][1, -1] == IGNORE_INDEX
+    ds[0]["input_ids"][0] = 99  # a returned tensor is a copy, never a view of the read-only map
+    assert ds[0]["input_ids"][0] == 1
+
+
+def test_empty_split(tmp_path):
+    np.save(tmp_path / "test.npy", np.zeros((0, 8), dtype=np.int32))
+    ds = TokenWindows(tmp_path / "test.npy", pad_id=PAD)
+    assert len(ds) == 0 and ds.seq_len == 8
+
+
+def test_rejects_a_flat_array(tmp_path):
+    np.save(tmp_path / "bad.npy", np.arange(10, dtype=np.int32))
+    with pytest.raises(ValueError, match="n_windows, max_seq_len"):
+        TokenWindows(tmp_path / "bad.npy", pad_id=PAD)
+
+
+def test_dataset_info_from_a_real_run(tmp_path):
+    data = tmp_path / "data"
+    make_corpus(data)
+    run_stage("tokenize", tiny_config(data))
+    info = dataset_info(data / "tokenize")
+    assert info["max_seq_len"] == 32 and info["pad_id"] == 0 and info["kind"] == "MIDILike"
+    assert info["tokenizer_path"].endswith("tokenizer.json")
+    ds = TokenWindows(data / "tokenize" / "style" / "train.npy", pad_id=info["pad_id"])
+    assert len(ds) == info["splits"]["style/train"]["windows"] and ds.seq_len == info["max_seq_len"]
+    assert int(ds[0]["input_ids"].max()) < info["vocab_size"] and ds[0]["input_ids"][0] == info["bos_id"]
+
+
+def test_dataset_info_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the tokenize stage"):
+        dataset_info(tmp_path)
+    write_json(tmp_path / "report.json", {"stats": {"vocab_size": 10}})
+    with pytest.raises(ValueError, match="pad_id"):
+        dataset_info(tmp_path)
