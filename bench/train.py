@@ -132,8 +132,8 @@ def memory_variant(root: Path, variant: str, steps: int) -> dict:
 
     from pipeline.core.config import load_config
     from pipeline.registry.tracking import rss_mb
-    from pipeline.train.dataset import TokenWindows
-    from pipeline.train.loop import Batches, make_optimizer
+    from pipeline.train.dataset import Batches, TokenWindows
+    from pipeline.train.loop import make_optimizer
     from pipeline.train.model import add_lora, load_base
 
     cfg = load_config(root / "params.yaml")

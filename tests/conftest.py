@@ -14,15 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TQDM_DISABLE": "1",
-}
-for _key, _value in OFFLINE_ENV.items():
+from pipeline.core.constants import OFFLINE_ENV
+
+for _key, _value in {**OFFLINE_ENV, "TQDM_DISABLE": "1"}.items():
     os.environ.setdefault(_key, _value)
 
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")

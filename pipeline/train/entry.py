@@ -30,7 +30,7 @@ def configure_logging() -> None:
 def train_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean "fix the input", shown as one line (no traceback) by the command lines."""
     from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.loop import TrainInputError
+    from pipeline.train.dataset import TrainInputError
     from pipeline.train.model import VocabMismatch
 
     return (ConfigError, TrainInputError, CheckpointError, VocabMismatch)

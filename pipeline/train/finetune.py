@@ -23,8 +23,8 @@ from pipeline.core.files import sha256_file, sha256_text
 from pipeline.core.items import StageReport
 from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, RunTracker, client_for, finish_run, run_tags
 from pipeline.train.checkpoint import store_for
-from pipeline.train.dataset import TokenWindows
-from pipeline.train.loop import TrainInputError, TrainJob, check_windows, fit, loop_fingerprint
+from pipeline.train.dataset import TokenWindows, TrainInputError, check_windows
+from pipeline.train.loop import TrainJob, fit, loop_fingerprint
 from pipeline.train.model import (
     Vocab,
     add_lora,

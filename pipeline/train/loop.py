@@ -23,87 +23,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.core.config import LoopConfig
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
 from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, stop_on_signals
-from pipeline.train.dataset import IGNORE_INDEX
+from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate
 
 log = logging.getLogger(__name__)
 
 ADAPTER_STATE = "adapter_{}.safetensors"  # adapter weights inside a checkpoint (fine-tuning)
 _RESUME_NEUTRAL = {"eval_every", "eval_windows", "log_every", "system_metrics"}  # may change across a resume
-
-
-class TrainInputError(ValueError):
-    """Data or params that cannot train (found before the first step); the message says what to fix."""
-
-
-# ---- data -------------------------------------------------------------------------------------------------------
-
-
-def check_windows(path: Path, vocab_size: int, max_positions: int, required: bool = True) -> int:
-    """Validate a window file before training; returns its number of windows (0 when optional and absent).
-
-    Raises:
-        TrainInputError: missing (when required), not 2-D integer, empty, too long, or ids outside the vocabulary.
-    """
-    if not path.is_file():
-        if required:
-            raise TrainInputError(f"missing dataset {path}: run `jam stage tokenize` first")
-        return 0
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise TrainInputError(f"unreadable dataset {path}: {err}") from None
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise TrainInputError(f"{path}: expected (n_windows, seq_len) integers, got {arr.dtype} {arr.shape}")
-    if arr.shape[0] == 0 or arr.shape[1] < 2:
-        if required:
-            raise TrainInputError(f"empty dataset {path} (shape {arr.shape}): nothing to train on")
-        return 0
-    if arr.shape[1] > max_positions:
-        raise TrainInputError(f"{path}: windows of {arr.shape[1]} tokens exceed the model's {max_positions}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        raise TrainInputError(f"{path}: token ids span {lo}..{hi}, outside the vocabulary (size {vocab_size})")
-    return int(arr.shape[0])
-
-
-def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack windows and drop the columns that are padding in every row (windows are right-padded)."""
-    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}  # each (batch, seq)
-    used = batch["attention_mask"].any(dim=0).nonzero()
-    length = max(2, int(used.max()) + 1) if len(used) else 2
-    return {k: v[:, :length] for k, v in batch.items()}
-
-
-class Batches:
-    """Micro-batches over a seeded per-epoch permutation; batch `index` of `epoch` is always the same windows.
-
-    A global micro-batch is `batch_size * world` windows; process `rank` takes its slice. Last partial one dropped.
-    """
-
-    def __init__(self, ds: torch.utils.data.Dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.ds, self.batch_size, self.seed, self.rank, self.world = ds, batch_size, seed, rank, world
-        self.per_epoch = len(ds) // (batch_size * world)
-        if self.per_epoch == 0:
-            raise TrainInputError(
-                f"batch_size {batch_size} x {world} process(es) is larger than the {len(ds)} training windows"
-            )
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def indices(self, epoch: int, index: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.ds)))
-        size = self.batch_size * self.world
-        chunk = self._perm[1][index * size : (index + 1) * size]
-        return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-
-    def get(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
-        return collate([self.ds[int(i)] for i in self.indices(epoch, index)])
 
 
 # ---- state ------------------------------------------------------------------------------------------------------

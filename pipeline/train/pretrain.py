@@ -16,8 +16,8 @@ from pipeline.core.files import read_json, sha256_file, sha256_text
 from pipeline.core.items import StageReport
 from pipeline.registry.tracking import RunTracker, client_for, finish_run, run_tags
 from pipeline.train.checkpoint import store_for
-from pipeline.train.dataset import TokenWindows, dataset_info
-from pipeline.train.loop import TrainInputError, TrainJob, check_windows, fit, loop_fingerprint
+from pipeline.train.dataset import TokenWindows, TrainInputError, check_windows, dataset_info
+from pipeline.train.loop import TrainJob, fit, loop_fingerprint
 from pipeline.train.model import (
     BUNDLE_FILE,
     TOKENIZER_FILE,

@@ -65,3 +65,27 @@ def test_round_trip_through_yaml(tmp_path):
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert load_config(path) == cfg
     assert json.loads(section_json(cfg.clean))["segment_s"] == 30
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value; mappings that are values (beat_res, storage_options, adapters) stay whole."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and prefix == "":
+            out.update(_leaves(value, f"{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_params_yaml_is_complete_and_agrees_with_the_code_defaults():
+    """One source of defaults: params.yaml spells out every key, with the code's value (None keys may be omitted)."""
+    written = _leaves(yaml.safe_load((REPO / "params.yaml").read_text()))
+    defaults = _leaves(Config().model_dump(mode="json"))
+    resolved = _leaves(load_config(REPO / "params.yaml").model_dump(mode="json"))
+    missing = sorted(k for k, v in defaults.items() if k not in written and v is not None)
+    unknown = sorted(k for k in written if k not in defaults)
+    differ = {k: (resolved[k], v) for k, v in defaults.items() if resolved[k] != v}
+    assert not missing, f"params.yaml lacks {missing}"
+    assert not unknown, f"params.yaml has keys the code does not: {unknown}"
+    assert not differ, f"params.yaml (first) and the code defaults (second) disagree: {differ}"

@@ -11,7 +11,7 @@ import torch
 from pipeline.core.config import ConfigError
 from pipeline.core.graph import run_stage
 from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, ROLE_TAG, client_for
-from pipeline.train.loop import TrainInputError
+from pipeline.train.dataset import TrainInputError
 from pipeline.train.model import VocabMismatch, load_bundle
 from tests.pipeline.train.test_model import SEQ, VOCAB, tiny_cfg, token_windows, write_base_bundle, write_token_data
 

@@ -203,7 +203,8 @@ def test_disk_full_mid_training_is_clear_and_keeps_checkpoints(tmp_path, monkeyp
 
 def test_corrupt_newest_falls_back_and_other_params_refuse(tmp_path):
     from pipeline.train.checkpoint import CheckpointStore, Preempted
-    from pipeline.train.loop import TrainInputError, fit
+    from pipeline.train.dataset import TrainInputError
+    from pipeline.train.loop import fit
 
     store = CheckpointStore(tmp_path / "ckpt", keep=5)
     with pytest.raises(Preempted):
