@@ -10,6 +10,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.main import jam_flow
+from pipeline.core import graph
 from pipeline.core.config import config_from_dict
 from pipeline.core.files import piece_id, read_json
 from pipeline.core.items import AllItemsFailed
@@ -44,6 +45,8 @@ def test_data_flow_end_to_end_and_incremental(tmp_path):
     cfg = tiny_cfg(data)
     summary = run(cfg)
     assert "4 sources" in summary
+    ran = [row.split("|")[1].strip() for row in summary.splitlines() if row.startswith("| ") and "| in |" not in row]
+    assert ran == [s.name for s in graph.until("tokenize")]  # the flow runs the graph's nodes, in its order
 
     transcribe = read_json(data / "transcribe" / "report.json")
     assert len(transcribe["processed"]) == 4 and not transcribe["failed"]
