@@ -12,17 +12,14 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from realtime.benchmark import bench_latency
-from realtime.runner import prepare
+from realtime.benchmark import run_benchmark
 from realtime.settings import JamSettings
-from realtime.synthetic import make_random_bundle
 
 TARGETS = {"p99_ms": 50.0, "rtf": 10.0}
 
@@ -42,21 +39,13 @@ def main() -> None:
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--e2e", action="store_true", help="also a real-time session with a file as the human")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model == "random":
-            size = {
-                "hidden": args.hidden,
-                "layers": args.layers,
-                "heads": args.heads,
-                "intermediate": args.hidden * 8 // 3,
-            }
-            model = str(make_random_bundle(Path(tmp) / "b", bpe_vocab=args.vocab, **size))
-        settings = JamSettings(
-            model=model, tracking_uri=args.tracking_uri, mode=args.mode, threads=args.threads, dtype=args.dtype,
-            quantization=args.quantization, transport="memory", seed=0,
-        )  # fmt: skip
-        result = bench_latency(prepare(settings), settings, rounds=args.rounds, e2e=args.e2e)
+    settings = JamSettings(
+        tracking_uri=args.tracking_uri, mode=args.mode, threads=args.threads, dtype=args.dtype,
+        quantization=args.quantization, transport="memory", seed=0,
+    )  # fmt: skip
+    size = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "vocab": args.vocab}
+    model = None if args.model == "random" else args.model
+    result = run_benchmark(settings, model=model, size=size, rounds=args.rounds, e2e=args.e2e)
     eng = result["engine"]
     rtf = eng.get("rtf_at_real_density") or 0.0  # not the random model's own RTF: its output is unrealistically sparse
     p99 = eng["p99_ms"] if eng["p99_ms"] is not None else float("inf")

@@ -1,54 +1,45 @@
-"""`python -m realtime --model BUNDLE [...]`: the jam runner without the pipeline (no params.yaml, no pydantic).
+"""`python -m realtime --model BUNDLE [...]`: the jam runner without the pipeline (no params.yaml).
 
-The same `run_jam` as `jam play`; every `JamSettings` field is a flag (`--silence-gap-s 0.5`). Adapters as
-`--adapters style_a=2,style_b=1` (or `none`).
+The same `run_jam` and the same flags as `jam play`: one per `JamSettings` field (`--silence-gap-s 0.5`,
+`--no-follow-clock`, `-a style_a=2 -a style_b=1` or `-a none`); `--input-file` implies `--transport file`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-from pathlib import Path
 
-from realtime.settings import JamSettings
-
-SKIP = {"extra", "adapters"}
+from realtime.settings import Flag, JamSettings, flags, parse_adapters
 
 
-def _parse_adapters(text: str) -> dict[str, float]:
-    if text == "none":
-        return {}
-    pairs = (item.partition("=") for item in text.split(",") if item)
-    return {name: float(weight) if weight else 1.0 for name, _, weight in pairs}
+def _add(ap: argparse.ArgumentParser, flag: Flag) -> None:
+    """One argparse option for `flag`; every default is None (= the field's default) so given values stand out."""
+    help_ = f"{flag.help} (default: {flag.default})".replace("%", "%%")
+    if flag.kind is bool:
+        ap.add_argument(*flag.flags, dest=flag.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    elif flag.repeat:
+        ap.add_argument(*flag.flags, dest=flag.name, action="append", metavar="NAME[=WEIGHT]", help=help_)
+    else:
+        ap.add_argument(*flag.flags, dest=flag.name, type=flag.kind, choices=flag.choices, default=None, help=help_)
 
 
-def _type(field: dataclasses.Field):
-    text = str(field.type)
-    if "bool" in text:
-        return lambda v: v.lower() in ("1", "true", "yes", "on")
-    if "Path" in text:
-        return Path
-    if "float" in text:
-        return float
-    if "int" in text:
-        return int
-    return str
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m realtime", description=__doc__)
+    for flag in flags(JamSettings):
+        _add(ap, flag)
+    return ap
 
 
 def parse_args(argv: list[str] | None = None) -> JamSettings:
-    """Flags -> JamSettings (defaults as in the dataclass; --input-file implies --transport file)."""
-    ap = argparse.ArgumentParser(prog="python -m realtime", description=__doc__)
-    for field in dataclasses.fields(JamSettings):
-        if field.name not in SKIP:
-            ap.add_argument("--" + field.name.replace("_", "-"), type=_type(field), default=None)
-    ap.add_argument("--adapters", type=_parse_adapters, default=None)
-    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    """Flags -> validated JamSettings (ValueError names the key)."""
+    given = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    if "adapters" in given:
+        given["adapters"] = parse_adapters(given["adapters"])
     if "input_file" in given:
         given.setdefault("transport", "file")
-    return JamSettings(**given)
+    return JamSettings.build(given)
 
 
 def main(argv: list[str] | None = None) -> int:

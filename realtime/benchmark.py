@@ -15,7 +15,6 @@ import platform
 import random
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,14 +23,17 @@ from realtime import constants as C
 from realtime.bundle import Bundle
 from realtime.engine import ChunkContext, Engine, StreamState
 from realtime.latency import LatencyStats
-from realtime.runner import make_engine, run_jam
+from realtime.runner import make_engine, prepare, run_jam
 from realtime.settings import JamSettings
-from realtime.synthetic import random_phrase, write_phrases_midi
+from realtime.synthetic import make_random_bundle, random_phrase, write_phrases_midi
 
 # Ids per second of real piano music: measured 36 MIDILike base tokens/s (23 ids/s after a 1024-id BPE) on held-out
 # music21 scores (Joplin, Mozart, Haydn, Beethoven, Schumann, Bach); dense ragtime reaches 63 base tokens/s. A random
 # model's own output is much sparser (long rests), so its measured RTF flatters; this estimate does not.
 REAL_IDS_PER_S = 25.0
+
+# The random model benchmarked when none is given: the demo model's size (params.yaml `model:`).
+DEMO_SIZE = {"hidden": 192, "layers": 4, "heads": 6, "vocab": 1024, "max_seq_len": 256}
 
 
 def model_info(bundle: Bundle) -> dict:
@@ -114,8 +116,7 @@ def bench_e2e(bundle: Bundle, settings: JamSettings, rounds: int, seed: int = 0)
     answer_s = answer_bars * settings.beats_per_bar * 60.0 / (settings.tempo_bpm or bundle.tempo_bpm)
     with tempfile.TemporaryDirectory() as tmp:
         human = write_phrases_midi(Path(tmp) / "human.mid", rounds, seed, gap_s=gap + answer_s + 0.6)
-        run = replace(
-            settings,
+        run = settings.replace(
             transport="file",
             input_file=human,
             output_port=None,
@@ -144,3 +145,30 @@ def bench_latency(bundle: Bundle, settings: JamSettings, rounds: int = 20, e2e: 
     if e2e:
         result["e2e"] = bench_e2e(bundle, settings, max(2, rounds // 2), seed=settings.seed or 0)
     return result
+
+
+def run_benchmark(
+    settings: JamSettings, model: str | None = None, size: dict | None = None, rounds: int = 20, e2e: bool = False
+) -> dict:
+    """`bench_latency` of `model` (a bundle folder or models:/ URI) under `settings`, headless.
+
+    Args:
+        settings: sampling, mode, dtype, threads ...; transport and recording are replaced (memory, none).
+        model: the bundle to measure; None: a random-weight bundle of `size` made in a temporary folder (the music
+            is noise, the cost is real).
+        size: hidden, layers, heads, vocab, max_seq_len of the random bundle; missing keys from `DEMO_SIZE`.
+        rounds: simulated phrases after one warm-up round.
+        e2e: also run a real-time session with a MIDI file as the human.
+    """
+    settings = settings.replace(transport="memory", record=None, input_file=None)
+    if model is not None:
+        run = settings.replace(model=model)
+        return bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)
+    s = {**DEMO_SIZE, **(size or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_dir = make_random_bundle(
+            Path(tmp) / "bundle", hidden=s["hidden"], layers=s["layers"], heads=s["heads"],
+            intermediate=s["hidden"] * 8 // 3, bpe_vocab=s["vocab"], max_seq_len=s["max_seq_len"],
+        )  # fmt: skip
+        run = settings.replace(model=str(bundle_dir))
+        return bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)

@@ -1,4 +1,4 @@
-"""Facts the jam runner shares. Tunable values come from `params.yaml` (`realtime:`) through `JamSettings`."""
+"""Facts the jam runner shares. Tunable values come from `params.yaml` (`realtime:`) through `RealtimeSettings`."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core import constants as C
+from realtime.settings import RealtimeSettings
 
 
 class ConfigError(ValueError):
@@ -301,53 +302,6 @@ class CheckpointConfig(Section):
     preemption_retries: int = Field(3, ge=0)  # `jam run` restarts training this often after a SIGTERM exit (75)
 
 
-class RealtimeConfig(Section):
-    """The jam runner (`jam play`, `jam bench latency`): what it loads, how it listens and answers, where MIDI goes.
-
-    Converted to `realtime.settings.JamSettings` by the CLI (realtime/ imports no pipeline code).
-    """
-
-    model: str | None = None  # bundle folder or models:/<name>@<alias>; None = models:/<project.name>@champion
-    mode: Literal["call_response", "continuous"] = "call_response"  # answer phrases, or accompany while listening
-    temperature: float = Field(1.0, gt=0)  # sampling temperature; lower = safer and more repetitive
-    top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling; 1 disables
-    top_k: int = Field(0, ge=0)  # keep the k likeliest tokens; 0 disables
-    tempo_bpm: float | None = Field(None, gt=0)  # None = the bundle's tempo_bpm; sets the beat grid of in- and output
-    follow_clock: bool = True  # follow an incoming MIDI clock (24 ppqn) when one is sent
-    beats_per_bar: int = Field(4, ge=1)  # bars are the unit of response_bars
-    response_bars: float = Field(2.0, gt=0)  # call_response: length of each answer
-    silence_gap_s: float = Field(0.8, gt=0)  # seconds with no key down that end a phrase (~1.5 beats at 120 BPM)
-    trigger_cc: int | None = Field(None, ge=0, le=127)  # controller that ends a phrase at once (64 = sustain pedal,
-    # or a footswitch); None = silence gap only (pianists pedal mid-phrase)
-    lookahead_s: float = Field(0.5, gt=0)  # continuous: seconds of output planned ahead; less reacts faster
-    adapters: dict[str, float] | None = None  # None = the bundle's default adapter; {} = base model only;
-    # {style_a: 2, style_b: 1} = weighted blend of adapters folded into the weights
-    normalize_weights: bool = True  # divide blend weights by their sum: a blend keeps one adapter's strength
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # float32 is fastest for tiny models on CPU
-    quantization: Literal["none", "dynamic_int8"] = "none"  # int8 Linear weights (CPU); pays off for bigger models
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = CUDA when present, else CPU
-    threads: int = Field(1, ge=0)  # torch threads; 1 is fastest for tiny matmuls and leaves a core for I/O; 0 = default
-    max_seq_len: int | None = Field(None, ge=16)  # context window in tokens; None = the bundle's
-    transport: Literal["midi", "file"] = "midi"  # live MIDI ports, or input_file played back as the human
-    backend: Literal["auto", "jack", "alsa"] = "auto"  # rtmidi API; auto = ALSA if /dev/snd/seq exists, else JACK
-    client_name: str = "jam"  # MIDI client name; virtual ports are <client>-in and <client>-out
-    input_port: str | None = None  # connect to this port (exact name or unique substring); None = virtual port
-    output_port: str | None = None  # likewise; with transport file, None = no MIDI output (recording only)
-    input_file: Path | None = None  # transport file: the MIDI file played in real time as the human
-    record: Path | None = Path("out/jam-session.mid")  # the session as MIDI (human and model tracks); None = off
-    out_channel: int = Field(0, ge=0, le=15)  # MIDI channel of the model's notes (0 = channel 1)
-    max_note_s: float = Field(4.0, gt=0)  # seconds; a model note held longer is ended (no stuck notes)
-    tail_s: float = Field(1.0, ge=0)  # seconds the last answer may ring after the input file ends
-    duration_s: float | None = Field(None, gt=0)  # stop after this many seconds; None = Ctrl-C or end of input file
-    seed: int | None = None  # sampling seed; None = a different session every time
-
-    @model_validator(mode="after")
-    def _file_needs_input(self) -> RealtimeConfig:
-        if self.transport == "file" and self.input_file is None:
-            raise ValueError("input_file is required when transport is 'file'")
-        return self
-
-
 class Config(Section):
     project: ProjectConfig = ProjectConfig()
     demo: DemoConfig = DemoConfig()
@@ -364,7 +318,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
-    realtime: RealtimeConfig = RealtimeConfig()
+    realtime: RealtimeSettings = RealtimeSettings()  # defined in realtime/settings.py: the runner stands alone
 
     @model_validator(mode="after")
     def _demo_held_out(self) -> Config:

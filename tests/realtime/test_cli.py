@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mido
+import pytest
+import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from realtime.__main__ import parse_args
+from pipeline.core.config import load_config
+from realtime.__main__ import build_parser, parse_args
+from realtime.settings import RealtimeSettings
 from tests.realtime.conftest import phrase_file, unmatched_notes
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
 
 
 def empty_params(tmp_path):
@@ -23,23 +29,30 @@ def empty_params(tmp_path):
     return path
 
 
-PLAY_CONTROLS = ["--model", "--mode", "--input-file", "--input-port", "--output-port", "--backend", "--client-name",
-                 "--temperature", "--top-p", "--top-k", "--tempo", "--follow-clock", "--bars", "--gap", "--trigger-cc",
-                 "--lookahead", "--adapter", "--raw-weights", "--dtype", "--quantization", "--device", "--threads",
-                 "--channel", "--record", "--no-record", "--duration", "--seed"]  # fmt: skip
-
-
-def test_play_help_documents_every_control():
-    result = runner.invoke(app, ["play", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+def test_every_setting_is_a_play_option_and_a_module_flag_with_the_same_name():
+    result = runner.invoke(app, ["play", "--help"], env={"COLUMNS": "250", "NO_COLOR": "1"})
     assert result.exit_code == 0
-    for flag in PLAY_CONTROLS:
+    module_flags = {s for action in build_parser()._actions for s in action.option_strings}
+    for name in RealtimeSettings.model_fields:
+        flag = "--" + name.replace("_", "-")
         assert flag in result.output, flag
+        assert flag in module_flags, flag
+    for flag in ["--no-record", "--no-follow-clock", "--no-normalize-weights", "-a", "-i", "--input"]:
+        assert flag in result.output, flag
+    assert {"--registry-name", "--tracking-uri"} <= module_flags  # jam play takes them from project.*
+
+
+def test_params_realtime_section_validates_against_the_settings():
+    section = yaml.safe_load((REPO / "params.yaml").read_text())["realtime"]
+    assert RealtimeSettings.model_validate(section).record is not None
+    assert load_config(REPO / "params.yaml").realtime == RealtimeSettings.model_validate(section)
 
 
 def test_play_file_session_end_to_end(tmp_path, tiny_bundle_master):
     human = phrase_file(tmp_path / "human.mid", phrases=1)
     record = tmp_path / "out" / "session.mid"
-    args = ["play", "--model", str(tiny_bundle_master), "--input-file", str(human), "--gap", "0.3", "--bars", "0.5",
+    args = ["play", "--model", str(tiny_bundle_master), "--input", str(human), "--silence-gap-s", "0.3",
+            "--response-bars", "0.5",
             "--seed", "0", "--record", str(record), "-a", "style=2", "-a", "alt=1", "--top-k", "50",
             "--params", str(empty_params(tmp_path))]  # fmt: skip
     result = runner.invoke(app, args, catch_exceptions=False)
@@ -55,6 +68,10 @@ def test_play_rejects_bad_values_with_the_dotted_key(tmp_path):
     result = runner.invoke(app, ["play", "--top-p", "2", "--params", str(empty_params(tmp_path))])
     assert result.exit_code == 2
     assert "realtime.top_p" in result.output
+    result = runner.invoke(app, ["play", "--mode", "solo", "--params", str(empty_params(tmp_path))])
+    assert result.exit_code == 2 and "solo" in result.output
+    result = runner.invoke(app, ["play", "-a", "style=loud", "--params", str(empty_params(tmp_path))])
+    assert result.exit_code == 2 and "realtime.adapters" in result.output
 
 
 def test_play_reports_a_missing_champion(tmp_path):
@@ -79,10 +96,13 @@ def test_bench_latency_json(tmp_path):
 
 def test_module_entry_point_parses_flags(tmp_path):
     s = parse_args(["--model", "b", "--input-file", str(tmp_path / "x.mid"), "--silence-gap-s", "0.5",
-                    "--adapters", "a=2,b=1", "--follow-clock", "false", "--top-k", "5"])  # fmt: skip
+                    "-a", "a=2", "--adapters", "b=1", "--no-follow-clock", "--top-k", "5"])  # fmt: skip
     assert s.transport == "file" and s.silence_gap_s == 0.5 and s.top_k == 5
     assert s.adapters == {"a": 2.0, "b": 1.0} and s.follow_clock is False
     assert parse_args(["--adapters", "none"]).adapters == {}
+    assert parse_args(["-a", "a=2,b=1"]).adapters == {"a": 2.0, "b": 1.0}
+    with pytest.raises(ValueError, match=r"realtime\.top_p"):
+        parse_args(["--top-p", "2"])
 
 
 def test_realtime_imports_no_pipeline_code():
