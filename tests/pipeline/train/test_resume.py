@@ -18,7 +18,7 @@ from pipeline.core.constants import EXIT_PREEMPTED
 from tests.pipeline.train.test_checkpoint import moto_s3
 from tests.pipeline.train.test_model import tiny_cfg, write_base_bundle, write_params, write_token_data
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 STEPS = 16  # optimizer steps; checkpoints every 4
 OVER = {"finetune": {"max_steps": STEPS, "eval_every": 4}, "checkpoint": {"every_steps": 4}}
 ADAPTER = Path("data/finetune/bundle/adapters/style/adapter_model.safetensors")
