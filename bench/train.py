@@ -52,7 +52,8 @@ def make_workdir(root: Path, params: Path, steps: int) -> Path:
     import yaml
 
     from pipeline.core.config import load_config
-    from pipeline.train.model import Vocab, build_base, write_bundle
+    from pipeline.train.model import Vocab, build_base
+    from realtime.bundle_format import write_bundle
 
     tree = yaml.safe_load(params.read_text()) if params.is_file() else {}
     tree = tree or {}

@@ -1,14 +1,13 @@
 """Load a promoted model bundle and prepare it for fast inference.
 
-A bundle (docs/ARCHITECTURE.md, "Model bundle") is a folder with bundle.json, a miditok tokenizer.json, the base
-`LlamaForCausalLM` under base/ and peft adapters under adapters/<name>/. `load_bundle` folds the chosen adapters
+The folder format (bundle.json, tokenizer.json, base/, adapters/<name>/) and its reader are `realtime.bundle_format`.
+`load_model` folds the chosen adapters into the base (what evaluation scores too); `load_bundle` folds the adapters
 into the base weights (one adapter, or a weighted blend), casts to the inference dtype, optionally quantizes
 Linear layers to int8, moves to the device and switches to eval mode: the runner then calls a plain causal LM.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 import warnings
@@ -19,11 +18,8 @@ from typing import Any
 import torch
 
 from realtime import constants as C
+from realtime.bundle_format import BUNDLE_ARTIFACT, BUNDLE_FILE, BundleError, load_tokenizer, read_bundle
 from realtime.lora import merge_adapters
-
-
-class BundleError(RuntimeError):
-    """A bundle that cannot be found or used; the message says what is wrong and where."""
 
 
 @dataclass
@@ -51,9 +47,9 @@ class Bundle:
 
 
 def _find_bundle_dir(root: Path) -> Path:
-    hits = sorted(root.rglob(C.BUNDLE_FILE), key=lambda p: len(p.parts))
+    hits = sorted(root.rglob(BUNDLE_FILE), key=lambda p: len(p.parts))
     if not hits:
-        raise BundleError(f"{root}: no {C.BUNDLE_FILE} in the downloaded model")
+        raise BundleError(f"{root}: no {BUNDLE_FILE} in the downloaded model")
     return hits[0].parent
 
 
@@ -90,8 +86,7 @@ def resolve_bundle(ref: str | Path, tracking_uri: str | None = None, cache_dir: 
     text = str(ref)
     if not text.startswith("models:/"):
         path = Path(text).expanduser()
-        if not (path / C.BUNDLE_FILE).exists():
-            raise BundleError(f"{path}: not a bundle folder (no {C.BUNDLE_FILE})")
+        read_bundle(path)
         return path
     if tracking_uri is None:
         raise BundleError(f"{text}: a tracking URI is needed to resolve registry models")
@@ -109,32 +104,19 @@ def resolve_bundle(ref: str | Path, tracking_uri: str | None = None, cache_dir: 
     try:
         got = download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri)
     except Exception:  # a logged-model source: fall back to the run's bundle artifact
-        got = client.download_artifacts(mv.run_id, C.BUNDLE_ARTIFACT, str(dst))
+        got = client.download_artifacts(mv.run_id, BUNDLE_ARTIFACT, str(dst))
     return _find_bundle_dir(Path(got))
 
 
-def read_meta(path: Path) -> dict:
-    """bundle.json, checked against the format-1 contract."""
-    try:
-        meta = json.loads((path / C.BUNDLE_FILE).read_text())
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path / C.BUNDLE_FILE}: unreadable ({err})") from None
-    if meta.get("format") != C.BUNDLE_FORMAT or not meta.get("base") or not meta.get("tokenizer"):
-        raise BundleError(f"{path / C.BUNDLE_FILE}: not a format-{C.BUNDLE_FORMAT} bundle (needs base, tokenizer)")
-    return meta
+def check_streaming(tokenizer, path: Path) -> None:
+    """Streaming needs a tokenizer whose events come in wire order (MIDILike).
 
-
-# ---------------------------------------------------------------- prepare
-
-
-def load_tokenizer(path: Path):
-    """The miditok tokenizer saved in the bundle; its kind is read from the file. Streaming needs MIDILike."""
-    import miditok
-
-    kind = json.loads(path.read_text()).get("tokenization")
+    Raises:
+        BundleError: another kind (TSD, REMI...): a note's duration would be needed at its onset.
+    """
+    kind = type(tokenizer).__name__
     if kind not in C.STREAMING_TOKENIZERS:
         raise BundleError(f"{path}: tokenizer kind {kind!r} cannot stream; use one of {C.STREAMING_TOKENIZERS}")
-    return getattr(miditok, kind)(params=path)
 
 
 def adapter_plan(meta: dict, adapters: dict[str, float] | None, normalize: bool) -> dict[str, float]:
@@ -178,6 +160,28 @@ def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def load_model(path: Path, adapters: dict[str, float] | None = None, normalize: bool = True) -> torch.nn.Module:
+    """A bundle folder's base in float32 on CPU with the planned adapters folded in, in eval mode.
+
+    What the runner plays and what evaluation scores: a plain causal LM, no adapter wrappers.
+
+    Args:
+        path: local bundle folder.
+        adapters: see `adapter_plan` (None: the bundle's default adapter).
+        normalize: normalize blend weights to sum 1.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    meta = read_bundle(path)
+    plan = adapter_plan(meta, adapters, normalize)
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path / meta["base"], local_files_only=True, dtype=torch.float32)
+    if plan:
+        model = merge_adapters(model, [(w, path / meta["adapters"][name]) for name, w in plan.items()])
+    return model.eval()
+
+
 def load_bundle(
     ref: str | Path,
     adapters: dict[str, float] | None = None,
@@ -198,21 +202,14 @@ def load_bundle(
         device: auto, cpu or cuda.
         tracking_uri: MLflow store for registry URIs.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     started = time.perf_counter()
     path = resolve_bundle(ref, tracking_uri)
-    meta = read_meta(path)
+    meta = read_bundle(path)
     plan = adapter_plan(meta, adapters, normalize)
     tokenizer = load_tokenizer(path / meta["tokenizer"])
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path / meta["base"], local_files_only=True, dtype=torch.float32)
-    if plan:
-        folders = [(w, path / meta["adapters"][name]) for name, w in plan.items()]
-        model = merge_adapters(model, folders)
+    check_streaming(tokenizer, path / meta["tokenizer"])
     target = pick_device(device)
-    model = model.to(dtype=getattr(torch, dtype)).eval()
+    model = load_model(path, plan, normalize=False).to(dtype=getattr(torch, dtype))
     if quantization == "dynamic_int8":
         if target.type != "cpu":
             raise BundleError("quantization 'dynamic_int8' runs on CPU only")

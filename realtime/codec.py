@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from realtime import constants as C
+from realtime.bundle_format import special_ids
 
 # Decode operations: ("shift", beats) | ("on", pitch) | ("vel", velocity) | ("off", pitch) | ("pedal", 0/1) | ("eos",)
 Op = tuple
@@ -79,7 +80,8 @@ class TokenCodec:
     def __post_init__(self) -> None:
         tok = self.tokenizer
         self.vocab = dict(tok.vocab)  # base token -> base id
-        self.pad_id, self.bos_id, self.eos_id = (self.vocab[t] for t in (C.PAD_TOKEN, C.BOS_TOKEN, C.EOS_TOKEN))
+        ids = special_ids(tok)
+        self.pad_id, self.bos_id, self.eos_id = ids["pad_id"], ids["bos_id"], ids["eos_id"]
         self.vocab_size = len(tok)
         self.pitches = {int(t.split("_")[1]) for t in self.vocab if t.startswith("NoteOn_")}
         self.velocities = sorted(int(t.split("_")[1]) for t in self.vocab if t.startswith("Velocity_"))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-# Model bundle contract (docs/ARCHITECTURE.md, "Model bundle").
-BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 1
-BUNDLE_ARTIFACT = "bundle"  # artifact path of the bundle folder inside a training run
+# Model bundle file names and format: realtime.bundle_format.
 STREAMING_TOKENIZERS = ("MIDILike",)  # wire-order events: NoteOn/NoteOff/TimeShift, no duration at onset
 
 # Special tokens as miditok names them (vocabulary keys).

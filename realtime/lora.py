@@ -3,9 +3,20 @@
 A LoRA adapter adds `scale * B @ A` to a Linear weight (`scale = alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
 A weighted blend of adapters is the weighted sum of those deltas: `W' = W + sum_i w_i * scale_i * B_i @ A_i`.
 That is exactly what peft computes with `add_weighted_adapter(..., combination_type="cat")` followed by
-`merge_and_unload()`, but done here from the adapter files directly: no peft import (3+ s, it pulls in
-bitsandbytes), no wrapper modules. Adapters this fast path does not understand (DoRA, modules_to_save, bias
-training, embedding or conv LoRA) go through peft itself (`peft_merge`).
+`merge_and_unload()`, but done here from the adapter files directly, with no wrapper modules.
+
+peft trainable tokens (`finetune.train_embeddings`: `trainable_token_indices`) store the new embedding rows, which
+peft's merge writes over the base's (`index_copy`); here they become the delta `new_rows - base_rows`, so one
+adapter at weight 1 gives peft's rows exactly and a blend mixes them like the LoRA deltas. A tied output layer shares
+the embedding's weight, so it follows.
+
+Why this path rather than always peft's merge: load time, which is the runner's start-up. Measured on the demo-size
+bundle (~2M params, 1024 ids, r=8 adapter with trained tokens; shared 2-core CPU, 3 runs): `load_bundle` takes
+3.1-3.9 s this way and 4.5-4.7 s through peft (its import pulls in bitsandbytes, then every targeted layer is
+wrapped and unwrapped). The fold is ~40 lines, checked against peft's merge on a bundle exported by the real
+training stages (tests/pipeline/train/test_export.py).
+Adapters it does not understand (DoRA, modules_to_save, bias training, embedding or conv LoRA) go through peft
+itself (`peft_merge`).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # peft's key of the trained embedding rows
 
 
 class UnsupportedAdapter(ValueError):
@@ -46,9 +58,9 @@ def _check_supported(cfg: dict, tensors: dict[str, torch.Tensor]) -> None:
         problems.append("modules_to_save")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         problems.append("trained biases")
-    if cfg.get("trainable_token_indices") or cfg.get("layer_replication"):
-        problems.append("token/layer extras")
-    odd = [k for k in tensors if not (k.endswith(A_SUFFIX) or k.endswith(B_SUFFIX))]
+    if cfg.get("layer_replication"):
+        problems.append("layer replication")
+    odd = [k for k in tensors if not k.endswith((A_SUFFIX, B_SUFFIX, TOKENS_SUFFIX))]
     if odd:
         problems.append(f"non-Linear LoRA tensors ({odd[0]})")
     if problems:
@@ -67,14 +79,17 @@ def _load_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{adapter_dir}: no {' or '.join(ADAPTER_WEIGHTS)}")
 
 
-def adapter_deltas(adapter_dir: Path | str) -> dict[str, torch.Tensor]:
+def adapter_deltas(adapter_dir: Path | str, base: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Weight deltas of one saved LoRA adapter, keyed by the base model's module path.
 
     Args:
         adapter_dir: folder with adapter_config.json and adapter_model.safetensors (peft's save_pretrained).
+        base: the model the adapter will be folded into; needed only for trainable-token rows (their delta is
+            relative to the base's rows).
 
     Returns:
-        `{"model.layers.0.self_attn.q_proj": delta}`, each delta float32 of the Linear weight's shape (out, in).
+        `{"model.layers.0.self_attn.q_proj": delta}`, each delta of the weight's shape: (out, in) float32 for a
+        Linear, (vocab, hidden) float64 for trainable-token rows.
 
     Raises:
         UnsupportedAdapter: the adapter needs peft to merge (see module docstring).
@@ -85,6 +100,9 @@ def adapter_deltas(adapter_dir: Path | str) -> dict[str, torch.Tensor]:
     _check_supported(cfg, tensors)
     deltas: dict[str, torch.Tensor] = {}
     for key, a in tensors.items():
+        if key.endswith(TOKENS_SUFFIX):
+            module = key.removesuffix(TOKENS_SUFFIX).removeprefix(PEFT_PREFIX)
+            deltas[module] = _token_delta(cfg, module, a, base)
         if not key.endswith(A_SUFFIX):
             continue
         stem = key.removesuffix(A_SUFFIX)
@@ -98,6 +116,21 @@ def adapter_deltas(adapter_dir: Path | str) -> dict[str, torch.Tensor]:
     return deltas
 
 
+def _token_delta(cfg: dict, module: str, rows: torch.Tensor, base: torch.nn.Module | None) -> torch.Tensor:
+    """Dense (vocab, hidden) delta that turns the base's rows at the trained indices into `rows`."""
+    spec = cfg.get("trainable_token_indices")
+    indices = spec if isinstance(spec, list) else _pattern_value(spec or {}, module, None)
+    if indices is None or len(indices) != rows.shape[0]:
+        raise UnsupportedAdapter(f"trainable tokens of {module}: indices do not match the stored rows")
+    if base is None:
+        raise ValueError(f"{module}: trainable-token rows need the base model to form their delta")
+    weight = base.get_submodule(module).weight.detach()
+    index = torch.as_tensor(indices, dtype=torch.long)
+    delta = torch.zeros(weight.shape, dtype=torch.float64)  # float64: base + (rows - base) rounds back to rows
+    delta[index] = rows.double() - weight[index].double()
+    return delta
+
+
 def blend_deltas(weighted: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """Weighted sum of adapters' deltas: `sum_i w_i * delta_i` per module (modules missing in one count as 0)."""
     out: dict[str, torch.Tensor] = {}
@@ -108,13 +141,20 @@ def blend_deltas(weighted: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[
 
 
 def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> int:
-    """Add deltas to the named Linear weights in place. Returns the number of weights changed."""
+    """Add deltas to the named weights in place (a tied output layer follows its embedding).
+
+    The sum is taken in float64 and rounded once: for float32 deltas that is float32 addition, for token deltas
+    it gives the adapter's rows bit for bit.
+
+    Returns:
+        The number of weights changed.
+    """
     with torch.no_grad():
         for module, delta in deltas.items():
             weight = model.get_submodule(module).weight
             if weight.shape != delta.shape:
                 raise ValueError(f"{module}: adapter delta {tuple(delta.shape)} != weight {tuple(weight.shape)}")
-            weight.add_(delta.to(weight.dtype))
+            weight.copy_(weight.double() + delta.double())
     return len(deltas)
 
 
@@ -125,7 +165,7 @@ def merge_adapters(model: torch.nn.Module, adapters: list[tuple[float, Path]]) -
         The merged model: `model` itself on the direct path, a fresh module from peft otherwise.
     """
     try:
-        weighted = [(w, adapter_deltas(d)) for w, d in adapters]
+        weighted = [(w, adapter_deltas(d, model)) for w, d in adapters]
     except UnsupportedAdapter:
         return peft_merge(model, adapters)
     apply_deltas(model, blend_deltas(weighted))

@@ -7,19 +7,19 @@ those of a real demo model, which is what latency measurements need.
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 from pathlib import Path
 
 from realtime import constants as C
+from realtime.bundle_format import SPECIAL_TOKENS, base_config, special_ids, write_bundle
 from realtime.codec import NoteEvent
 
 TOKENIZER_PARAMS = {  # mirrors pipeline.data.tokenize.make_tokenizer (realtime may not import pipeline)
     "pitch_range": (21, 109),
     "beat_res": {(0, 4): 8, (4, 12): 4},
     "num_velocities": 16,
-    "special_tokens": ["PAD", "BOS", "EOS"],
+    "special_tokens": list(SPECIAL_TOKENS),
     "use_programs": False,
     "encode_ids_split": "bar",
 }
@@ -95,39 +95,20 @@ def make_random_bundle(
         seed: torch and BPE seed.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    dst.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(bpe_vocab, seed)
-    tokenizer.save(dst / "tokenizer.json")
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_seq_len,
-        pad_token_id=tokenizer[C.PAD_TOKEN],
-        bos_token_id=tokenizer[C.BOS_TOKEN],
-        eos_token_id=tokenizer[C.EOS_TOKEN],
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(dst / "base")
-    for i, name in enumerate(adapters):
-        save_random_adapter(dst / "base", dst / "adapters" / name, lora_r, seed + 1 + i)
-    meta = {
-        "format": C.BUNDLE_FORMAT,
-        "tokenizer": "tokenizer.json",
-        "base": "base",
-        "adapters": {name: f"adapters/{name}" for name in adapters},
-        "default_adapter": adapters[0] if adapters else None,
-        "tempo_bpm": C.DEFAULT_TEMPO_BPM,
-        "max_seq_len": max_seq_len,
-        "source_run_id": "random",
-    }
-    (dst / C.BUNDLE_FILE).write_text(json.dumps(meta, indent=2))
+    arch = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "tie_word_embeddings": True}  # fmt: skip
+    base = LlamaForCausalLM(base_config(len(tokenizer), special_ids(tokenizer), max_seq_len, **arch))
+    with tempfile.TemporaryDirectory() as tmp:
+        base.save_pretrained(Path(tmp) / "base")
+        folders = {name: Path(tmp) / name for name in adapters}
+        for i, folder in enumerate(folders.values()):
+            save_random_adapter(Path(tmp) / "base", folder, lora_r, seed + 1 + i)
+        meta = {"tempo_bpm": C.DEFAULT_TEMPO_BPM, "max_seq_len": max_seq_len, "source_run_id": "random"}
+        write_bundle(dst, Path(tmp) / "base", tokenizer, folders, **meta)
     return dst
 
 

@@ -34,12 +34,12 @@ from pipeline.core import constants as C
 from pipeline.core.config import Config, TokenizeConfig, section_json
 from pipeline.core.files import atomic_path, piece_id, read_json, sha256_file, sha256_text, write_json
 from pipeline.core.items import ItemIndex, StageReport, raise_if_all_failed
+from realtime.bundle_format import SPECIAL_TOKENS, load_tokenizer, special_ids  # one loader, one id convention
 
 STAGE_VERSION = "1"  # bump when the per-piece encoding changes, to invalidate the cache
 TOKENIZER_NAME = "tokenizer.json"
 VOCAB_META_NAME = "vocab.json"
 CACHE_DIR = "cache"
-SPECIAL_TOKENS = ["PAD", "BOS", "EOS"]  # no MASK: the model is a causal LM
 WINDOW_FIELDS = ("max_seq_len", "overlap")  # TokenizeConfig fields that do not change the vocabulary
 TOKENIZER_KINDS = {
     "MIDILike": miditok.MIDILike,
@@ -83,23 +83,6 @@ def make_tokenizer(tc: TokenizeConfig) -> miditok.MusicTokenizer:
         encode_ids_split=tc.encode_ids_split,
     )
     return TOKENIZER_KINDS[tc.kind](config)
-
-
-def load_tokenizer(path: Path | str) -> miditok.MusicTokenizer:
-    """Reload a tokenizer saved by this stage; the kind is read from the file (no hub access)."""
-    kind = json.loads(Path(path).read_text())["tokenization"]
-    return getattr(miditok, kind)(params=Path(path))
-
-
-def special_ids(tokenizer: miditok.MusicTokenizer) -> dict[str, int]:
-    """PAD/BOS/EOS ids as they appear in encoded sequences (base ids survive BPE training unchanged)."""
-    ids = {name.lower() + "_id": tokenizer[f"{name}_None"] for name in SPECIAL_TOKENS}
-    if tokenizer.is_trained:
-        for name, base_id in ids.items():
-            byte = chr(base_id + miditok.constants.CHR_ID_START)
-            if tokenizer.vocab_model.get(byte) != base_id:
-                raise RuntimeError(f"{name}: BPE moved special token {base_id}; windows would be padded wrongly")
-    return ids
 
 
 def vocab_hash(tc: TokenizeConfig) -> str:

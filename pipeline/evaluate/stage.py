@@ -2,8 +2,9 @@
 
 Per fine-tune run (and once for its base run): mean token NLL and perplexity on `data/tokenize/style/test.npy`;
 continuations of test-piece openings sampled at fixed seeds, their validity rate, and per-feature overlapping areas
-(`pipeline.evaluate.features`) against the real test pieces. The base model is the same bundle with its adapter
-disabled, so `base_*` metrics describe exactly the weights the adapter sits on. A tag `jam.eval_key` (hash of the
+(`pipeline.evaluate.features`) against the real test pieces. Models load as the jam runner loads them
+(`realtime.bundle.load_model`): the fine-tune with its adapter folded in, its base from the same bundle without, so
+`base_*` metrics describe exactly the weights the adapter sits on. A tag `jam.eval_key` (hash of the
 eval params and test data) makes a second `jam evaluate` skip runs already evaluated with the same settings.
 """
 
@@ -25,24 +26,20 @@ from pipeline.core.files import read_json, sha256_file, sha256_text, write_json
 from pipeline.core.items import StageReport, raise_if_all_failed
 from pipeline.evaluate import features as F
 from pipeline.evaluate import plots
+from pipeline.registry.client import RunsError, mlflow_client
 from pipeline.registry.runs import (
     BASE_RUN_TAG,
     EVAL_KEY_TAG,
-    RunsError,
     RunSummary,
     download_bundle,
     get_run,
     list_runs,
-    load_bundle,
-    load_tokenizer,
-    mlflow_client,
     same_vocab,
 )
+from realtime.bundle_format import TOKENIZER_FILE, BundleError, load_tokenizer, read_bundle, special_ids
 
 STAGE = "evaluate"
 EVAL_VERSION = "1"  # bump when a metric's definition changes, to re-evaluate every run
-TOKENIZER_NAME = "tokenizer.json"
-SPECIALS = ("PAD", "BOS", "EOS")
 
 
 class EvaluateError(RuntimeError):
@@ -110,7 +107,7 @@ def load_test_set(cfg: Config, inputs: dict[str, Path]) -> TestSet:
         EvaluateError: a missing or empty test split (with the stage to run).
     """
     tok_dir, clean_dir = inputs["tokenize"], inputs["clean"] / C.STYLE
-    npy, tok_path = tok_dir / C.STYLE / "test.npy", tok_dir / TOKENIZER_NAME
+    npy, tok_path = tok_dir / C.STYLE / "test.npy", tok_dir / TOKENIZER_FILE
     ids = (read_json(inputs["split"] / "split.json", {}) or {}).get(C.STYLE, {}).get("test", [])
     if not ids:
         raise EvaluateError("empty test split: data/split/split.json lists no style test pieces (`jam stage split`)")
@@ -125,7 +122,7 @@ def load_test_set(cfg: Config, inputs: dict[str, Path]) -> TestSet:
         raise EvaluateError(f"empty test split: no readable test piece with notes under {clean_dir}")
     pad_id = (read_json(tok_dir / C.REPORT_NAME, {}) or {}).get("stats", {}).get("pad_id")
     if pad_id is None:
-        pad_id = load_tokenizer(tok_path).pad_token_id
+        pad_id = special_ids(load_tokenizer(tok_path))["pad_id"]
     return TestSet(
         windows=_even_subset(windows, cfg.evaluate.max_windows),
         pad_id=int(pad_id),
@@ -165,11 +162,6 @@ def mean_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> float:
     return total / count
 
 
-def special_ids(tokenizer) -> dict[str, int]:
-    """PAD/BOS/EOS ids (absent ones left out)."""
-    return {name: tokenizer[f"{name}_None"] for name in SPECIALS if f"{name}_None" in tokenizer.vocab}
-
-
 def encode_piece(tokenizer, path: Path) -> list[int]:
     """Token ids of every non-drum note of a MIDI file as one piano stream, as the tokenize stage encodes it."""
     from pipeline.data.tokenize import encode_score, load_piano_score
@@ -186,13 +178,13 @@ def make_prompts(tokenizer, paths: dict[str, Path], ec: EvaluateConfig) -> tuple
     Returns:
         (piece ids, prompts int64 (n_prompts, length)).
     """
-    bos = special_ids(tokenizer).get("BOS")
+    bos = special_ids(tokenizer)["bos_id"]
     opened = [(item, encode_piece(tokenizer, p)) for item, p in list(paths.items())[: ec.n_prompts]]
     opened = [(item, ids) for item, ids in opened if ids]
     if not opened:
         raise EvaluateError("no test piece encodes to any token: cannot make prompts")
     k = min(ec.prompt_tokens, *(len(ids) for _, ids in opened))
-    rows = [([bos] if bos is not None else []) + ids[:k] for _, ids in opened]
+    rows = [[bos, *ids[:k]] for _, ids in opened]
     return [item for item, _ in opened], np.asarray(rows, dtype=np.int64)
 
 
@@ -218,12 +210,12 @@ def sample_continuations(model, tokenizer, prompts: np.ndarray, ec: EvaluateConf
                 temperature=ec.temperature,
                 top_p=ec.top_p,
                 top_k=ec.top_k,
-                pad_token_id=sp.get("PAD", 0),
-                eos_token_id=sp.get("EOS"),
+                pad_token_id=sp["pad_id"],
+                eos_token_id=sp["eos_id"],
             )
         for row in gen[:, prompts.shape[1] :].tolist():
-            if "EOS" in sp and sp["EOS"] in row:
-                row = row[: row.index(sp["EOS"])]
+            if sp["eos_id"] in row:
+                row = row[: row.index(sp["eos_id"])]
             out.append([t for t in row if t not in sp.values()])
     return out
 
@@ -316,21 +308,23 @@ def evaluate_run(
     `base_done` maps base run ids handled in this session to whether they were logged (False: already current).
     """
     ec = cfg.evaluate
+    from realtime.bundle import load_model
+
     bundle = download_bundle(cfg, run.run_id, root / "bundles")
-    model, tokenizer, info, adapter = load_bundle(bundle)
+    info = read_bundle(bundle)
+    tokenizer, adapter = load_tokenizer(bundle / info["tokenizer"]), info["default_adapter"]
     if not same_vocab(tokenizer, load_tokenizer(test.tokenizer_path)):
         raise EvaluateError("the run's tokenizer differs from data/tokenize/tokenizer.json: re-tokenize or retrain")
     if run.role == "finetune" and not adapter:
         raise EvaluateError("fine-tune bundle has no default adapter to evaluate")
     max_len = int(info.get("max_seq_len") or cfg.tokenize.max_seq_len)
     out = _fresh_dir(root / "runs" / run.run_id)
-    ev = evaluate_model(model, tokenizer, test, ec, out, max_len)
+    ev = evaluate_model(load_model(bundle), tokenizer, test, ec, out, max_len)  # as the jam runner plays it
     base = None
     if adapter:
         base_id = run.tags.get(BASE_RUN_TAG)
         base_out = _fresh_dir(root / "runs" / (base_id or f"{run.run_id}_base"))
-        with model.disable_adapter():
-            base = evaluate_model(model, tokenizer, test, ec, base_out, max_len)
+        base = evaluate_model(load_model(bundle, adapters={}), tokenizer, test, ec, base_out, max_len)
         _write_outputs(base_out, base, None, test, ec)
         if base_id and base_id not in base_done:
             base_done[base_id] = _log_base_run(cfg, client, base_id, base, base_out, key, force)
@@ -394,7 +388,7 @@ def run_evaluate(
         try:
             report.stats[run.run_id] = evaluate_run(cfg, run, test, key, client, base_done, out_dir, force)
             report.processed.append(run.run_id)
-        except (EvaluateError, RunsError) as err:
+        except (EvaluateError, RunsError, BundleError) as err:
             report.failed[run.run_id] = str(err)
         except Exception as err:  # one broken run must not stop the others
             report.failed[run.run_id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

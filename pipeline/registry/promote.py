@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.core.config import Config, PromoteConfig
-from pipeline.registry.runs import BUNDLE_ARTIFACT, BUNDLE_FILE, RunSummary, list_runs, mlflow_client
+from pipeline.registry.client import mlflow_client
+from pipeline.registry.runs import RunSummary, list_runs
+from realtime.bundle_format import BUNDLE_ARTIFACT, BUNDLE_FILE
 
 CHAMPION = "champion"
 PREVIOUS = "previous"

@@ -1,6 +1,6 @@
-"""The project's MLflow runs: listing, bundle download and loading, the `jam runs` table, the `jam ui` command.
+"""The project's MLflow runs: listing, bundle download, the `jam runs` table, the `jam ui` command.
 
-Everything takes the `Config` and builds its client inside the function (no tracking URI set at import).
+Everything takes the `Config` and builds its client inside the function (`pipeline.registry.client`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.core.files import read_json
+from pipeline.registry.client import RunsError, experiment_id, mlflow_client
+from realtime.bundle_format import BUNDLE_ARTIFACT, BUNDLE_FILE
 
 ROLE_TAG = "jam.role"
 BASE_RUN_TAG = "jam.base_run_id"
 EVAL_KEY_TAG = "jam.eval_key"
-BUNDLE_ARTIFACT = "bundle"
-BUNDLE_FILE = "bundle.json"
 ALIASES = ("champion", "previous")
 
 # Table columns: header -> param names looked up as the exact key or as the last part of a dotted key.
@@ -28,10 +27,6 @@ PARAM_COLUMNS = {"lora_r": ("lora_r", "lora.r", "r"), "steps": ("max_steps", "st
 # Training logs the whole resolved config flattened ("finetune.lora_r"); a run's own section holds its values.
 ROLE_SECTIONS = {"finetune": "finetune", "base": "pretrain"}
 METRIC_COLUMNS = ("test_nll", "nll_ratio", "validity_rate", "style_score", "base_style_score")
-
-
-class RunsError(RuntimeError):
-    """No store, no experiment, or a run without what was asked of it; the message says which."""
 
 
 @dataclass
@@ -64,27 +59,6 @@ class RunSummary:
             tags=dict(run.data.tags),
             artifact_uri=run.info.artifact_uri,
         )
-
-
-def mlflow_client(cfg: Config):
-    """An `MlflowClient` on the project's store (tracking and registry); fails clearly if there is no store."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = cfg.project.mlflow_uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise RunsError(f"no MLflow store at {uri}: train a model first (or set project.mlflow_uri)")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client, cfg: Config) -> str:
-    """Id of the experiment named `project.name`."""
-    exp = client.get_experiment_by_name(cfg.project.name)
-    if exp is None:
-        raise RunsError(f"no MLflow experiment {cfg.project.name!r} in {cfg.project.mlflow_uri}: train a model first")
-    return exp.experiment_id
 
 
 def list_runs(cfg: Config, role: str | None = None, client=None, finished_only: bool = True) -> list[RunSummary]:
@@ -124,7 +98,7 @@ def download_bundle(cfg: Config, run_id: str, cache_dir: Path) -> Path:
         The folder holding bundle.json.
 
     Raises:
-        RunsError: the run has no bundle artifact or it lacks bundle.json.
+        RunsError: the run has no bundle artifact or it lacks bundle.json (`read_bundle` checks the rest).
     """
     import mlflow
 
@@ -149,33 +123,6 @@ def download_bundle(cfg: Config, run_id: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def load_tokenizer(path: Path):
-    """A miditok tokenizer from its params file (no hub): the tokenize stage's loader."""
-    from pipeline.data.tokenize import load_tokenizer as load
-
-    return load(path)
-
-
-def load_bundle(bundle: Path):
-    """Base model (+ default adapter, if any) and tokenizer of a bundle folder, from local files only.
-
-    Checks the bundle first so a broken one gives a clear `RunsError`; the model is built by `model.load_bundle`.
-
-    Returns:
-        (model in eval mode, tokenizer, bundle.json dict, adapter name or None).
-    """
-    from pipeline.train.model import load_bundle as load_model
-
-    info = read_json(bundle / BUNDLE_FILE, {}) or {}
-    if info.get("format") != 1 or "base" not in info or "tokenizer" not in info:
-        raise RunsError(f"{bundle / BUNDLE_FILE}: not a format-1 bundle (needs format, base, tokenizer)")
-    adapter = info.get("default_adapter")
-    rel = (info.get("adapters") or {}).get(adapter) if adapter else None
-    if adapter and (not rel or not (bundle / rel).exists()):
-        raise RunsError(f"{bundle / BUNDLE_FILE}: default adapter {adapter!r} has no folder in the bundle")
-    return load_model(bundle), load_tokenizer(bundle / info["tokenizer"]), info, adapter
 
 
 def same_vocab(a, b) -> bool:

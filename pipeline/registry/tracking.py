@@ -1,7 +1,8 @@
 """MLflow for training runs: one run per training across resumes, metrics that never repeat a step, the bundle.
 
-Everything goes through an explicit `MlflowClient` and run id (no fluent active-run state), and the tracking URI is
-set inside functions (`client_for`), never at import. Conventions: docs/ARCHITECTURE.md "MLflow conventions".
+Everything goes through an explicit `MlflowClient` and run id (no fluent active-run state); the client comes from
+`pipeline.registry.client`, which sets the tracking URI inside the call. Conventions: docs/ARCHITECTURE.md "MLflow
+conventions".
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 from pipeline.core.config import Config
 from pipeline.core.files import atomic_path, sha256_file
+from pipeline.registry.client import experiment_id, mlflow_client
+from realtime.bundle_format import BUNDLE_ARTIFACT, BUNDLE_FILE, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -24,32 +27,17 @@ ROLE_TAG = "jam.role"
 BASE_RUN_TAG = "jam.base_run_id"
 BASE_PATH_TAG = "jam.base_path"
 RESUMED_FROM_TAG = "jam.resumed_from_run_id"
-BUNDLE_ARTIFACT = "bundle"
 LOSS_PLOT = "loss.png"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 _BATCH = 100  # params per log_batch call (MLflow's limit); metrics allow 1000
 
 
-def client_for(cfg: Config):
-    """An `MlflowClient` on `project.mlflow_uri`; a local sqlite store's folder is created if needed."""
-    import mlflow
-    from mlflow import MlflowClient
+def run_name(stage: str, fingerprint: str, *parts: str) -> str:
+    """What the MLflow UI shows for a training run: `pretrain-1a2b3c4d`, `finetune-style-r8-1a2b3c4d`.
 
-    uri = cfg.project.mlflow_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client, cfg: Config) -> str:
-    """Id of experiment `project.name`, created with its artifacts under `project.artifact_dir`."""
-    exp = client.get_experiment_by_name(cfg.project.name)
-    if exp is not None:
-        return exp.experiment_id
-    location = Path(cfg.project.artifact_dir).resolve().as_uri()
-    return client.create_experiment(cfg.project.name, artifact_location=location)
+    The fingerprint (params + data hash) ends the name, so two runs of the same training are recognisable.
+    """
+    return "-".join([stage, *parts, fingerprint[:8]])
 
 
 def git_commit() -> str:
@@ -149,11 +137,12 @@ class RunTracker:
         cfg: the resolved config (URI, experiment, params).
         tags: tags set when the run is created (see `run_tags`).
         system_metrics: also sample CPU/RAM/GPU into `system/*` metrics every 10 s.
+        name: the run name shown in the MLflow UI (see `run_name`); MLflow picks a random one if empty.
     """
 
-    def __init__(self, cfg: Config, tags: dict[str, str], system_metrics: bool = True):
-        self.cfg, self.tags, self.system_metrics = cfg, tags, system_metrics
-        self.client = client_for(cfg)
+    def __init__(self, cfg: Config, tags: dict[str, str], system_metrics: bool = True, name: str = ""):
+        self.cfg, self.tags, self.system_metrics, self.name = cfg, tags, system_metrics, name
+        self.client = mlflow_client(cfg, create=True)
         self.run_id = ""
         self._monitor = None
 
@@ -171,7 +160,8 @@ class RunTracker:
             self.client.update_run(run_id, status="RUNNING")
         else:
             tags = {**self.tags, **({RESUMED_FROM_TAG: run_id} if run_id else {})}
-            self.run_id = self.client.create_run(experiment_id(self.client, self.cfg), tags=tags).info.run_id
+            exp = experiment_id(self.client, self.cfg, create=True)
+            self.run_id = self.client.create_run(exp, tags=tags, run_name=self.name or None).info.run_id
             self._log_params(flatten(self.cfg.model_dump(mode="json")))
         self._start_monitor(resumed)
         return self.run_id
@@ -212,8 +202,8 @@ def log_config(client, run_id: str, cfg: Config) -> None:
 
 def log_bundle(client, run_id: str, bundle_dir: Path) -> None:
     """Log the bundle entries named by bundle.json (not whatever else shares the folder) as artifact `bundle`."""
-    info = json.loads((bundle_dir / "bundle.json").read_text())
-    client.log_artifact(run_id, str(bundle_dir / "bundle.json"), BUNDLE_ARTIFACT)
+    info = read_bundle(bundle_dir)
+    client.log_artifact(run_id, str(bundle_dir / BUNDLE_FILE), BUNDLE_ARTIFACT)
     client.log_artifact(run_id, str(bundle_dir / info["tokenizer"]), BUNDLE_ARTIFACT)
     client.log_artifacts(run_id, str(bundle_dir / info["base"]), f"{BUNDLE_ARTIFACT}/{info['base']}")
     for rel in info.get("adapters", {}).values():

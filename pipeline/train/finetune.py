@@ -12,7 +12,6 @@ GPUs `accelerate launch -m pipeline.train --stage finetune`.
 from __future__ import annotations
 
 import functools
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,20 +20,14 @@ from pipeline.core import constants as C
 from pipeline.core.config import Config, FinetuneConfig, section_json
 from pipeline.core.files import sha256_file, sha256_text
 from pipeline.core.items import StageReport
-from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, RunTracker, client_for, finish_run, run_tags
+from pipeline.registry.client import mlflow_client
+from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, RunTracker, finish_run, run_name, run_tags
 from pipeline.train.checkpoint import store_for
 from pipeline.train.dataset import TokenWindows, TrainInputError, check_windows
-from pipeline.train.loop import TrainJob, fit, loop_fingerprint
-from pipeline.train.model import (
-    Vocab,
-    add_lora,
-    check_tokenizer_files,
-    check_vocab,
-    load_base,
-    read_bundle,
-    write_bundle,
-)
+from pipeline.train.loop import TrainJob, TrainResult, fit, loop_fingerprint
+from pipeline.train.model import Vocab, add_lora, check_tokenizer_files, check_vocab, load_base
 from pipeline.train.pretrain import bundle_meta, tokenize_inputs, up_to_date
+from realtime.bundle_format import BundleError, read_bundle, write_bundle
 
 STAGE = "finetune"
 ROLE = "finetune"
@@ -50,8 +43,8 @@ def base_inputs(src: Path, vocab: Vocab, tokenizer: Path) -> tuple[Path, dict]:
     """
     try:
         info = read_bundle(src)
-    except FileNotFoundError:
-        raise TrainInputError(f"no base model bundle in {src}: run `jam train --stage pretrain` first") from None
+    except BundleError as err:
+        raise TrainInputError(f"no usable base model bundle ({err}): run `jam train --stage pretrain` first") from None
     from transformers import AutoConfig
 
     check_tokenizer_files(src / info["tokenizer"], tokenizer)
@@ -115,14 +108,19 @@ def run_finetune(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: boo
         every_steps=cfg.checkpoint.every_steps,
         every_s=cfg.checkpoint.every_s,
         fresh=fresh,
-        tracker=RunTracker(cfg, run_tags(ROLE, tokenizer, **_base_tags(info)), fc.system_metrics),
+        tracker=RunTracker(
+            cfg,
+            run_tags(ROLE, tokenizer, **_base_tags(info)),
+            fc.system_metrics,
+            run_name(STAGE, fingerprint, fc.adapter_name, f"r{fc.lora_r}"),
+        ),
         adapter_only=True,
     )
     result = fit(job)
     report.items_in = n_train
     if result.accelerator.is_main_process:
-        export_bundle(result.model, out_dir / BUNDLE_DIR, base_dir, tokenizer, cfg, result.run_id, info)
-        finish_run(client_for(cfg), result.run_id, cfg, out_dir / BUNDLE_DIR, out_dir)
+        export_bundle(result, out_dir / BUNDLE_DIR, base_dir, tokenizer, cfg, info)
+        finish_run(mlflow_client(cfg, create=True), result.run_id, cfg, out_dir / BUNDLE_DIR, out_dir)
         job.tracker.close()
     report.stats = {"run_id": result.run_id, "steps": result.step, "resumed_from": result.resumed_from,
                     "fingerprint": fingerprint, "complete": True, "valid_windows": n_valid,
@@ -130,20 +128,13 @@ def run_finetune(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: boo
     return report.finish(out_dir, section_json(fc))
 
 
-def export_bundle(
-    model: torch.nn.Module, dest: Path, base_dir: Path, tokenizer: Path, cfg: Config, run_id: str, info: dict
-) -> Path:
+def export_bundle(result: TrainResult, dest: Path, base_dir: Path, tokenizer: Path, cfg: Config, info: dict) -> Path:
     """Write the fine-tuned bundle: the full-precision base, the tokenizer, the adapter in peft format.
 
     The adapter was trained against the 4-bit base; the bundle ships the base unquantized so the runner can load it
     in whatever precision it likes (standard QLoRA practice; the quantization error is small next to the adapter).
     """
-    name = cfg.finetune.adapter_name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        for peft_cfg in model.peft_config.values():
-            peft_cfg.base_model_name_or_path = "base"  # bundle-relative: no hub, no training machine path
-        model.save_pretrained(Path(tmp) / name, save_embedding_layers=False)  # no hub lookup
-        base_ref = {"run_id": info.get("source_run_id", ""), "path": info.get("base_path", "")}
-        write_bundle(dest, base_dir, tokenizer, {name: Path(tmp) / name}, **bundle_meta(cfg, run_id, base_ref=base_ref))
+    base_ref = {"run_id": info.get("source_run_id", ""), "path": info.get("base_path", "")}
+    adapters = {cfg.finetune.adapter_name: result.model}
+    write_bundle(dest, base_dir, tokenizer, adapters, **bundle_meta(cfg, result, base_ref=base_ref))
     return dest

@@ -1,14 +1,12 @@
-"""The base decoder, its 4-bit loading, the LoRA adapter, and the model bundle the runner loads.
+"""The base decoder, its 4-bit loading and the LoRA adapter.
 
 The base is a small `LlamaForCausalLM` built from `ModelConfig`, so transformers, peft, bitsandbytes and accelerate
-all apply unchanged. A bundle (docs/ARCHITECTURE.md) is a plain folder: `bundle.json`, `tokenizer.json`, `base/`
-(save_pretrained) and `adapters/<name>/` (peft); loading it needs neither this package's training code nor a hub.
+all apply unchanged. Training leaves it in a model bundle (`realtime.bundle_format`: the one writer and reader).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +15,9 @@ import torch
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from pipeline.core.config import FinetuneConfig, ModelConfig
-from pipeline.core.files import read_json, sha256_file, write_json
+from pipeline.core.files import sha256_file
+from realtime.bundle_format import base_config
 
-BUNDLE_FILE = "bundle.json"
-BUNDLE_FORMAT = 1
-TOKENIZER_FILE = "tokenizer.json"
-BASE_DIR = "base"
-ADAPTERS_DIR = "adapters"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,21 +42,12 @@ class Vocab:
 
 def llama_config(mc: ModelConfig, vocab: Vocab, max_seq_len: int) -> LlamaConfig:
     """The transformers config of the base; `max_seq_len` (tokens) bounds the positions it is trained on."""
-    return LlamaConfig(
-        vocab_size=vocab.size,
-        hidden_size=mc.hidden_size,
-        intermediate_size=mc.intermediate_size,
-        num_hidden_layers=mc.num_layers,
-        num_attention_heads=mc.num_heads,
-        num_key_value_heads=mc.num_kv_heads or mc.num_heads,
-        max_position_embeddings=max_seq_len,
-        rope_theta=mc.rope_theta,
-        attention_dropout=mc.attention_dropout,
-        tie_word_embeddings=mc.tie_embeddings,
-        pad_token_id=vocab.pad_id,
-        bos_token_id=vocab.bos_id,
-        eos_token_id=vocab.eos_id,
-    )
+    ids = {"pad_id": vocab.pad_id, "bos_id": vocab.bos_id, "eos_id": vocab.eos_id}
+    arch = {"hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size,
+            "num_hidden_layers": mc.num_layers, "num_attention_heads": mc.num_heads,
+            "num_key_value_heads": mc.num_kv_heads or mc.num_heads, "rope_theta": mc.rope_theta,
+            "attention_dropout": mc.attention_dropout, "tie_word_embeddings": mc.tie_embeddings}  # fmt: skip
+    return base_config(vocab.size, ids, max_seq_len, **arch)
 
 
 def build_base(mc: ModelConfig, vocab: Vocab, max_seq_len: int) -> LlamaForCausalLM:
@@ -163,70 +148,3 @@ def add_lora(model: LlamaForCausalLM, fc: FinetuneConfig):
         **extra,
     )
     return get_peft_model(model, lcfg)
-
-
-def write_bundle(
-    dest: Path,
-    base_dir: Path,
-    tokenizer: Path,
-    adapters: dict[str, Path] | None = None,
-    **meta: Any,
-) -> Path:
-    """Assemble a model bundle folder (replacing `dest`'s bundle entries).
-
-    Args:
-        dest: bundle folder.
-        base_dir: a `save_pretrained` folder, copied to `dest/base` (skipped when it already is that folder).
-        tokenizer: miditok tokenizer.json, copied to `dest/tokenizer.json`.
-        adapters: adapter name -> peft `save_pretrained` folder, copied to `dest/adapters/<name>`.
-        **meta: extra bundle.json keys (tempo_bpm, max_seq_len, source_run_id, base_ref...).
-
-    Returns:
-        The path of bundle.json.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    _copy_tree(base_dir, dest / BASE_DIR)
-    if tokenizer.resolve() != (dest / TOKENIZER_FILE).resolve():
-        shutil.copy2(tokenizer, dest / TOKENIZER_FILE)
-    entries = {}
-    for name, folder in (adapters or {}).items():
-        _copy_tree(folder, dest / ADAPTERS_DIR / name)
-        entries[name] = f"{ADAPTERS_DIR}/{name}"
-    info = {"format": BUNDLE_FORMAT, "tokenizer": TOKENIZER_FILE, "base": BASE_DIR, "adapters": entries}
-    info["default_adapter"] = next(iter(entries), None)
-    write_json(dest / BUNDLE_FILE, {**info, **meta})
-    return dest / BUNDLE_FILE
-
-
-def _copy_tree(src: Path, dst: Path) -> None:
-    if src.resolve() == dst.resolve():
-        return
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-
-
-def read_bundle(path: Path) -> dict[str, Any]:
-    """bundle.json of a bundle folder.
-
-    Raises:
-        FileNotFoundError: `path` holds no bundle.json.
-    """
-    info = read_json(path / BUNDLE_FILE)
-    if info is None:
-        raise FileNotFoundError(f"no {BUNDLE_FILE} in {path}")
-    return info
-
-
-def load_bundle(path: Path, adapter: str | None = None) -> torch.nn.Module:
-    """The bundle's model in full precision with `adapter` applied (None: the bundle's default; "": none)."""
-    info = read_bundle(path)
-    model = LlamaForCausalLM.from_pretrained(path / info["base"], dtype=torch.float32)
-    name = info.get("default_adapter") if adapter is None else adapter
-    if name:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, path / info["adapters"][name])
-    return model.eval()

@@ -7,27 +7,19 @@ Run: `jam train --stage pretrain [--fresh]` or `python -m pipeline.train --stage
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pipeline.core import constants as C
 from pipeline.core.config import Config, section_json
 from pipeline.core.files import read_json, sha256_file, sha256_text
 from pipeline.core.items import StageReport
-from pipeline.registry.tracking import RunTracker, client_for, finish_run, run_tags
+from pipeline.registry.client import mlflow_client
+from pipeline.registry.tracking import RunTracker, finish_run, run_name, run_tags
 from pipeline.train.checkpoint import store_for
 from pipeline.train.dataset import TokenWindows, TrainInputError, check_windows, dataset_info
-from pipeline.train.loop import TrainJob, fit, loop_fingerprint
-from pipeline.train.model import (
-    BUNDLE_FILE,
-    TOKENIZER_FILE,
-    Vocab,
-    build_base,
-    check_tokenizer_files,
-    check_vocab,
-    read_bundle,
-    write_bundle,
-)
+from pipeline.train.loop import TrainJob, TrainResult, fit, loop_fingerprint
+from pipeline.train.model import Vocab, build_base, check_tokenizer_files, check_vocab
+from realtime.bundle_format import BUNDLE_FILE, TOKENIZER_FILE, BundleError, read_bundle, write_bundle
 
 STAGE = "pretrain"
 ROLE = "base"
@@ -96,16 +88,12 @@ def run_pretrain(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: boo
         every_steps=cfg.checkpoint.every_steps,
         every_s=cfg.checkpoint.every_s,
         fresh=fresh,
-        tracker=RunTracker(cfg, run_tags(ROLE, tokenizer), cfg.pretrain.system_metrics),
+        tracker=RunTracker(cfg, run_tags(ROLE, tokenizer), cfg.pretrain.system_metrics, run_name(STAGE, fingerprint)),
     )
     result = fit(job)
     if result.accelerator.is_main_process:
-        base_tmp = out_dir / ".base.new"
-        shutil.rmtree(base_tmp, ignore_errors=True)
-        result.model.save_pretrained(base_tmp)
-        write_bundle(out_dir, base_tmp, tokenizer, {}, **bundle_meta(cfg, result.run_id))
-        shutil.rmtree(base_tmp, ignore_errors=True)
-        finish_run(client_for(cfg), result.run_id, cfg, out_dir, out_dir)
+        write_bundle(out_dir, result.model, tokenizer, {}, **bundle_meta(cfg, result))
+        finish_run(mlflow_client(cfg, create=True), result.run_id, cfg, out_dir, out_dir)
         job.tracker.close()
     report.stats = {"run_id": result.run_id, "steps": result.step, "resumed_from": result.resumed_from,
                     "fingerprint": fingerprint, "complete": True, "valid_windows": n_valid,
@@ -113,16 +101,21 @@ def run_pretrain(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: boo
     return report.finish(out_dir, section_json(cfg.pretrain))
 
 
-def bundle_meta(cfg: Config, run_id: str, **extra: object) -> dict[str, object]:
-    return {"tempo_bpm": cfg.finetune.tempo_bpm, "max_seq_len": cfg.tokenize.max_seq_len, "source_run_id": run_id,
-            **extra}  # fmt: skip
+def bundle_meta(cfg: Config, result: TrainResult | None, **extra: object) -> dict[str, object]:
+    """bundle.json keys besides the layout: playback defaults, the run, its step and final metrics, the config."""
+    done = {"source_run_id": result.run_id, "step": result.step, "metrics": result.metrics} if result else {}
+    return {"tempo_bpm": cfg.finetune.tempo_bpm, "max_seq_len": cfg.tokenize.max_seq_len, "source_run_id": "",
+            "config": cfg.model_dump(mode="json"), **done, **extra}  # fmt: skip
 
 
 def _from_path(cfg: Config, vocab: Vocab, tokenizer: Path, report: StageReport, out_dir: Path) -> StageReport:
     """`pretrain.source: path`: check an existing base against the tokenizer and make it this stage's bundle."""
     src = Path(cfg.pretrain.path).expanduser()
     if (src / BUNDLE_FILE).is_file():
-        info = read_bundle(src)
+        try:
+            info = read_bundle(src)
+        except BundleError as err:
+            raise TrainInputError(f"pretrain.path: {err}") from None
         base_dir, src_tok = src / info["base"], src / info["tokenizer"]
     else:
         base_dir, src_tok = src, src / TOKENIZER_FILE
@@ -133,6 +126,6 @@ def _from_path(cfg: Config, vocab: Vocab, tokenizer: Path, report: StageReport, 
     check_tokenizer_files(src_tok, tokenizer)
     check_vocab(AutoConfig.from_pretrained(base_dir), vocab, f"pretrain.path {src}")
     report.items_in = 1
-    write_bundle(out_dir, base_dir, tokenizer, {}, **bundle_meta(cfg, "", base_path=str(src.resolve())))
+    write_bundle(out_dir, base_dir, tokenizer, {}, **bundle_meta(cfg, None, base_path=str(src.resolve())))
     report.stats = {"base_path": str(src.resolve()), "complete": True}
     return report.finish(out_dir, section_json(cfg.pretrain))

@@ -122,7 +122,8 @@ TINY_MODEL = {
 
 @pytest.mark.slow
 def test_train_evaluate_promote_and_a_poor_run_does_not_displace(tmp_path):
-    from pipeline.registry.runs import list_runs, mlflow_client
+    from pipeline.registry.client import mlflow_client
+    from pipeline.registry.runs import list_runs
 
     data = tmp_path / "data"
     cfg = tiny_cfg(data, **TINY_MODEL)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from realtime.bundle import BundleError, adapter_plan, load_bundle, read_meta, resolve_bundle
+from realtime.bundle import BundleError, adapter_plan, load_bundle, load_model, resolve_bundle
+from realtime.bundle_format import read_bundle, write_bundle
 from realtime.lora import UnsupportedAdapter, adapter_deltas, blend_deltas, merge_adapters
 
 X = torch.tensor([[1, 40, 41, 200, 300, 7]])
@@ -100,7 +101,7 @@ def test_bad_bundles_fail_clearly(tmp_path, tiny_bundle):
         resolve_bundle(tmp_path)
     (tiny_bundle / "bundle.json").write_text(json.dumps({"format": 2}))
     with pytest.raises(BundleError, match="format-1"):
-        read_meta(tiny_bundle)
+        read_bundle(tiny_bundle)
     with pytest.raises(BundleError, match="no MLflow store"):
         resolve_bundle("models:/jam-partner@champion", f"sqlite:///{tmp_path}/missing.db")
 
@@ -121,5 +122,42 @@ def test_registry_alias_resolves_to_a_local_bundle(tmp_path, tiny_bundle_master)
     client.set_registered_model_alias("jam-partner", "champion", mv.version)
     path = resolve_bundle("models:/jam-partner@champion", uri, cache_dir=tmp_path)
     assert (path / "bundle.json").exists()
-    assert read_meta(path)["default_adapter"] == "style"
+    assert read_bundle(path)["default_adapter"] == "style"
     assert resolve_bundle(f"models:/jam-partner/{mv.version}", uri, cache_dir=tmp_path).name == path.name
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: (b / "tokenizer.json").unlink(), "tokenizer 'tokenizer.json' is missing"),
+        (lambda b: (b / "base" / "config.json").unlink(), "has no config.json"),
+        (lambda b: shutil.rmtree(b / "adapters" / "alt"), "adapter 'alt' has no adapter_config.json"),
+        (lambda b: (b / "bundle.json").write_text("{oops"), "unreadable"),
+    ],
+)
+def test_read_bundle_names_what_is_missing(tiny_bundle, damage, message):
+    damage(tiny_bundle)
+    with pytest.raises(BundleError, match=message):
+        read_bundle(tiny_bundle)
+
+
+def test_write_bundle_replaces_entries_and_keeps_other_files(tmp_path, tiny_bundle_master):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "report.json").write_text("{}")  # a stage's own file beside its bundle
+    src = tiny_bundle_master
+    write_bundle(dest, src / "base", src / "tokenizer.json", {"style": src / "adapters/style"}, step=3)
+    first = read_bundle(dest)
+    assert first["default_adapter"] == "style" and first["step"] == 3 and first["metrics"] == {}
+    write_bundle(dest, dest / "base", dest / "tokenizer.json", {}, source_run_id="x")  # in place, adapters dropped
+    again = read_bundle(dest)
+    assert again["adapters"] == {} and again["default_adapter"] is None and again["source_run_id"] == "x"
+    assert not (dest / "adapters" / "style").exists() and (dest / "report.json").exists()
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "adapters",
+        "base",
+        "bundle.json",
+        "report.json",
+        "tokenizer.json",
+    ]
+    torch.testing.assert_close(logits(load_model(dest)), logits(base_model(src)))

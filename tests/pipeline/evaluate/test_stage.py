@@ -16,7 +16,7 @@ from pipeline.core.graph import run_stage
 from pipeline.core.items import AllItemsFailed
 from pipeline.evaluate import features as F
 from pipeline.evaluate.stage import EvaluateError, load_test_set, mean_nll
-from pipeline.registry.runs import mlflow_client
+from pipeline.registry.client import mlflow_client
 from tests.pipeline.registry.test_promote import fake_run, make_store
 
 L = 48  # tokens per test window

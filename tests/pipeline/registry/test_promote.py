@@ -14,8 +14,9 @@ import pytest
 
 from pipeline.core.config import Config, config_from_dict
 from pipeline.core.graph import run_stage
+from pipeline.registry.client import RunsError, mlflow_client
 from pipeline.registry.promote import gate_reasons, rollback, select_best
-from pipeline.registry.runs import RunsError, RunSummary, mlflow_client
+from pipeline.registry.runs import RunSummary
 from realtime.bundle import BundleError, resolve_bundle
 
 GOOD = {"nll_ratio": 0.9, "validity_rate": 1.0}

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.core.graph import run_stage
-from pipeline.registry.runs import RunsError, download_bundle, list_runs, mlflow_client, runs_table, ui_command
+from pipeline.registry.client import RunsError, mlflow_client
+from pipeline.registry.runs import download_bundle, list_runs, runs_table, ui_command
 from tests.pipeline.registry.test_promote import GOOD, fake_run, make_store
 
 

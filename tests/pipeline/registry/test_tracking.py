@@ -15,6 +15,7 @@ from pipeline.registry.tracking import (
     flatten,
     log_bundle,
     loss_plot,
+    run_name,
 )
 from tests.pipeline.train.test_model import tiny_cfg
 
@@ -23,6 +24,11 @@ def test_flatten_dotted_keys():
     flat = flatten({"finetune": {"lora_r": 4, "target_modules": ["q_proj", "v_proj"], "path": None}, "x": {}})
     assert flat == {"finetune.lora_r": "4", "finetune.target_modules": '["q_proj", "v_proj"]',
                     "finetune.path": "None", "x": "{}"}  # fmt: skip
+
+
+def test_run_names_say_what_the_run_is():
+    assert run_name("pretrain", "1a2b3c4d5e6f") == "pretrain-1a2b3c4d"
+    assert run_name("finetune", "1a2b3c4d5e6f", "style", "r8") == "finetune-style-r8-1a2b3c4d"
 
 
 def test_data_version(tmp_path):

@@ -10,16 +10,18 @@ import torch
 
 from pipeline.core.config import ConfigError
 from pipeline.core.graph import run_stage
-from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, ROLE_TAG, client_for
+from pipeline.registry.client import mlflow_client
+from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, ROLE_TAG
 from pipeline.train.dataset import TrainInputError
-from pipeline.train.model import VocabMismatch, load_bundle
+from pipeline.train.model import VocabMismatch
+from realtime.bundle import load_model
 from tests.pipeline.train.test_model import SEQ, VOCAB, tiny_cfg, token_windows, write_base_bundle, write_token_data
 
 METRICS = {"train_loss", "valid_loss", "lr", "tokens_per_s", "peak_mem_mb"}
 
 
 def _runs(cfg, role: str) -> list:
-    client = client_for(cfg)
+    client = mlflow_client(cfg)
     exp = client.get_experiment_by_name(cfg.project.name)
     return client.search_runs([exp.experiment_id], f"tags.`{ROLE_TAG}` = '{role}'")
 
@@ -41,18 +43,23 @@ def test_pretrain_then_finetune_bundle_in_mlflow(tmp_path):
     assert {"git_commit", "data_version", "tokenizer_sha256"} <= set(run.data.tags)
     assert run.data.params["finetune.lora_r"] == "4" and run.data.params["finetune.quantization"] == "nf4"
     assert set(run.data.metrics) >= METRICS and set(base_run.data.metrics) >= METRICS
-    artifacts = {a.path for a in client_for(cfg).list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in mlflow_client(cfg).list_artifacts(run.info.run_id)}
     assert {"bundle", "config.json", "loss.png"} <= artifacts
 
     local = tmp_path / "downloaded"
     mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="bundle", dst_path=str(local))
     info = json.loads((local / "bundle" / "bundle.json").read_text())
     assert info["adapters"] == {"style": "adapters/style"} and info["source_run_id"] == run.info.run_id
+    assert info["step"] == cfg.finetune.max_steps and info["metrics"]["train_loss"] > 0
+    assert info["config"]["finetune"]["lora_r"] == 4 and info["config"] == cfg.model_dump(mode="json")
+    fingerprints = base_report.stats["fingerprint"][:8], report.stats["fingerprint"][:8]
+    assert base_run.info.run_name == f"pretrain-{fingerprints[0]}"
+    assert run.info.run_name == f"finetune-style-r4-{fingerprints[1]}"
     ids = torch.from_numpy(token_windows(2, 5, 3)).long()
     with torch.no_grad():
-        logged = load_bundle(local / "bundle")(input_ids=ids).logits
-        on_disk = load_bundle(cfg.stage_dir("finetune") / "bundle")(input_ids=ids).logits
-        base = load_bundle(local / "bundle", adapter="")(input_ids=ids).logits
+        logged = load_model(local / "bundle")(input_ids=ids).logits
+        on_disk = load_model(cfg.stage_dir("finetune") / "bundle")(input_ids=ids).logits
+        base = load_model(local / "bundle", adapters={})(input_ids=ids).logits
     torch.testing.assert_close(logged, on_disk)
     assert (logged - base).abs().max() > 0  # the adapter moved
 

@@ -20,10 +20,9 @@ from pipeline.train.model import (
     check_tokenizer_files,
     check_vocab,
     load_base,
-    load_bundle,
-    read_bundle,
-    write_bundle,
 )
+from realtime.bundle import load_model
+from realtime.bundle_format import read_bundle, write_bundle
 
 VOCAB = Vocab(size=96, pad_id=0, bos_id=1, eos_id=2)
 SEQ = 32  # tokens per window in the synthetic data
@@ -167,10 +166,10 @@ def test_bundle_round_trip_gives_the_same_logits(tmp_path):
     base = build_base(cfg.model, VOCAB, SEQ)
     base.save_pretrained(tmp_path / "saved_base")
     model = add_lora(base, cfg.finetune)
-    with torch.no_grad():  # B starts at zero: make the adapter matter
+    with torch.no_grad():  # B starts at zero and the token rows at the base's: make the adapter matter
         for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.5)
     model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)
     (tmp_path / "tokenizer.json").write_text("{}")
     write_bundle(tmp_path / "bundle", tmp_path / "saved_base", tmp_path / "tokenizer.json",
@@ -183,7 +182,7 @@ def test_bundle_round_trip_gives_the_same_logits(tmp_path):
     model.eval()
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        got = load_bundle(tmp_path / "bundle")(input_ids=ids).logits
-        plain = load_bundle(tmp_path / "bundle", adapter="")(input_ids=ids).logits
+        got = load_model(tmp_path / "bundle")(input_ids=ids).logits
+        plain = load_model(tmp_path / "bundle", adapters={})(input_ids=ids).logits
     torch.testing.assert_close(got, want)
     assert (plain - want).abs().max() > 1e-3  # the adapter is really applied
