@@ -22,11 +22,10 @@ from pipeline.core.files import sha256_file, sha256_text
 from pipeline.core.items import StageReport
 from pipeline.registry.client import mlflow_client
 from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, RunTracker, finish_run, run_name, run_tags
-from pipeline.train.checkpoint import store_for
-from pipeline.train.dataset import TokenWindows, TrainInputError, check_windows
-from pipeline.train.loop import TrainJob, TrainResult, fit, loop_fingerprint
+from pipeline.train.common import bundle_meta, result_stats, tokenize_inputs, train_job, up_to_date
+from pipeline.train.dataset import TrainInputError, check_windows
+from pipeline.train.loop import TrainResult, fit, loop_fingerprint
 from pipeline.train.model import Vocab, add_lora, check_tokenizer_files, check_vocab, load_base
-from pipeline.train.pretrain import bundle_meta, tokenize_inputs, up_to_date
 from realtime.bundle_format import BundleError, read_bundle, write_bundle
 
 STAGE = "finetune"
@@ -97,34 +96,17 @@ def run_finetune(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: boo
     )  # fmt: skip
     if not fresh and (done := up_to_date(STAGE, out_dir, fingerprint, out_dir / BUNDLE_DIR)) is not None:
         return done
-    job = TrainJob(
-        build_model=functools.partial(qlora_model, base_dir, fc),
-        train_ds=TokenWindows(corpus / "train.npy", vocab.pad_id),
-        valid_ds=TokenWindows(corpus / "valid.npy", vocab.pad_id) if n_valid else None,
-        loop=fc,
-        store=store_for(cfg, STAGE, fingerprint),
-        seed=cfg.project.seed,
-        fingerprint=fingerprint,
-        every_steps=cfg.checkpoint.every_steps,
-        every_s=cfg.checkpoint.every_s,
-        fresh=fresh,
-        tracker=RunTracker(
-            cfg,
-            run_tags(ROLE, tokenizer, **_base_tags(info)),
-            fc.system_metrics,
-            run_name(STAGE, fingerprint, fc.adapter_name, f"r{fc.lora_r}"),
-        ),
-        adapter_only=True,
-    )
+    name = run_name(STAGE, fingerprint, fc.adapter_name, f"r{fc.lora_r}")
+    tracker = RunTracker(cfg, run_tags(ROLE, tokenizer, **_base_tags(info)), fc.system_metrics, name)
+    build = functools.partial(qlora_model, base_dir, fc)
+    job = train_job(cfg, STAGE, build, corpus, vocab, n_valid, fingerprint, fresh, tracker, adapter_only=True)
     result = fit(job)
     report.items_in = n_train
     if result.accelerator.is_main_process:
         export_bundle(result, out_dir / BUNDLE_DIR, base_dir, tokenizer, cfg, info)
         finish_run(mlflow_client(cfg, create=True), result.run_id, cfg, out_dir / BUNDLE_DIR, out_dir)
         job.tracker.close()
-    report.stats = {"run_id": result.run_id, "steps": result.step, "resumed_from": result.resumed_from,
-                    "fingerprint": fingerprint, "complete": True, "valid_windows": n_valid,
-                    **result.metrics}  # fmt: skip
+    report.stats = result_stats(result, fingerprint, n_valid)
     return report.finish(out_dir, section_json(fc))
 
 

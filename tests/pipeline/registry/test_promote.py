@@ -47,7 +47,8 @@ def make_store(root: Path, name: str = "jam-test") -> Config:
                 "data_dir": str(root / "data"),
                 "mlflow_uri": f"sqlite:///{db}",
                 "artifact_dir": str(root / "artifacts"),
-            }
+            },
+            "promote": {"min_validity": 0.8},  # the GPU profile's gate (the demo default is 0.3)
         }
     )
     client = mlflow_client(cfg)
@@ -117,7 +118,7 @@ def test_select_best_by_direction_and_ties():
 
 
 def test_gate_reasons_per_gate():
-    pc = Config().promote  # min_gain 0.02, min_validity 0.8
+    pc = Config().promote.model_copy(update={"min_validity": 0.8})  # min_gain 0.02 (default), the GPU gate
     assert gate_reasons(_summary("a", 1, nll_ratio=0.9, validity_rate=0.9), pc) == []
     reasons = gate_reasons(_summary("b", 1, nll_ratio=0.99, validity_rate=0.5), pc)
     assert len(reasons) == 2
