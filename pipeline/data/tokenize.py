@@ -28,12 +28,11 @@ import miditok
 import numpy as np
 from miditok.utils.utils import np_get_closest  # not re-exported by miditok.utils
 from symusic import Score, Track
-from tqdm import tqdm
 
 from pipeline.core import constants as C
 from pipeline.core.config import Config, TokenizeConfig, section_json
 from pipeline.core.files import atomic_path, piece_id, read_json, sha256_file, sha256_text, write_json
-from pipeline.core.items import ItemIndex, StageReport, raise_if_all_failed
+from pipeline.core.items import ItemIndex, ItemResult, Job, StageReport, raise_if_all_failed, run_jobs
 
 STAGE_VERSION = "1"  # bump when the per-piece encoding changes, to invalidate the cache
 TOKENIZER_NAME = "tokenizer.json"
@@ -338,41 +337,39 @@ def _with_augmented(augment_dir: Path, clean: list[Path], pieces: set[str]) -> l
     return augmented + [p for p in clean if piece_id(p.stem) not in covered]
 
 
-def encode_items(items: list[Item], tokenizer: miditok.MusicTokenizer, out_dir: Path, report: StageReport) -> dict:
-    """Encode new or changed items into the cache (per-item failures go to `report.failed`).
+_TOKENIZER: miditok.MusicTokenizer | None = None  # this process's tokenizer (set by `_init_encoder`)
+
+
+def _init_encoder(threads: int | None, tokenizer_path: Path) -> None:
+    """`run_jobs` initializer: load tokenizer.json once per process (the same file every later reader loads)."""
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(tokenizer_path)
+
+
+def encode_item(path: Path, out_dir: Path, rel: str) -> ItemResult:
+    """Encode one MIDI file with this process's tokenizer into `out_dir/rel` (int32 ids, no BOS/EOS)."""
+    ids, counts = encode_file(_TOKENIZER, path)
+    _save_npy(out_dir / rel, ids)
+    return ItemResult(outputs=[rel], stats={"n_tokens": len(ids), **counts})
+
+
+def encode_items(items: list[Item], out_dir: Path, report: StageReport, workers: int) -> dict:
+    """Encode new or changed items into the cache on `workers` processes (failures go to `report.failed`).
 
     Returns:
-        item key -> index entry (with `n_tokens`, `matched`, `notes`) for items that encoded.
+        item key -> index entry (`outputs`, and `stats` with `n_tokens`, `matched`, `notes`) for items that encoded.
     """
     index = ItemIndex(out_dir / CACHE_DIR / C.INDEX_NAME)
-    tok_sha = sha256_file(out_dir / TOKENIZER_NAME)
-    done = {}
-    for item in tqdm(items, desc="tokenize", disable=None):
+    tok_path = out_dir / TOKENIZER_NAME
+    tok_sha = sha256_file(tok_path)
+    jobs = []
+    for item in items:
         key = sha256_text(sha256_file(item.path), tok_sha, STAGE_VERSION)
-        entry = index.fresh(item.key, key, out_dir)
-        if entry is None:
-            entry = _encode_item(item, tokenizer, out_dir, index, key)
-            report.processed.append(item.key)
-        else:
-            report.cached.append(item.key)
-        if "error" in entry:
-            report.failed[item.key] = entry["error"]
-        else:
-            done[item.key] = entry
+        rel = f"{CACHE_DIR}/{item.corpus}/{item.item_id}.npy"
+        jobs.append(Job(item.key, key, encode_item, (item.path, out_dir, rel)))
+    run_jobs(jobs, index, out_dir, report, workers, initializer=_init_encoder, initargs=(tok_path,))
     index.prune({i.key for i in items}, out_dir)
-    return done
-
-
-def _encode_item(item: Item, tokenizer: miditok.MusicTokenizer, out_dir: Path, index: ItemIndex, key: str) -> dict:
-    rel = f"{CACHE_DIR}/{item.corpus}/{item.item_id}.npy"
-    try:
-        ids, counts = encode_file(tokenizer, item.path)
-    except Exception as err:
-        index.record(item.key, key, error=f"{type(err).__name__}: {err}")
-    else:
-        _save_npy(out_dir / rel, ids)
-        index.record(item.key, key, outputs=[rel], n_tokens=len(ids), **counts)
-    return index.entries[item.key]
+    return {k: e for k, e in index.entries.items() if "error" not in e}
 
 
 def _save_npy(dest: Path, array: np.ndarray) -> None:
@@ -411,11 +408,10 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     """
     report = StageReport(stage="tokenize")
     items = collect_items(inputs)
-    report.items_in = len(items)
     train_paths = [i.path for i in items if i.split == "train"]
     tokenizer, bpe_stats = ensure_tokenizer(cfg, train_paths, out_dir)
     ids = special_ids(tokenizer)
-    done = encode_items(items, tokenizer, out_dir, report)
+    done = encode_items(items, out_dir, report, cfg.project.workers)
     counts = write_windows(items, done, out_dir, cfg.tokenize, ids)
     report.outputs = len(counts)
     report.stats = _stats(cfg.tokenize, tokenizer, ids, bpe_stats, done, counts)
@@ -430,7 +426,8 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
 def _stats(
     tc: TokenizeConfig, tokenizer: miditok.MusicTokenizer, ids: dict, bpe: dict, done: dict, counts: dict
 ) -> dict:
-    notes, matched, onsets = (sum(e[k] for e in done.values()) for k in ("notes", "matched", "onsets_matched"))
+    counts_of = ("notes", "matched", "onsets_matched")
+    notes, matched, onsets = (sum(e["stats"][k] for e in done.values()) for k in counts_of)
     return {
         "kind": tc.kind,
         "vocab_size": tokenizer.vocab_size,
