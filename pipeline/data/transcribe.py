@@ -33,7 +33,7 @@ from pipeline.core.items import (
     run_jobs,
 )
 from pipeline.core.midi import save_midi
-from pipeline.data.acquire import read_manifest
+from pipeline.data.acquire.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
