@@ -192,6 +192,8 @@ def _meta_stats(meta: dict) -> dict:
 def load_piano_score(path: Path | str) -> Score:
     """Read a MIDI file and merge its non-drum tracks into one piano track (the model sees one stream).
 
+    The symusic twin of `pipeline.core.midi.merge_piano` (miditok reads symusic scores; see there for why two).
+
     Raises:
         ValueError: the file cannot be parsed or has no notes.
     """

@@ -32,7 +32,7 @@ from pipeline.core.items import (
     raise_if_all_failed,
     run_jobs,
 )
-from pipeline.core.midi import save_midi
+from pipeline.core.midi import merge_piano, save_midi
 from pipeline.data.acquire.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -194,22 +194,14 @@ def transcribe_audio(path: Path | str, model: Any, tcfg: TranscribeConfig) -> pr
 
 
 def normalize_midi(path: Path | str) -> pretty_midi.PrettyMIDI:
-    """A MIDI source as one piano track: non-drum notes and sustain pedal merged; tempo map and meter kept.
+    """A MIDI source as one piano track (`merge_piano`: non-drum notes and sustain pedal; tempo map, meter kept).
 
     Raises:
         TranscribeError: no non-drum notes.
     """
-    pm = pretty_midi.PrettyMIDI(str(path))
-    piano = pretty_midi.Instrument(program=0, name="Piano")
-    for inst in pm.instruments:
-        if not inst.is_drum:
-            piano.notes.extend(inst.notes)
-            piano.control_changes.extend(cc for cc in inst.control_changes if cc.number == 64)
-    if not piano.notes:
+    pm = merge_piano(pretty_midi.PrettyMIDI(str(path)))
+    if not pm.instruments[0].notes:
         raise TranscribeError("MIDI has no (non-drum) notes")
-    piano.notes.sort(key=lambda n: (n.start, n.pitch))
-    piano.control_changes.sort(key=lambda cc: cc.time)
-    pm.instruments = [piano]
     return pm
 
 
