@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.core.config import Config, ConfigError, load_config, parse_override, section_json
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # tests/pipeline/core/ -> repo root
 
 
 def test_repo_params_validate():
