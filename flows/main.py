@@ -81,10 +81,10 @@ def stage_task(node: graph.Stage, cfg: Config):
         return task(_train, name=node.name, retry_delay_seconds=0, cache_policy=NONE, **options)
     if node.name == "promote":
         return task(_promote, name=node.name, cache_policy=NONE)
-    retries = cfg.acquire.retries if node.network else 0  # a download can fail and then succeed
-    return task(
-        _run_stage, name=node.name, retries=retries, retry_delay_seconds=cfg.acquire.backoff_s, cache_policy=NONE
-    )
+    # No task retries for data stages, acquire included: yt-dlp knows which errors are transient and retries the
+    # request that failed (acquire.retries, acquire.backoff_s), not the whole stage; a URL that still fails is
+    # reported and tried again next run.
+    return task(_run_stage, name=node.name, cache_policy=NONE)
 
 
 def summary_markdown(reports: dict[str, StageReport]) -> str:

@@ -32,7 +32,6 @@ class Stage:
         params: params.yaml sections (or dotted keys) that shape the outputs.
         kind: data (in-process, item-wise), train (a child process, retried after preemption) or model (MLflow).
         after: stages that must run first without being read (acquire reads the demo's audio through its sources).
-        network: a retry can help (downloads).
         enabled_by: a boolean params key that switches the stage off (`demo.enabled`); None = always on.
         dvc: whether dvc.yaml tracks it (evaluate and promote write to MLflow, not to files DVC versions).
     """
@@ -43,7 +42,6 @@ class Stage:
     params: tuple[str, ...] = ()
     kind: Kind = "data"
     after: tuple[str, ...] = ()
-    network: bool = False
     enabled_by: str | None = None
     dvc: bool = True
 
@@ -65,7 +63,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("demo", "pipeline.data.demo:run_demo", params=("demo",), enabled_by="demo.enabled"),
     Stage("base", "pipeline.data.base:run_base", params=("base",)),
-    Stage("acquire", "pipeline.data.acquire:run_acquire", params=("acquire",), after=("demo",), network=True),
+    Stage("acquire", "pipeline.data.acquire:run_acquire", params=("acquire",), after=("demo",)),
     Stage("transcribe", "pipeline.data.transcribe:run_transcribe", ("acquire",), ("transcribe",)),
     Stage("clean", "pipeline.data.clean:run_clean", ("transcribe", "base"), ("clean",)),
     Stage("split", "pipeline.data.split:run_split", ("clean",), ("split",)),

@@ -3,8 +3,9 @@
 A stage builds one `Job` per item (its id, a cache key hashing everything the item's output depends on: input
 content, the stage's params, the code version, and the picklable call that builds it) and hands them to `run_jobs`.
 Same key and outputs still on disk: skipped. A failing item becomes a one-line message in the report and the index
-(same key: not retried, still reported) while the rest go on. Workers are spawned processes, each optionally set up
-once by an initializer (a transcription model, a tokenizer).
+(same key: not retried, still reported) while the rest go on; a `TransientError` (input missing, network down,
+worker crashed) is reported but not recorded, so the next run tries again. Workers are spawned processes, each set
+up once by an optional initializer (a transcription model, a tokenizer) that is told its share of the cores.
 """
 
 from __future__ import annotations
@@ -135,6 +136,17 @@ class ItemIndex:
         self.journal.unlink(missing_ok=True)
 
 
+class ItemError(Exception):
+    """A failure whose message is already one clear line for the report (no exception type put in front)."""
+
+
+class TransientError(ItemError):
+    """A failure that says nothing about the item's inputs (input missing, network down, worker crashed).
+
+    Reported but not recorded in the index, so the next run tries the item again.
+    """
+
+
 @dataclass
 class ItemResult:
     """What one item produced: output paths relative to the stage dir, filtered-out parts, per-item figures."""
@@ -142,6 +154,9 @@ class ItemResult:
     outputs: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)  # item or sub-item id -> reason
     stats: dict[str, float] = field(default_factory=dict)  # summed over items into the report
+    items: list[str] | None = None  # ids reported as processed/cached when one job yields several; None: its id
+    failed: dict[str, str] = field(default_factory=dict)  # sub-items that failed: the job is redone next run
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields for the index entry (acquire's manifest rows)
 
 
 @dataclass
@@ -152,27 +167,65 @@ class Job:
     key: str
     fn: Callable[..., ItemResult]
     args: tuple[Any, ...]
+    label: str | None = None  # the id a failure of the whole job is reported under (default: item_id)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.item_id
 
 
-def _call(job: Job) -> ItemResult | str:
+@dataclass(frozen=True)
+class _Failure:
+    message: str
+    transient: bool
+
+
+Initializer = Callable[..., None]  # initializer(threads, *initargs); threads: cores per worker, None inline
+
+
+def _call(job: Job) -> ItemResult | _Failure:
     """Run a job; a failure comes back as a one-line message so the pool and the other items go on."""
     try:
         return job.fn(*job.args)
+    except ItemError as err:
+        return _Failure(_one_line(str(err)), isinstance(err, TransientError))
     except Exception as err:
-        return f"{type(err).__name__}: {err}".replace("\n", " ")[:500]
+        return _Failure(_one_line(f"{type(err).__name__}: {err}"), False)
 
 
-def _results(jobs: list[Job], workers: int) -> Iterator[tuple[Job, ItemResult | str]]:
-    if workers <= 1 or len(jobs) <= 1:
+def _one_line(text: str) -> str:
+    return text.replace("\n", " ")[:500]
+
+
+def _init_process(initializer: Initializer | None, threads: int, initargs: tuple[Any, ...]) -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # one bar, in the parent
+    if initializer is not None:
+        initializer(threads, *initargs)
+
+
+def _results(
+    jobs: list[Job], workers: int, initializer: Initializer | None, initargs: tuple[Any, ...]
+) -> Iterator[tuple[Job, ItemResult | _Failure]]:
+    if not jobs:
+        return
+    n = min(workers, len(jobs), os.cpu_count() or 1)
+    if n <= 1:
+        if initializer is not None:  # only once there is work: a fully cached run loads no model
+            initializer(None, *initargs)
         for job in jobs:
             yield job, _call(job)
         return
-    # spawn, not fork: drivers run inside Prefect/MLflow processes whose background threads may hold locks
+    threads = max(1, (os.cpu_count() or 1) // n)  # n processes share the cores
+    # spawn, not fork: drivers run inside Prefect/MLflow processes (and beside onnxruntime) whose threads hold locks
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs), os.cpu_count() or 1), mp_context=ctx) as pool:
+    init_args = (initializer, threads, initargs)
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_process, initargs=init_args) as pool:
         futures = {pool.submit(_call, job): job for job in jobs}
         for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+            try:
+                yield futures[fut], fut.result()
+            except Exception as err:  # a crashed worker (BrokenProcessPool) fails its item, not the stage
+                yield futures[fut], _Failure(_one_line(f"worker failed: {type(err).__name__}: {err}"), True)
 
 
 def _forget_stale(index: ItemIndex, item_id: str, keep: list[str], base: Path) -> None:
@@ -182,11 +235,48 @@ def _forget_stale(index: ItemIndex, item_id: str, keep: list[str], base: Path) -
             (base / rel).unlink(missing_ok=True)
 
 
-def run_jobs(jobs: list[Job], index: ItemIndex, out_dir: Path, report: StageReport, workers: int) -> None:
+def _report_cached(job: Job, entry: dict[str, Any], report: StageReport) -> None:
+    report.cached.extend(entry.get("items", [job.item_id]))
+    if entry.get("error"):
+        report.failed[job.name] = entry["error"]
+    report.dropped.update(entry.get("dropped", {}))
+
+
+def _record(job: Job, result: ItemResult | _Failure, index: ItemIndex, out_dir: Path, report: StageReport) -> None:
+    if isinstance(result, _Failure):
+        report.failed[job.name] = result.message
+        if not result.transient:  # deterministic for these inputs and params: don't retry every run
+            _forget_stale(index, job.item_id, [], out_dir)
+            index.record(job.item_id, job.key, error=result.message)
+        return
+    _forget_stale(index, job.item_id, result.outputs, out_dir)
+    report.processed.extend(result.items if result.items is not None else [job.item_id])
+    report.dropped.update(result.dropped)
+    report.failed.update(result.failed)
+    key = f"incomplete:{job.key}" if result.failed else job.key  # not fresh: failed parts are tried again
+    extra = {"items": result.items} if result.items is not None else {}
+    extra |= result.extra
+    index.record(job.item_id, key, outputs=result.outputs, dropped=result.dropped, stats=result.stats, **extra)
+
+
+def run_jobs(
+    jobs: list[Job],
+    index: ItemIndex,
+    out_dir: Path,
+    report: StageReport,
+    workers: int,
+    initializer: Initializer | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> None:
     """The driver loop: skip fresh items, build the rest (in `workers` processes), record everything.
 
     Cached items re-report their stored error or dropped reasons, so report.json always describes the whole
     input set, not just this run's work.
+
+    Args:
+        initializer: sets up a process before its first job, as `initializer(threads, *initargs)`: once in each
+            pool worker (threads = its share of the cores), or once inline when there is work (threads = None,
+            the library's default). It must be picklable (a module-level function).
     """
     report.items_in += len(jobs)
     pending = []
@@ -194,23 +284,12 @@ def run_jobs(jobs: list[Job], index: ItemIndex, out_dir: Path, report: StageRepo
         entry = index.fresh(job.item_id, job.key, out_dir)
         if entry is None:
             pending.append(job)
-            continue
-        report.cached.append(job.item_id)
-        if entry.get("error"):
-            report.failed[job.item_id] = entry["error"]
-        report.dropped.update(entry.get("dropped", {}))
+        else:
+            _report_cached(job, entry, report)
     bar = tqdm(total=len(pending), desc=report.stage, disable=None, unit="item")
-    for job, result in _results(pending, workers):
+    for job, result in _results(pending, workers, initializer, initargs):
         bar.update()
-        if isinstance(result, str):
-            _forget_stale(index, job.item_id, [], out_dir)
-            report.failed[job.item_id] = result
-            index.record(job.item_id, job.key, error=result)
-            continue
-        _forget_stale(index, job.item_id, result.outputs, out_dir)
-        report.processed.append(job.item_id)
-        report.dropped.update(result.dropped)
-        index.record(job.item_id, job.key, outputs=result.outputs, dropped=result.dropped, stats=result.stats)
+        _record(job, result, index, out_dir, report)
     bar.close()
 
 

@@ -1,7 +1,11 @@
-"""MIDI helpers shared by the symbolic stages (demo, base, clean, augment), plus their common per-item driver loop.
+"""MIDI helpers shared by the symbolic stages (demo, base, transcribe, clean).
 
-Everything here speaks pretty_midi (seconds) except augment, which needs symusic for miditok. A "piano track" is
-one non-drum instrument, program 0, notes sorted by onset with no overlapping notes of the same pitch.
+A "piano track" is one non-drum instrument, program 0, notes sorted by onset. Merging a file's tracks into one is
+written once per MIDI library: `merge_piano` here (pretty_midi), `pipeline.data.tokenize.load_piano_score`
+(symusic, which miditok reads). Why two libraries: Basic Pitch hands back pretty_midi notes, and clean's
+thresholds are in seconds, which pretty_midi keeps (symusic counts ticks); writing these stages' files with symusic
+instead would change every stored file's bytes (and so every downstream cache key) for no gain in what they hold.
+augment and tokenize use symusic because miditok does.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ PIANO_PROGRAM = 0  # GM Acoustic Grand Piano
 DEFAULT_TEMPO_BPM = 120.0  # MIDI's own default; used when a source has no tempo
 TICKS_PER_QUARTER = 480  # resolution of MIDI files we create (pretty_midi's 220 is coarse for 1/32 triplets)
 MIN_NOTE_S = 1e-3  # seconds; shorter notes (after overlap trimming) cannot be written meaningfully
+SUSTAIN_CC = 64  # MIDI controller number of the sustain (damper) pedal
 
 
 class MidiError(ValueError):
@@ -69,9 +74,36 @@ def fix_overlaps(notes: Iterable[pretty_midi.Note]) -> list[pretty_midi.Note]:
     return [n for n in out if n.end - n.start >= MIN_NOTE_S]
 
 
+def melodic(pm: pretty_midi.PrettyMIDI) -> list[pretty_midi.Instrument]:
+    """The instruments whose notes make the piano part: all but drums."""
+    return [inst for inst in pm.instruments if not inst.is_drum]
+
+
 def piano_notes(pm: pretty_midi.PrettyMIDI) -> list[pretty_midi.Note]:
     """All non-drum notes of a file as one piano part (see `fix_overlaps`)."""
-    return fix_overlaps(n for inst in pm.instruments if not inst.is_drum for n in inst.notes)
+    return fix_overlaps(n for inst in melodic(pm) for n in inst.notes)
+
+
+def _piano(notes: list[pretty_midi.Note], controls: list[pretty_midi.ControlChange], program: int):
+    piano = pretty_midi.Instrument(program=program, name="Piano")
+    piano.notes, piano.control_changes = notes, controls
+    return piano
+
+
+def merge_piano(pm: pretty_midi.PrettyMIDI) -> pretty_midi.PrettyMIDI:
+    """`pm` in place as one piano track: every non-drum note (sorted, overlaps kept) and sustain pedal change.
+
+    The tempo map, meter and text events are kept.
+    """
+    parts = melodic(pm)
+    notes = sorted((n for inst in parts for n in inst.notes), key=lambda n: (n.start, n.pitch))
+    pedal = sorted((cc for inst in parts for cc in inst.control_changes if cc.number == SUSTAIN_CC), key=_time)
+    pm.instruments = [_piano(notes, pedal, PIANO_PROGRAM)]
+    return pm
+
+
+def _time(cc: pretty_midi.ControlChange) -> float:
+    return cc.time
 
 
 def with_notes(
@@ -83,12 +115,8 @@ def with_notes(
     piano MIDI carry their pedalling there.
     """
     out = copy.copy(pm)
-    melodic = [inst for inst in pm.instruments if not inst.is_drum]
-    piano = pretty_midi.Instrument(program=program, name="Piano")
-    piano.notes = list(notes)
-    if melodic:
-        piano.control_changes = list(melodic[0].control_changes)
-    out.instruments = [piano]
+    parts = melodic(pm)
+    out.instruments = [_piano(list(notes), list(parts[0].control_changes) if parts else [], program)]
     out.lyrics, out.text_events = [], []
     return out
 

@@ -20,20 +20,18 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import miditok
 import numpy as np
-from miditok.utils.utils import np_get_closest  # not re-exported by miditok.utils
 from symusic import Score, Track
-from tqdm import tqdm
 
 from pipeline.core import constants as C
 from pipeline.core.config import Config, TokenizeConfig, section_json
 from pipeline.core.files import atomic_path, piece_id, read_json, sha256_file, sha256_text, write_json
-from pipeline.core.items import ItemIndex, StageReport, raise_if_all_failed
+from pipeline.core.items import ItemIndex, ItemResult, Job, StageReport, raise_if_all_failed, run_jobs
+from pipeline.data.roundtrip import roundtrip_counts
 from realtime.bundle_format import SPECIAL_TOKENS, load_tokenizer, special_ids  # one loader, one id convention
 
 STAGE_VERSION = "1"  # bump when the per-piece encoding changes, to invalidate the cache
@@ -176,6 +174,8 @@ def _meta_stats(meta: dict) -> dict:
 def load_piano_score(path: Path | str) -> Score:
     """Read a MIDI file and merge its non-drum tracks into one piano track (the model sees one stream).
 
+    The symusic twin of `pipeline.core.midi.merge_piano` (miditok reads symusic scores; see there for why two).
+
     Raises:
         ValueError: the file cannot be parsed or has no notes.
     """
@@ -220,58 +220,6 @@ def encode_file(tokenizer: miditok.MusicTokenizer, path: Path) -> tuple[np.ndarr
     score = load_piano_score(path)
     ids = encode_score(tokenizer, score)
     return ids, roundtrip_counts(tokenizer, score, decode_ids(tokenizer, ids))
-
-
-def roundtrip_counts(tokenizer: miditok.MusicTokenizer, original: Score, decoded: Score) -> dict[str, int]:
-    """Notes of `original` that survive encode -> decode within the tokenizer's quantization.
-
-    A note matches an unused decoded note of the same pitch whose onset is within half the finest grid step,
-    whose velocity is the original's velocity bin, and whose duration is within one grid step of the beat range
-    it falls in (notes longer than the grid's last beat may also come back capped there). Times are in beats.
-
-    Returns:
-        `notes` in `original`, `matched` (all four criteria), `onsets_matched` (pitch and onset only: MIDILike
-        cannot tell overlapping notes of one pitch apart, so only their durations may differ).
-    """
-    step = 1.0 / tokenizer.config.max_num_pos_per_beat  # beats
-    ranges = sorted((lo, hi, 1.0 / res) for (lo, hi), res in tokenizer.config.beat_res.items())
-    lookup: dict[tuple[int, int], list[tuple[float, float, int]]] = defaultdict(list)
-    for onset, dur, pitch, vel in _note_table(decoded):
-        lookup[(int(pitch), round(onset / step))].append((onset, dur, int(vel)))
-    table = _note_table(original)
-    vel_bins = np_get_closest(tokenizer.velocities, table[:, 3]) if len(table) else []
-    matched = onsets = 0
-    for (onset, dur, pitch, _), vel_bin in zip(table, vel_bins, strict=True):
-        near = _pop_nearest(lookup, int(pitch), onset, step)
-        onsets += near is not None
-        matched += near is not None and near[2] == vel_bin and _duration_ok(dur, near[1], ranges, step)
-    return {"notes": len(table), "matched": int(matched), "onsets_matched": onsets}
-
-
-def _note_table(score: Score) -> np.ndarray:
-    """(n_notes, 4) float64: onset (beats), duration (beats), pitch, velocity, over all tracks."""
-    soas = [track.notes.numpy() for track in score.tracks]
-    cols = [np.column_stack([soa[k] for k in ("time", "duration", "pitch", "velocity")]) for soa in soas]
-    table = np.concatenate(cols or [np.zeros((0, 4))]).astype(np.float64)
-    table[:, :2] /= score.ticks_per_quarter
-    return table
-
-
-def _pop_nearest(lookup: dict, pitch: int, onset: float, step: float) -> tuple[float, float, int] | None:
-    center = round(onset / step)
-    best = None
-    for cell in (center - 1, center, center + 1):
-        for j, cand in enumerate(lookup.get((pitch, cell), [])):
-            err = abs(cand[0] - onset)
-            if err <= step / 2 + 1e-9 and (best is None or err < best[0]):
-                best = (err, cell, j)
-    return None if best is None else lookup[(pitch, best[1])].pop(best[2])
-
-
-def _duration_ok(original: float, decoded: float, ranges: list[tuple[int, int, float]], step: float) -> bool:
-    tol = max([step] + [g for lo, hi, g in ranges if lo <= original < hi]) + 1e-9
-    longest = ranges[-1][1]
-    return abs(decoded - original) <= tol or (original > longest and abs(decoded - longest) <= tol)
 
 
 def window_ids(ids: np.ndarray, max_seq_len: int, overlap: int, pad_id: int) -> np.ndarray:
@@ -321,41 +269,39 @@ def _with_augmented(augment_dir: Path, clean: list[Path], pieces: set[str]) -> l
     return augmented + [p for p in clean if piece_id(p.stem) not in covered]
 
 
-def encode_items(items: list[Item], tokenizer: miditok.MusicTokenizer, out_dir: Path, report: StageReport) -> dict:
-    """Encode new or changed items into the cache (per-item failures go to `report.failed`).
+_TOKENIZER: miditok.MusicTokenizer | None = None  # this process's tokenizer (set by `_init_encoder`)
+
+
+def _init_encoder(threads: int | None, tokenizer_path: Path) -> None:
+    """`run_jobs` initializer: load tokenizer.json once per process (the same file every later reader loads)."""
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(tokenizer_path)
+
+
+def encode_item(path: Path, out_dir: Path, rel: str) -> ItemResult:
+    """Encode one MIDI file with this process's tokenizer into `out_dir/rel` (int32 ids, no BOS/EOS)."""
+    ids, counts = encode_file(_TOKENIZER, path)
+    _save_npy(out_dir / rel, ids)
+    return ItemResult(outputs=[rel], stats={"n_tokens": len(ids), **counts})
+
+
+def encode_items(items: list[Item], out_dir: Path, report: StageReport, workers: int) -> dict:
+    """Encode new or changed items into the cache on `workers` processes (failures go to `report.failed`).
 
     Returns:
-        item key -> index entry (with `n_tokens`, `matched`, `notes`) for items that encoded.
+        item key -> index entry (`outputs`, and `stats` with `n_tokens`, `matched`, `notes`) for items that encoded.
     """
     index = ItemIndex(out_dir / CACHE_DIR / C.INDEX_NAME)
-    tok_sha = sha256_file(out_dir / TOKENIZER_NAME)
-    done = {}
-    for item in tqdm(items, desc="tokenize", disable=None):
+    tok_path = out_dir / TOKENIZER_NAME
+    tok_sha = sha256_file(tok_path)
+    jobs = []
+    for item in items:
         key = sha256_text(sha256_file(item.path), tok_sha, STAGE_VERSION)
-        entry = index.fresh(item.key, key, out_dir)
-        if entry is None:
-            entry = _encode_item(item, tokenizer, out_dir, index, key)
-            report.processed.append(item.key)
-        else:
-            report.cached.append(item.key)
-        if "error" in entry:
-            report.failed[item.key] = entry["error"]
-        else:
-            done[item.key] = entry
+        rel = f"{CACHE_DIR}/{item.corpus}/{item.item_id}.npy"
+        jobs.append(Job(item.key, key, encode_item, (item.path, out_dir, rel)))
+    run_jobs(jobs, index, out_dir, report, workers, initializer=_init_encoder, initargs=(tok_path,))
     index.prune({i.key for i in items}, out_dir)
-    return done
-
-
-def _encode_item(item: Item, tokenizer: miditok.MusicTokenizer, out_dir: Path, index: ItemIndex, key: str) -> dict:
-    rel = f"{CACHE_DIR}/{item.corpus}/{item.item_id}.npy"
-    try:
-        ids, counts = encode_file(tokenizer, item.path)
-    except Exception as err:
-        index.record(item.key, key, error=f"{type(err).__name__}: {err}")
-    else:
-        _save_npy(out_dir / rel, ids)
-        index.record(item.key, key, outputs=[rel], n_tokens=len(ids), **counts)
-    return index.entries[item.key]
+    return {k: e for k, e in index.entries.items() if "error" not in e}
 
 
 def _save_npy(dest: Path, array: np.ndarray) -> None:
@@ -394,11 +340,10 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     """
     report = StageReport(stage="tokenize")
     items = collect_items(inputs)
-    report.items_in = len(items)
     train_paths = [i.path for i in items if i.split == "train"]
     tokenizer, bpe_stats = ensure_tokenizer(cfg, train_paths, out_dir)
     ids = special_ids(tokenizer)
-    done = encode_items(items, tokenizer, out_dir, report)
+    done = encode_items(items, out_dir, report, cfg.project.workers)
     counts = write_windows(items, done, out_dir, cfg.tokenize, ids)
     report.outputs = len(counts)
     report.stats = _stats(cfg.tokenize, tokenizer, ids, bpe_stats, done, counts)
@@ -413,7 +358,8 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
 def _stats(
     tc: TokenizeConfig, tokenizer: miditok.MusicTokenizer, ids: dict, bpe: dict, done: dict, counts: dict
 ) -> dict:
-    notes, matched, onsets = (sum(e[k] for e in done.values()) for k in ("notes", "matched", "onsets_matched"))
+    counts_of = ("notes", "matched", "onsets_matched")
+    notes, matched, onsets = (sum(e["stats"][k] for e in done.values()) for k in counts_of)
     return {
         "kind": tc.kind,
         "vocab_size": tokenizer.vocab_size,

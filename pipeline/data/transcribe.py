@@ -9,24 +9,31 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import multiprocessing
-import os
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pretty_midi
-from tqdm import tqdm
 
 from pipeline.core import constants as C
 from pipeline.core.config import Config, TranscribeConfig, section_json
-from pipeline.core.files import atomic_path, sha256_file, sha256_text
-from pipeline.core.items import ItemIndex, StageReport, raise_if_all_failed
-from pipeline.data.acquire import read_manifest
+from pipeline.core.files import sha256_file, sha256_text
+from pipeline.core.items import (
+    ItemError,
+    ItemIndex,
+    ItemResult,
+    Job,
+    StageReport,
+    TransientError,
+    count_outputs,
+    raise_if_all_failed,
+    run_jobs,
+)
+from pipeline.core.midi import merge_piano, save_midi
+from pipeline.data.acquire.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +44,11 @@ BATCH_WINDOWS = 4  # Basic Pitch windows (~2 s of audio each) per ONNX call
 OVERLAP_FRAMES = 30  # Basic Pitch's own window overlap, in model frames
 NO_NOTES = "no notes detected — silent or non-piano audio?"
 
-_MODEL: Any = None  # this process's Basic Pitch model (loaded by the pool initializer or on first inline use)
+_MODEL: Any = None  # this process's Basic Pitch model, loaded on its first audio item
+_THREADS: int | None = None  # onnxruntime intra-op threads of this process (set by `_init_worker`)
 
 
-class TranscribeError(RuntimeError):
+class TranscribeError(ItemError):
     """An item that cannot be transcribed; the message is one clear line for the report."""
 
 
@@ -186,62 +194,56 @@ def transcribe_audio(path: Path | str, model: Any, tcfg: TranscribeConfig) -> pr
 
 
 def normalize_midi(path: Path | str) -> pretty_midi.PrettyMIDI:
-    """A MIDI source as one piano track: non-drum notes and sustain pedal merged; tempo map and meter kept.
+    """A MIDI source as one piano track (`merge_piano`: non-drum notes and sustain pedal; tempo map, meter kept).
 
     Raises:
         TranscribeError: no non-drum notes.
     """
-    pm = pretty_midi.PrettyMIDI(str(path))
-    piano = pretty_midi.Instrument(program=0, name="Piano")
-    for inst in pm.instruments:
-        if not inst.is_drum:
-            piano.notes.extend(inst.notes)
-            piano.control_changes.extend(cc for cc in inst.control_changes if cc.number == 64)
-    if not piano.notes:
+    pm = merge_piano(pretty_midi.PrettyMIDI(str(path)))
+    if not pm.instruments[0].notes:
         raise TranscribeError("MIDI has no (non-drum) notes")
-    piano.notes.sort(key=lambda n: (n.start, n.pitch))
-    piano.control_changes.sort(key=lambda cc: cc.time)
-    pm.instruments = [piano]
     return pm
 
 
-# --- workers -----------------------------------------------------------------------------------------------------
+# --- per item and driver ------------------------------------------------------------------------------------------
 
 
 def _init_worker(threads: int | None) -> None:
-    global _MODEL
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    _MODEL = load_model(threads)
+    """`run_jobs` initializer: this process's onnxruntime thread budget; the model loads on its first audio item."""
+    global _THREADS
+    _THREADS = threads
 
 
 def _model() -> Any:
     global _MODEL
     if _MODEL is None:
-        _MODEL = load_model()
+        _MODEL = load_model(_THREADS)
     return _MODEL
 
 
-def _work(job: dict[str, Any]) -> dict[str, Any]:
-    """Transcribe (or pass through) one item and write its MIDI. Never raises: errors come back as text."""
+def transcribe_item(src: Path, kind: str, tcfg: TranscribeConfig, dest: Path) -> ItemResult:
+    """Transcribe (or pass through) one acquired item and write its MIDI to `dest` (`midi/<id>.mid`).
+
+    Raises:
+        TransientError: the input is missing (not cached as a failure: acquire may bring the same file back).
+        TranscribeError: nothing to transcribe.
+    """
     t0 = time.perf_counter()
-    src, dest = Path(job["src"]), Path(job["dest"])
-    try:
-        if not src.exists():  # not cached as a failure: acquire may bring the same file back
-            return {"id": job["id"], "error": f"input missing: {src}", "transient": True}
-        if job["kind"] == "midi":
-            pm, audio_s = normalize_midi(src), 0.0
-        else:
-            pm = transcribe_audio(src, _model(), TranscribeConfig.model_validate_json(job["tcfg"]))
-            audio_s = _audio_seconds(src)
-        with atomic_path(dest) as tmp:
-            pm.write(str(tmp))
-    except TranscribeError as err:
-        return {"id": job["id"], "error": str(err)}
-    except Exception as err:  # decoders raise many types; one bad file must not stop the others
-        return {"id": job["id"], "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-    notes = sum(len(i.notes) for i in pm.instruments)
-    tempo = round(float(pm.get_tempo_changes()[1][0]), 2) if len(pm.get_tempo_changes()[1]) else None
-    return {"id": job["id"], "notes": notes, "audio_s": audio_s, "seconds": time.perf_counter() - t0, "tempo": tempo}
+    if not src.exists():
+        raise TransientError(f"input missing: {src}")
+    if kind == "midi":
+        pm, audio_s = normalize_midi(src), 0.0
+    else:
+        pm, audio_s = transcribe_audio(src, _model(), tcfg), _audio_seconds(src)
+    save_midi(pm, dest)
+    tempi = pm.get_tempo_changes()[1]
+    stats = {
+        "notes": sum(len(i.notes) for i in pm.instruments),
+        "audio_s": audio_s,  # seconds of audio (0 for MIDI)
+        "seconds": time.perf_counter() - t0,  # work time of this item
+        "tempo": round(float(tempi[0]), 2) if len(tempi) else None,  # BPM
+    }
+    return ItemResult(outputs=[f"midi/{dest.name}"], stats=stats)
 
 
 def _audio_seconds(path: Path) -> float:
@@ -253,36 +255,7 @@ def _audio_seconds(path: Path) -> float:
         return 0.0
 
 
-def _run_jobs(jobs: list[dict[str, Any]], workers: int):
-    """Yield each job's result; inline for one worker or one job, else across a spawned process pool."""
-    bar = tqdm(total=len(jobs), desc="transcribe", unit="file", disable=None)
-    n = min(workers, len(jobs))
-    if n <= 1:
-        for job in jobs:
-            yield _work(job)
-            bar.update()
-    else:
-        threads = max(1, (os.cpu_count() or 1) // n)  # n processes share the cores
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe beside onnxruntime's and Prefect's threads
-        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(_work, job): job for job in jobs}
-            for fut in as_completed(futures):
-                try:
-                    yield fut.result()
-                except Exception as err:  # a crashed worker (BrokenProcessPool) fails its item, not the stage
-                    yield {
-                        "id": futures[fut]["id"],
-                        "error": f"worker failed: {type(err).__name__}: {err}",
-                        "transient": True,
-                    }
-                bar.update()
-    bar.close()
-
-
-# --- driver ------------------------------------------------------------------------------------------------------
-
-
-def _job(row: dict[str, Any], cfg: Config, in_dir: Path, out_dir: Path) -> tuple[dict[str, Any], str]:
+def _job(row: dict[str, Any], cfg: Config, in_dir: Path, out_dir: Path) -> Job:
     kind = row.get("kind", "audio")
     src = in_dir / ("midi" if kind == "midi" else "audio") / f"{row['id']}{'.mid' if kind == 'midi' else '.wav'}"
     sha = row.get("sha256") or (sha256_file(src) if src.exists() else "missing")
@@ -290,27 +263,20 @@ def _job(row: dict[str, Any], cfg: Config, in_dir: Path, out_dir: Path) -> tuple
         key = sha256_text(sha, "midi-passthrough", STAGE_VERSION)
     else:
         key = sha256_text(sha, section_json(cfg.transcribe), model_id(cfg.transcribe), STAGE_VERSION)
-    job = {
-        "id": row["id"],
-        "kind": kind,
-        "src": str(src),
-        "dest": str(out_dir / "midi" / f"{row['id']}.mid"),
-        "tcfg": cfg.transcribe.model_dump_json(),
-    }
-    return job, key
+    dest = out_dir / "midi" / f"{row['id']}.mid"
+    return Job(row["id"], key, transcribe_item, (src, kind, cfg.transcribe, dest))
 
 
-def _stats(results: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    done = [r for r in results if "error" not in r]
-    audio_s = sum(r["audio_s"] for r in done)
-    work_s = sum(r["seconds"] for r in done if r["audio_s"] > 0)
+def _stats(done: list[dict[str, Any]], ids: list[str], wall_s: float) -> dict[str, Any]:
+    audio_s = sum(d["audio_s"] for d in done)
+    work_s = sum(d["seconds"] for d in done if d["audio_s"] > 0)
     return {
         "audio_s": round(audio_s, 2),  # seconds of audio transcribed this run
         "transcribe_s": round(wall_s, 2),  # wall time of the transcription phase
         "x_realtime": round(audio_s / wall_s, 2) if wall_s > 0 and audio_s > 0 else None,  # throughput
         "x_realtime_per_worker": round(audio_s / work_s, 2) if work_s > 0 else None,
-        "notes_per_item": {r["id"]: r["notes"] for r in done},
-        "tempo_per_item": {r["id"]: r["tempo"] for r in done},
+        "notes_per_item": {i: d["notes"] for i, d in zip(ids, done, strict=True)},
+        "tempo_per_item": {i: d["tempo"] for i, d in zip(ids, done, strict=True)},
     }
 
 
@@ -331,33 +297,14 @@ def run_transcribe(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> Stage
     report = StageReport(stage="transcribe")
     index = ItemIndex(out_dir / C.INDEX_NAME)
     rows = list(read_manifest(in_dir).values())
-    report.items_in = len(rows)
-    jobs, keys = [], {}
-    for row in rows:
-        job, keys[row["id"]] = _job(row, cfg, in_dir, out_dir)
-        entry = index.fresh(row["id"], keys[row["id"]], out_dir)
-        if entry is None:
-            jobs.append(job)
-        elif entry.get("error"):
-            report.failed[row["id"]] = entry["error"]
-        else:
-            report.cached.append(row["id"])
     t0 = time.perf_counter()
-    results = []
-    for result in _run_jobs(jobs, cfg.project.workers):
-        results.append(result)
-        item_id = result["id"]
-        if "error" in result:
-            report.failed[item_id] = result["error"]
-            if not result.get("transient"):  # deterministic for these bytes and params: don't retry every run
-                index.record(item_id, keys[item_id], error=result["error"])
-        else:
-            report.processed.append(item_id)
-            index.record(item_id, keys[item_id], outputs=[f"midi/{item_id}.mid"], notes=result["notes"])
+    jobs = [_job(row, cfg, in_dir, out_dir) for row in rows]
+    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker)
     report.processed.sort()
-    report.stats = _stats(results, time.perf_counter() - t0)
+    done = [index.entries[i]["stats"] for i in report.processed]
+    report.stats = _stats(done, report.processed, time.perf_counter() - t0)
     report.stats["pruned"] = index.prune({r["id"] for r in rows}, out_dir)
-    report.outputs = len(report.processed) + len(report.cached)
+    report.outputs = count_outputs(index, report.processed + report.cached)
     report.finish(out_dir, section_json(cfg.transcribe))
     raise_if_all_failed(report)
     return report

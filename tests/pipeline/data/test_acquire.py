@@ -245,3 +245,11 @@ def test_missing_and_unsupported_paths(tmp_path, make_cfg):
     }
     with pytest.raises(AcquireError, match="no such file"):
         acquire_source(Source("invalid", str(tmp_path / "nope.wav")), cfg, tmp_path)
+
+
+def test_yt_dlp_does_the_retrying_with_doubling_backoff(tmp_path, make_cfg):
+    from pipeline.data.acquire.url import _ydl_options
+
+    opts = _ydl_options(make_cfg(acquire={"retries": 4, "backoff_s": 0.5}), tmp_path)
+    assert opts["retries"] == opts["fragment_retries"] == opts["extractor_retries"] == 4
+    assert [opts["retry_sleep_functions"]["http"](n) for n in range(3)] == [0.5, 1.0, 2.0]
