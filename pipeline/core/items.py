@@ -305,3 +305,23 @@ def summed_stats(index: ItemIndex, ids: Iterable[str]) -> dict[str, float]:
 def count_outputs(index: ItemIndex, ids: Iterable[str]) -> int:
     """Number of output files the index holds for `ids`."""
     return sum(len(index.entries.get(i, {}).get("outputs", [])) for i in ids)
+
+
+def run_item_stage(jobs: list[Job], out_dir: Path, report: StageReport, workers: int) -> ItemIndex:
+    """The usual shape of a stage over independent items: forget vanished items, build the rest, count outputs.
+
+    Returns the stage's index, for per-item stats (`summed_stats`) the caller adds to the report.
+    """
+    index = ItemIndex(out_dir / C.INDEX_NAME)
+    ids = [j.item_id for j in jobs]
+    index.prune(set(ids), out_dir)
+    run_jobs(jobs, index, out_dir, report, workers)
+    report.outputs = count_outputs(index, ids)
+    return index
+
+
+def finish_stage(report: StageReport, out_dir: Path, config_json: str) -> StageReport:
+    """Write report.json and the resolved config; raise `AllItemsFailed` when nothing survived."""
+    report.finish(out_dir, config_json)
+    raise_if_all_failed(report)
+    return report

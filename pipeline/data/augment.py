@@ -16,13 +16,11 @@ from pipeline.core import constants as C
 from pipeline.core.config import AugmentConfig, Config, section_json
 from pipeline.core.files import atomic_path, read_json, sha256_file, sha256_text
 from pipeline.core.items import (
-    ItemIndex,
     ItemResult,
     Job,
     StageReport,
-    count_outputs,
-    raise_if_all_failed,
-    run_jobs,
+    finish_stage,
+    run_item_stage,
     summed_stats,
 )
 from pipeline.core.midi import MidiError
@@ -124,7 +122,6 @@ def run_augment(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRep
     """Augment the style train pieces into `data/augment/midi/` (incremental per piece)."""
     clean_dir = inputs["clean"] / C.STYLE
     report = StageReport(stage="augment")
-    index = ItemIndex(out_dir / C.INDEX_NAME)
     params = section_json(cfg.augment)
     jobs = []
     for item_id in train_ids(inputs["split"] / SPLIT_FILE):
@@ -136,12 +133,8 @@ def run_augment(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRep
         key = sha256_text(sha256_file(src), params, STAGE_VERSION)
         jobs.append(Job(item_id, key, augment_file, (src, item_id, cfg.augment, out_dir)))
     ids = [j.item_id for j in jobs]
-    index.prune(set(ids), out_dir)
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers)
-    report.outputs = count_outputs(index, ids)
+    index = run_item_stage(jobs, out_dir, report, cfg.project.workers)
     done = len(ids) - sum(1 for i in ids if i in report.failed)
     copies = summed_stats(index, ids).get("copies", 0)
     report.stats.update(pieces_in=done, copies_out=copies, factor=round(copies / done, 2) if done else 0.0)
-    report.finish(out_dir, params)
-    raise_if_all_failed(report)
-    return report
+    return finish_stage(report, out_dir, params)

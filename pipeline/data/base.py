@@ -20,13 +20,11 @@ from pipeline.core import constants as C
 from pipeline.core.config import BaseCorpusConfig, Config, section_json
 from pipeline.core.files import atomic_path, sha256_file, sha256_text, slug
 from pipeline.core.items import (
-    ItemIndex,
     ItemResult,
     Job,
     StageReport,
-    count_outputs,
-    raise_if_all_failed,
-    run_jobs,
+    finish_stage,
+    run_item_stage,
     summed_stats,
 )
 from pipeline.core.midi import (
@@ -273,7 +271,6 @@ def run_base(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport
     """Build `data/base/midi/<id>.mid` from the music21 corpus or a MIDI folder (incremental per piece)."""
     section = cfg.base
     report = StageReport(stage="base")
-    index = ItemIndex(out_dir / C.INDEX_NAME)
     if section.source == "music21":
         jobs = _music21_jobs(section, out_dir)
         empty = [c for c in section.composers if not corpus.getComposer(c)]
@@ -282,10 +279,6 @@ def run_base(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport
     else:
         jobs = _folder_jobs(section, out_dir, report)
     ids = [j.item_id for j in jobs]
-    index.prune(set(ids), out_dir)
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers)
-    report.outputs = count_outputs(index, ids)
+    index = run_item_stage(jobs, out_dir, report, cfg.project.workers)
     report.stats.update(summed_stats(index, ids))
-    report.finish(out_dir, section_json(section))
-    raise_if_all_failed(report)
-    return report
+    return finish_stage(report, out_dir, section_json(section))

@@ -16,13 +16,12 @@ from pipeline.core import constants as C
 from pipeline.core.config import CleanConfig, Config, section_json
 from pipeline.core.files import sha256_file, sha256_text
 from pipeline.core.items import (
-    ItemIndex,
     ItemResult,
     Job,
     StageReport,
     count_outputs,
-    raise_if_all_failed,
-    run_jobs,
+    finish_stage,
+    run_item_stage,
     summed_stats,
 )
 from pipeline.core.midi import load_midi, notes_to_midi, piano_notes, save_midi, tempo_at, with_notes
@@ -193,7 +192,6 @@ def _inputs(inputs: dict[str, Path]) -> dict[str, list[Path]]:
 def run_clean(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
     """Clean the style and base corpora into `data/clean/{style,base}/` (incremental per input file)."""
     report = StageReport(stage="clean")
-    index = ItemIndex(out_dir / C.INDEX_NAME)
     params = section_json(cfg.clean)
     jobs = []
     for corpus, files in _inputs(inputs).items():
@@ -201,9 +199,7 @@ def run_clean(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRepor
             key = sha256_text(sha256_file(src), params, STAGE_VERSION)
             jobs.append(Job(f"{corpus}/{src.stem}", key, clean_file, (src, corpus, cfg.clean, out_dir)))
     ids = [j.item_id for j in jobs]
-    index.prune(set(ids), out_dir)
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers)
-    report.outputs = count_outputs(index, ids)
+    index = run_item_stage(jobs, out_dir, report, cfg.project.workers)
     for corpus in SOURCES:
         corpus_ids = [i for i in ids if i.startswith(f"{corpus}/")]
         report.stats[corpus] = {
@@ -211,6 +207,4 @@ def run_clean(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRepor
             "outputs": count_outputs(index, corpus_ids),
             **summed_stats(index, corpus_ids),
         }
-    report.finish(out_dir, params)
-    raise_if_all_failed(report)
-    return report
+    return finish_stage(report, out_dir, params)

@@ -22,7 +22,7 @@ import soundfile as sf
 from pipeline.core import constants as C
 from pipeline.core.config import Config, DemoConfig, section_json
 from pipeline.core.files import atomic_path, sha256_file, sha256_text
-from pipeline.core.items import ItemIndex, ItemResult, Job, StageReport, count_outputs, raise_if_all_failed, run_jobs
+from pipeline.core.items import ItemResult, Job, StageReport, finish_stage, run_item_stage
 from pipeline.core.midi import MidiError, load_midi, note_totals, notes_to_midi
 from pipeline.core.midi import save_midi as save_midi_file
 from pipeline.data.base import corpus_item_id, corpus_root, list_corpus_pieces, parse_corpus_piece
@@ -157,16 +157,11 @@ def run_demo(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport
         item_id = corpus_item_id(rel)
         key = sha256_text(sha256_file(corpus_root() / rel), params, STAGE_VERSION)
         jobs.append(Job(item_id, key, make_demo_item, (rel, item_id, section, renderer, out_dir)))
-    index = ItemIndex(out_dir / C.INDEX_NAME)
     ids = [j.item_id for j in jobs]
-    index.prune(set(ids), out_dir)
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers)
-    report.outputs = count_outputs(index, ids)
+    index = run_item_stage(jobs, out_dir, report, cfg.project.workers)
     audio_s = sum(index.entries.get(i, {}).get("stats", {}).get("audio_s", 0.0) for i in ids)
     report.stats.update(renderer=renderer, pieces=len(ids) - len(report.failed), audio_s=round(audio_s, 1))
-    report.finish(out_dir, section_json(section))
-    raise_if_all_failed(report)
-    return report
+    return finish_stage(report, out_dir, section_json(section))
 
 
 def phrase_file(src: Path, dest: Path, bars: float = 2.0, rest_bars: float = 2.0, count: int = 4) -> int:

@@ -60,14 +60,22 @@ def test_file_in_recorded_session_out(tmp_path, prepared, mode):
     assert summary["p99_ms"] is not None and summary["rtf"] > 0
 
 
-def test_fuzzed_input_never_crashes_or_sticks(prepared):
-    """Random messages of every kind (and raw garbage bytes) mixed into real phrases."""
+def _start_memory_session(prepared, **settings):
+    """A session on a memory transport, running in its own thread: (transport, session, thread)."""
     transport = MemoryTransport()
-    settings = JamSettings(transport="memory", silence_gap_s=0.15, response_bars=0.25, seed=2, max_note_s=1.0)
-    session = JamSession(make_engine(prepared, settings), transport, settings, tempo_bpm=120.0)
+    jam = JamSettings(transport="memory", **settings)
+    session = JamSession(make_engine(prepared, jam), transport, jam, tempo_bpm=120.0)
     runner = threading.Thread(target=session.run)
     runner.start()
     assert transport.started.wait(10)
+    return transport, session, runner
+
+
+def test_fuzzed_input_never_crashes_or_sticks(prepared):
+    """Random messages of every kind (and raw garbage bytes) mixed into real phrases."""
+    transport, session, runner = _start_memory_session(
+        prepared, silence_gap_s=0.15, response_bars=0.25, seed=2, max_note_s=1.0
+    )
     rng = random.Random(7)
     kinds = ["note_on", "note_off", "control_change", "pitchwheel", "aftertouch", "polytouch", "program_change",
              "sysex", "clock", "start", "stop", "reset", "songpos"]  # fmt: skip
@@ -133,12 +141,9 @@ def test_errors_and_ctrl_c_still_end_every_note(prepared, error, monkeypatch):
 
 def test_trigger_controller_and_barge_in(prepared):
     """The trigger CC ends a phrase at once; playing over the answer takes back what has not sounded."""
-    transport = MemoryTransport()
-    settings = JamSettings(transport="memory", silence_gap_s=5.0, trigger_cc=64, response_bars=4, seed=0)
-    session = JamSession(make_engine(prepared, settings), transport, settings, tempo_bpm=120.0)
-    runner = threading.Thread(target=session.run)
-    runner.start()
-    assert transport.started.wait(10)
+    transport, session, runner = _start_memory_session(
+        prepared, silence_gap_s=5.0, trigger_cc=64, response_bars=4, seed=0
+    )
     for note in (60, 62, 64):
         transport.push(mido.Message("note_on", note=note, velocity=80))
         time.sleep(0.05)
