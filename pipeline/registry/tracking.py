@@ -142,9 +142,16 @@ class RunTracker:
 
     def __init__(self, cfg: Config, tags: dict[str, str], system_metrics: bool = True, name: str = ""):
         self.cfg, self.tags, self.system_metrics, self.name = cfg, tags, system_metrics, name
-        self.client = mlflow_client(cfg, create=True)
         self.run_id = ""
         self._monitor = None
+        self._client = None
+
+    @property
+    def client(self):
+        """Made on first use, so only the process that logs (the main one of several) touches the store."""
+        if self._client is None:
+            self._client = mlflow_client(self.cfg, create=True)
+        return self._client
 
     def open(self, run_id: str | None) -> str:
         """Create the run (None) or reopen `run_id`; a run missing from this store is replaced by a new one."""

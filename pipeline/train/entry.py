@@ -65,7 +65,8 @@ def train_stages(
         except train_errors() as err:
             error(f"{name}: {err}")
             return 1
-        echo(report.summary())
+        if int(os.environ.get("RANK", "0")) == 0:  # one summary line for several processes
+            echo(report.summary())
     return 0
 
 

@@ -139,7 +139,10 @@ def make_accelerator(mixed_precision: str):
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainInputError("mixed_precision fp16 needs CUDA; use bf16 or no on CPU")
     AcceleratorState._reset_state()  # several trainings in one process (tests, bench) may differ in precision
-    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False)
+    # cpu=True without CUDA: only then does accelerate join the gloo group that torchrun's variables describe
+    # (`torchrun --nproc_per_node N -m pipeline.train`); alone it changes nothing
+    cpu = not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, step_scheduler_with_optimizer=False, cpu=cpu)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], loop: LoopConfig) -> torch.optim.Optimizer:
@@ -247,27 +250,41 @@ def _checkpoint(run: _Run) -> str:
 
 
 def _train_step(run: _Run) -> tuple[float, int]:
-    """One optimizer step over `grad_accum` micro-batches. Returns (mean loss in nats/token, non-pad tokens)."""
+    """One optimizer step over `grad_accum` micro-batches on every process. Returns (loss in nats/token, tokens).
+
+    The loss is weighted by predicted tokens over the whole step (all micro-batches, all processes), so N processes
+    with batch_size B follow the same curve as one process with N x B: DDP averages gradients over processes, hence
+    the `num_processes` factor. With one process and one micro-batch the weight is exactly 1.
+    """
     acc, k = run.acc, run.job.loop.grad_accum
     run.model.train()
-    total, tokens = 0.0, 0
-    for i in range(k):
-        batch = {n: t.to(acc.device) for n, t in run.data.get(run.state.epoch, run.state.batch_in_epoch).items()}
+    batches = []
+    for _ in range(k):
+        batch = run.data.get(run.state.epoch, run.state.batch_in_epoch)
+        batches.append({n: t.to(acc.device) for n, t in batch.items()})
         run.state.advance(run.data.per_epoch)
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches]  # positions the loss averages over
+    step_counts = _summed(acc, [float(sum(counts)), float(sum(int(b["attention_mask"].sum()) for b in batches))])
+    predicted, tokens = max(step_counts[0], 1.0), int(step_counts[1])
+    nll = 0.0
+    for i, batch in enumerate(batches):
         with acc.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
             loss = run.model(**batch).loss
-            acc.backward(loss / k)
-        total += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
+            acc.backward(loss * (counts[i] * acc.num_processes / predicted))
+        nll += float(loss.detach()) * counts[i]
     if run.job.loop.grad_clip > 0:
         acc.clip_grad_norm_(run.trainable, run.job.loop.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if acc.num_processes > 1:
-        summed = acc.reduce(torch.tensor([total / k, tokens], device=acc.device, dtype=torch.float64), "sum")
-        return float(summed[0]) / acc.num_processes, int(summed[1])
-    return total / k, tokens
+    return _summed(acc, [nll])[0] / predicted, tokens
+
+
+def _summed(acc, values: list[float]) -> list[float]:
+    """`values` summed over processes (float64; as given with one process)."""
+    if acc.num_processes == 1:
+        return values
+    return acc.reduce(torch.tensor(values, device=acc.device, dtype=torch.float64), "sum").tolist()
 
 
 @torch.no_grad()
