@@ -88,7 +88,9 @@ def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunMo
         )
     net = net.eval()
     if tcfg.quantize and device == "cpu":
-        net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
+        # the positional-embedding builder reads its Linear's .weight directly: left in float
+        names = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and "posEmbed" not in n}
+        net = torch.ao.quantization.quantize_dynamic(net, names, dtype=torch.qint8)
     return TranskunModel(net.to(device), device)
 
 
