@@ -19,11 +19,14 @@ venv: $(STAMP)
 
 # basic-pitch is installed without its dependencies: on Python 3.11 it pins tensorflow<2.15.1 (and so numpy<2,
 # ~600 MB). We run its shipped ONNX model through onnxruntime, listed in pyproject.toml with its real needs.
+# transkun too: it requires torchaudio (no release matches our torch; we provide the one function it calls,
+# pipeline/data/transcribers/melscale.py), plus training/CLI-only packages (tensorboard, sox, pydub, ncls,
+# moduleconf, seaborn, torch-optimizer). Inference needs torch, numpy, scipy, pretty_midi, mir_eval: all listed.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps basic-pitch==0.4.0
+	$(BIN)/python -m pip install -q --no-deps basic-pitch==0.4.0 transkun==2.0.1
 	@touch $@
 
 # fluidsynth + a GM soundfont render the demo piano; jackd2 gives real MIDI ports without ALSA.
@@ -46,8 +49,10 @@ sysdeps:
 DEMO_PIECE = $$($(BIN)/python -c "import json; s = json.load(open('data/split/split.json')); \
 	print('data/clean/style/' + sorted(s['style']['test'])[0] + '.mid')")
 
+# The demo transcribes with Basic Pitch: Transkun on 2 CPU cores runs at ~1x real time (bench/transcribe.py), and
+# the demo's 15 minutes of audio would push `make demo` past ~10 minutes. User sources get params.yaml's transkun.
 demo: venv sysdeps
-	$(BIN)/jam run
+	$(BIN)/jam run --set transcribe.backend=basic_pitch
 	$(BIN)/jam phrases "$(DEMO_PIECE)" out/demo-phrases.mid
 	$(BIN)/jam play --input out/demo-phrases.mid --record out/demo-jam.mid --seed 0
 	$(BIN)/jam play --input "$(DEMO_PIECE)" --mode continuous --record out/demo-accompany.mid --duration-s 15 --seed 0

@@ -1,16 +1,19 @@
-"""Transcription speed (x realtime) and note onset F1 of Basic Pitch on rendered piano with known notes.
+"""Transcribers side by side: speed (x realtime), note-onset F1, onset+offset F1 and pedal accuracy (mir_eval).
 
-Reads pairs `<dir>/audio/<id>.wav` + `<dir>/scores/<id>.mid` (what `jam stage demo` writes to `data/demo`). When the
-folder has none, renders a few synthetic pieces with fluidsynth into a temp dir first. Prints one JSON object.
+Two sets: `--set expressive` (default) builds performances offline (bench/performances.py: the demo's scores with
+rubato, dynamics, chord spreads and sustain pedal, rendered with fluidsynth); `--set scores` reads pairs
+`<dir>/audio/<id>.wav` + `<dir>/scores/<id>.mid` (what `jam stage demo` writes to `data/demo`; rendered scores:
+exact timing, no pedal), rendering synthetic pieces when the folder has none. Prints one JSON object.
 
-    python bench/transcribe.py [--dir data/demo] [--limit 10] [--params params.yaml]
+    python bench/transcribe.py [--set expressive|scores] [--pieces 6] [--seconds 20] [--backends basic_pitch,transkun]
+        [--variant hop_s=12 --variant quantize=true ...]   # extra Transkun settings, each measured on its own
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,13 +26,19 @@ import numpy as np
 import pretty_midi
 import soundfile as sf
 
-from pipeline.core.config import load_config
-from pipeline.data.transcribe import load_model, model_id, transcribe_audio
+from pipeline.core.config import TranscribeConfig, load_config
+from pipeline.data.transcribe import transcribe_audio
+from pipeline.data.transcribers import make_transcriber
+from pipeline.data.transcribers.pedal import extend_through_pedal, pedal_intervals
+
+sys.path.insert(0, str(Path(__file__).parent))
+import performances
 
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 ONSET_TOLERANCE_S = 0.05  # mir_eval's default: an onset within 50 ms counts
 SYNTH_PIECES = 3
 SYNTH_SECONDS = 20.0
+PEDAL_FRAME_S = 0.01  # seconds per frame of the pedal-down accuracy
 
 
 def pairs(folder: Path, limit: int | None) -> list[tuple[str, Path, Path]]:
@@ -91,73 +100,120 @@ def onset_scores(reference: pretty_midi.PrettyMIDI, estimate: pretty_midi.Pretty
     return float(p), float(r), float(f)
 
 
-def _warm_up(wav: Path, model, tcfg) -> float:
-    """Transcribe the first few seconds once so one-off start-up costs stay out of the x-realtime figure."""
-    y, sr = sf.read(str(wav), frames=5 * sf.info(str(wav)).samplerate, always_2d=False)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-warmup-") as tmp:
-        sf.write(str(Path(tmp) / "warmup.wav"), y, sr)
-        with contextlib.suppress(RuntimeError):  # a silent opening: the warm-up still happened
-            transcribe_audio(Path(tmp) / "warmup.wav", model, tcfg)
-    return time.perf_counter() - t0
+def _arrays(notes: list[pretty_midi.Note]) -> tuple[np.ndarray, np.ndarray]:
+    intervals = np.array([[n.start, max(n.end, n.start + 1e-3)] for n in notes]).reshape(-1, 2)
+    return intervals, np.array([pretty_midi.note_number_to_hz(n.pitch) for n in notes])
 
 
-def bench(folder: Path, limit: int | None, params: Path, rendered: bool) -> dict:
-    tcfg = load_config(params).transcribe
+def _f1(ref: list[pretty_midi.Note], est: list[pretty_midi.Note], offsets: bool) -> float:
+    (ri, rp), (ei, ep) = _arrays(ref), _arrays(est)
+    ratio = 0.2 if offsets else None  # mir_eval's default offset tolerance: 20% of the note (at least 50 ms)
+    kw = {"onset_tolerance": ONSET_TOLERANCE_S, "offset_ratio": ratio}
+    return float(mir_eval.transcription.precision_recall_f1_overlap(ri, rp, ei, ep, **kw)[2])
+
+
+def _pedal_accuracy(ref: list, est: list, seconds: float) -> float:
+    """Fraction of PEDAL_FRAME_S frames whose pedal state (down/up) the estimate gets right."""
+    t = np.arange(0, seconds, PEDAL_FRAME_S)
+
+    def down(ccs: list) -> np.ndarray:
+        state = np.zeros(len(t), bool)
+        for a, b in pedal_intervals(ccs):
+            state |= (t >= a) & (t < b)
+        return state
+
+    return float(np.mean(down(ref) == down(est)))
+
+
+def score_item(ref_pm: pretty_midi.PrettyMIDI, est_pm: pretty_midi.PrettyMIDI, seconds: float) -> dict:
+    """Onset P/R/F1; onset+offset F1 against key releases and against sounding (pedal-extended) ends; pedal."""
+    ref_notes = [n for i in ref_pm.instruments for n in i.notes]
+    ref_pedal = [c for i in ref_pm.instruments for c in i.control_changes if c.number == 64]
+    est_notes = [n for i in est_pm.instruments for n in i.notes]
+    est_pedal = [c for i in est_pm.instruments for c in i.control_changes if c.number == 64]
+    p, r, f = onset_scores(ref_pm, est_pm)
+    row = {"precision": round(p, 3), "recall": round(r, 3), "onset_f1": round(f, 3)}
+    row["onoff_f1_key_release"] = round(_f1(ref_notes, est_notes, offsets=True), 3)
+    row["onoff_f1_sounding"] = round(_f1(extend_through_pedal(ref_notes, ref_pedal), est_notes, offsets=True), 3)
+    if ref_pedal:
+        row["pedal_accuracy"] = round(_pedal_accuracy(ref_pedal, est_pedal, seconds), 3) if est_pedal else None
+    return row
+
+
+def _variant(base: TranscribeConfig, backend: str, extra: str | None) -> TranscribeConfig:
+    updates: dict = {"backend": backend}
+    if extra:
+        for pair in extra.split(","):
+            key, value = pair.split("=")
+            updates[key] = json.loads(value) if value not in ("true", "false") else value == "true"
+    return base.model_copy(update=updates)
+
+
+def bench_one(found: list, tcfg: TranscribeConfig, label: str) -> dict:
+    """One transcriber setting over every pair: model load, a warm-up, then per-item speed and scores."""
+    transcriber = make_transcriber(tcfg.backend)
     t0 = time.perf_counter()
-    model = load_model()
+    model = transcriber.load_model(tcfg, None)
     load_s = time.perf_counter() - t0
-    found = pairs(folder, limit)
-    if not found:
-        sys.exit(f"no <id>.wav + <id>.mid pairs under {folder}/audio and {folder}/scores")
-    warmup_s = _warm_up(found[0][1], model, tcfg)
+    transcribe_audio(found[0][1], model, tcfg, transcriber)  # warm-up: one-off costs stay out of x-realtime
     rows, audio_s, work_s = [], 0.0, 0.0
     for item_id, wav, mid in found:
         t0 = time.perf_counter()
-        est = transcribe_audio(wav, model, tcfg)
-        seconds = time.perf_counter() - t0
-        duration = sf.info(str(wav)).duration
-        p, r, f = onset_scores(pretty_midi.PrettyMIDI(str(mid)), est)
+        est = transcribe_audio(wav, model, tcfg, transcriber)
+        seconds, duration = time.perf_counter() - t0, sf.info(str(wav)).duration
         audio_s, work_s = audio_s + duration, work_s + seconds
-        rows.append(
-            {
-                "id": item_id,
-                "audio_s": round(duration, 2),
-                "seconds": round(seconds, 3),
-                "x_realtime": round(duration / seconds, 1),
-                "precision": round(p, 3),
-                "recall": round(r, 3),
-                "onset_f1": round(f, 3),
-                "tempo": round(float(est.get_tempo_changes()[1][0]), 1),
-            }
-        )
-    return {
-        "dir": str(folder) if not rendered else "<rendered synthetic pieces>",
-        "model": model_id(tcfg),
-        "items": len(rows),
-        "model_load_s": round(load_s, 2),
-        "warmup_s": round(warmup_s, 2),  # first call in a process: numba/librosa caches load; excluded below
-        "audio_s": round(audio_s, 1),
-        "transcribe_s": round(work_s, 2),
-        "x_realtime": round(audio_s / work_s, 1),
-        "onset_f1_mean": round(float(np.mean([r["onset_f1"] for r in rows])), 3),
-        "onset_precision_mean": round(float(np.mean([r["precision"] for r in rows])), 3),
-        "onset_recall_mean": round(float(np.mean([r["recall"] for r in rows])), 3),
-        "per_item": rows,
+        row = {"id": item_id, "x_realtime": round(duration / seconds, 2)}
+        rows.append(row | score_item(pretty_midi.PrettyMIDI(str(mid)), est, duration))
+    means = {
+        k: round(float(np.mean([r[k] for r in rows if r.get(k) is not None])), 3)
+        for k in rows[0]
+        if k not in ("id",) and any(r.get(k) is not None for r in rows)
     }
+    return (
+        {"label": label, "model": transcriber.model_id(tcfg), "model_load_s": round(load_s, 2)}
+        | means
+        | {
+            "x_realtime": round(audio_s / work_s, 2),
+            "audio_s": round(audio_s, 1),
+            "per_item": rows,
+        }
+    )
+
+
+def bench(folder: Path, args: argparse.Namespace, described: str) -> dict:
+    base = load_config(args.params).transcribe
+    found = pairs(folder, args.pieces)
+    if not found:
+        sys.exit(f"no <id>.wav + <id>.mid pairs under {folder}/audio and {folder}/scores")
+    runs = []
+    for backend in args.backends.split(","):
+        runs.append(bench_one(found, _variant(base, backend, None), backend))
+        if backend == "transkun":
+            runs += [bench_one(found, _variant(base, backend, v), f"transkun {v}") for v in args.variant]
+    import torch
+
+    machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    return {"set": described, "items": len(found), "machine": machine, "runs": runs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("data/demo"), help="folder with audio/ and scores/")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many pieces")
+    parser.add_argument("--set", choices=("expressive", "scores"), default="expressive")
+    parser.add_argument("--dir", type=Path, default=Path("data/demo"), help="scores set: folder with audio/, scores/")
+    parser.add_argument("--pieces", type=int, default=6, help="at most this many pieces")
+    parser.add_argument("--seconds", type=float, default=20.0, help="expressive set: seconds per piece")
+    parser.add_argument("--backends", default="basic_pitch,transkun")
+    parser.add_argument("--variant", action="append", default=[], help="extra transkun settings: k=v[,k=v]")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="transcribe.* settings from here")
     args = parser.parse_args()
-    if pairs(args.dir, args.limit):
-        result = bench(args.dir, args.limit, args.params, rendered=False)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-transcribe-") as tmp:
-            result = bench(render_synthetic(Path(tmp)), args.limit, args.params, rendered=True)
+    with tempfile.TemporaryDirectory(prefix="bench-transcribe-") as tmp:
+        if args.set == "expressive":
+            folder = performances.build(Path(tmp), args.pieces, args.seconds)
+            result = bench(folder, args, f"expressive: {args.pieces} x {args.seconds} s performances")
+        elif pairs(args.dir, args.pieces):
+            result = bench(args.dir, args, f"rendered scores in {args.dir}")
+        else:
+            result = bench(render_synthetic(Path(tmp)), args, "rendered synthetic pieces")
     print(json.dumps(result, indent=2))
 
 

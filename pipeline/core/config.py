@@ -63,10 +63,19 @@ class AcquireConfig(Section):
 
 
 class TranscribeConfig(Section):
+    backend: Literal["basic_pitch", "transkun"] = "transkun"  # piano-specific, models the pedal (bench/transcribe.py)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU (Transkun; Basic Pitch: CPU)
+    note_ends: Literal["sounding", "key_release"] = "sounding"  # sounding: notes held on through the sustain pedal
+    min_audio_s: float = Field(1.0, gt=0)  # seconds; shorter audio is reported, not transcribed
+    # Transkun's segment loop: windows of segment_s every hop_s seconds (its conf: 16 / 8)
+    segment_s: float = Field(16.0, gt=0)  # seconds
+    hop_s: float = Field(8.0, gt=0)  # seconds
+    quantize: bool = False  # int8 dynamic quantization of Transkun's Linear layers on CPU
+    # Basic Pitch
     model: Literal["icassp_2022"] = "icassp_2022"  # Basic Pitch's shipped model (run through ONNX)
     onset_threshold: float = Field(0.6, gt=0, lt=1)  # 0.5 (Basic Pitch default) admits octave ghosts
     frame_threshold: float = Field(0.3, gt=0, lt=1)
-    minimum_note_length_ms: float = Field(58.0, gt=0)  # ms (~5 model frames); Basic Pitch's default is 127.7
+    minimum_note_length_ms: float = Field(58.0, gt=0)  # ms (~5 model frames); basic-pitch 0.4.0's is 127.7
     min_pitch: int = Field(C.PIANO_MIN_PITCH, ge=0, le=127)
     max_pitch: int = Field(C.PIANO_MAX_PITCH, ge=0, le=127)
     melodia_trick: bool = False  # on: more octave/twelfth ghosts on piano (bench/transcribe.py)
@@ -77,6 +86,8 @@ class TranscribeConfig(Section):
     def _pitch_order(self) -> TranscribeConfig:
         if self.min_pitch >= self.max_pitch:
             raise ValueError("min_pitch must be below max_pitch")
+        if self.hop_s >= self.segment_s:
+            raise ValueError("hop_s must be below segment_s (segments overlap to stitch notes)")
         return self
 
 

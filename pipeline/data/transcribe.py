@@ -1,17 +1,15 @@
-"""Transcribe: acquired audio -> piano MIDI with Basic Pitch (its shipped ONNX model); MIDI sources pass through.
+"""Transcribe: acquired audio -> piano MIDI with the `transcribe.backend` transcriber; MIDI sources pass through.
 
-Reads `data/acquire/manifest.jsonl`, writes `data/transcribe/midi/<id>.mid` (one piano track, program 0). Items are
-cached by (input sha256, transcription params, model id): a re-run transcribes nothing, a new source only itself.
-The model is loaded once per worker process; files run in parallel across `project.workers` processes.
+Reads `data/acquire/manifest.jsonl`, writes `data/transcribe/midi/<id>.mid` (one piano track, program 0, with the
+sustain pedal as CC64 when the backend detects it). Items are cached by (input sha256, transcription params, backend
+model id): a re-run transcribes nothing, a new source only itself. The model is loaded once per worker process
+(`run_jobs`' initializer); files run in parallel across `project.workers` processes.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ from pipeline.core import constants as C
 from pipeline.core.config import Config, TranscribeConfig, section_json
 from pipeline.core.files import sha256_file, sha256_text
 from pipeline.core.items import (
-    ItemError,
     ItemIndex,
     ItemResult,
     Job,
@@ -32,82 +29,23 @@ from pipeline.core.items import (
     raise_if_all_failed,
     run_jobs,
 )
-from pipeline.core.midi import merge_piano, save_midi
+from pipeline.core.midi import SUSTAIN_CC, merge_piano, save_midi
 from pipeline.data.acquire.manifest import read_manifest
+from pipeline.data.transcribers import Transcriber, TranscriberError, make_transcriber, pick_device
+from pipeline.data.transcribers.pedal import extend_through_pedal
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSION = "transcribe-1"
+STAGE_VERSION = "transcribe-2"  # 2: backends, sustain pedal
 TEMPO_RANGE_BPM = (60.0, 180.0)  # estimates outside are folded in by octaves (beat trackers halve/double)
 MIDI_RESOLUTION = 480  # ticks per beat of the written files
-BATCH_WINDOWS = 4  # Basic Pitch windows (~2 s of audio each) per ONNX call
-OVERLAP_FRAMES = 30  # Basic Pitch's own window overlap, in model frames
+TEMPO_SAMPLE_RATE = 22050  # Hz, for beat tracking
+TEMPO_WINDOW_S = 120.0  # seconds of audio the tempo is estimated from (bounded memory on long recordings)
 NO_NOTES = "no notes detected — silent or non-piano audio?"
 
-_MODEL: Any = None  # this process's Basic Pitch model, loaded on its first audio item
-_THREADS: int | None = None  # onnxruntime intra-op threads of this process (set by `_init_worker`)
+TranscribeError = TranscriberError  # the stage's per-item error (kept under its old name)
 
-
-class TranscribeError(ItemError):
-    """An item that cannot be transcribed; the message is one clear line for the report."""
-
-
-@contextmanager
-def _quiet_import():
-    """basic_pitch logs a warning per missing backend (TF, CoreML, TFLite) at import; keep them out of the logs."""
-    root, guard, previous = logging.getLogger(), logging.NullHandler(), logging.root.manager.disable
-    root.addHandler(guard)  # logging.warning() would otherwise install a stderr handler on the root logger
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # resampy, via basic_pitch
-            yield
-    finally:
-        logging.disable(previous)
-        root.removeHandler(guard)
-
-
-def model_id(tcfg: TranscribeConfig) -> str:
-    """Names the model weights and post-processing code: part of every cache key."""
-    return f"{tcfg.model}/nmp.onnx/basic-pitch=={importlib.metadata.version('basic-pitch')}"
-
-
-def load_model(threads: int | None = None) -> Any:
-    """Basic Pitch's shipped ICASSP 2022 model on onnxruntime's CPU provider.
-
-    Args:
-        threads: onnxruntime intra-op threads (None: its default, one per physical core).
-
-    Returns:
-        A `basic_pitch.inference.Model`.
-    """
-    with _quiet_import():
-        import onnxruntime as ort
-        from basic_pitch import ICASSP_2022_MODEL_PATH
-        from basic_pitch.inference import Model
-
-    model = Model(ICASSP_2022_MODEL_PATH)
-    if threads:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        model.model = ort.InferenceSession(str(ICASSP_2022_MODEL_PATH), opts, providers=["CPUExecutionProvider"])
-    return model
-
-
-def _infer(audio: np.ndarray, model: Any) -> dict[str, np.ndarray]:
-    """Basic Pitch's `run_inference` on an in-memory signal, batching windows. Returns (frames, bins) arrays."""
-    with _quiet_import():
-        from basic_pitch.constants import AUDIO_N_SAMPLES, FFT_HOP
-        from basic_pitch.inference import unwrap_output, window_audio_file
-
-    overlap = OVERLAP_FRAMES * FFT_HOP  # samples
-    padded = np.concatenate([np.zeros(overlap // 2, dtype=np.float32), audio])
-    out: dict[str, list[np.ndarray]] = {"note": [], "onset": [], "contour": []}
-    windows = [w for w, _ in window_audio_file(padded, AUDIO_N_SAMPLES - overlap)]  # each (AUDIO_N_SAMPLES, 1)
-    for i in range(0, len(windows), BATCH_WINDOWS):
-        for key, value in model.predict(np.stack(windows[i : i + BATCH_WINDOWS])).items():
-            out[key].append(value)
-    return {k: unwrap_output(np.concatenate(v), len(audio), OVERLAP_FRAMES) for k, v in out.items()}
+_WORKER: dict[str, Any] = {}  # this process's transcriber and model (or the error loading it), set by `_init_worker`
 
 
 def estimate_tempo(audio: np.ndarray, sr: int, default: float) -> float:
@@ -135,110 +73,114 @@ def fold_tempo(bpm: float, default: float) -> float:
     return round(bpm, 2)
 
 
-def _piano_midi(notes: list[pretty_midi.Note], tempo: float) -> pretty_midi.PrettyMIDI:
+def _piano_midi(
+    notes: list[pretty_midi.Note], pedal: list[pretty_midi.ControlChange], tempo: float
+) -> pretty_midi.PrettyMIDI:
     pm = pretty_midi.PrettyMIDI(resolution=MIDI_RESOLUTION, initial_tempo=tempo)
     piano = pretty_midi.Instrument(program=0, name="Piano")
     piano.notes = sorted(notes, key=lambda n: (n.start, n.pitch))
+    piano.control_changes = sorted(pedal, key=lambda c: c.time)
     pm.instruments.append(piano)
     return pm
 
 
-def transcribe_audio(path: Path | str, model: Any, tcfg: TranscribeConfig) -> pretty_midi.PrettyMIDI:
-    """Transcribe one audio file to a single-piano MIDI (notes at their times in seconds).
+def _tempo(path: Path | str, tcfg: TranscribeConfig) -> float:
+    if not tcfg.estimate_tempo:
+        return tcfg.default_tempo
+    import librosa
+
+    audio, sr = librosa.load(str(path), sr=TEMPO_SAMPLE_RATE, mono=True, duration=TEMPO_WINDOW_S)
+    return estimate_tempo(audio, sr, tcfg.default_tempo)
+
+
+def transcribe_audio(
+    path: Path | str, model: Any, tcfg: TranscribeConfig, transcriber: Transcriber | None = None
+) -> pretty_midi.PrettyMIDI:
+    """Transcribe one audio file to a single-piano MIDI (notes at their times in seconds, sustain pedal as CC64).
 
     Args:
-        path: any audio librosa reads (acquire stores mono WAV).
-        model: from `load_model`.
-        tcfg: thresholds, minimum note length, pitch range, melodia trick, tempo options.
+        path: a soundfile-readable file (acquire stores mono WAV).
+        model: from `transcriber.load_model`.
+        tcfg: backend, thresholds, pitch range, note ends, tempo options.
+        transcriber: the backend (default: `make_transcriber(tcfg.backend)`).
 
     Returns:
         The MIDI, with the estimated (or default) tempo as its initial tempo.
 
     Raises:
-        TranscribeError: the audio decodes to nothing or no notes are detected.
+        TranscribeError: unreadable or too short audio, or no notes detected.
     """
-    import librosa
-
-    with _quiet_import():
-        from basic_pitch.constants import AUDIO_SAMPLE_RATE, FFT_HOP
-        from basic_pitch.note_creation import model_output_to_notes
-
-    audio, _ = librosa.load(str(path), sr=AUDIO_SAMPLE_RATE, mono=True)
-    if audio.size == 0:
-        raise TranscribeError("audio decodes to nothing (0 samples)")
-    frames_per_s = AUDIO_SAMPLE_RATE / FFT_HOP
-    _, events = model_output_to_notes(
-        _infer(audio, model),
-        onset_thresh=tcfg.onset_threshold,
-        frame_thresh=tcfg.frame_threshold,
-        min_note_len=max(1, round(tcfg.minimum_note_length_ms / 1000 * frames_per_s)),
-        min_freq=float(librosa.midi_to_hz(tcfg.min_pitch - 0.5)),
-        max_freq=float(librosa.midi_to_hz(tcfg.max_pitch + 0.5)),
-        include_pitch_bends=False,
-        melodia_trick=tcfg.melodia_trick,
-    )
-    notes = [
-        pretty_midi.Note(
-            velocity=int(np.clip(round(127 * amp), 1, C.MIDI_MAX_VELOCITY)),
-            pitch=int(pitch),
-            start=float(start),
-            end=float(end),
-        )
-        for start, end, pitch, amp, _ in events
-        if tcfg.min_pitch <= pitch <= tcfg.max_pitch and end > start
-    ]
+    transcriber = transcriber or make_transcriber(tcfg.backend)
+    result = transcriber.transcribe(Path(path), model, tcfg)
+    notes = result.notes
+    if tcfg.note_ends == "sounding":
+        notes = extend_through_pedal(notes, result.pedal)
     if not notes:
         raise TranscribeError(NO_NOTES)
-    tempo = estimate_tempo(audio, AUDIO_SAMPLE_RATE, tcfg.default_tempo) if tcfg.estimate_tempo else tcfg.default_tempo
-    return _piano_midi(notes, tempo)
+    return _piano_midi(notes, result.pedal, _tempo(path, tcfg))
 
 
-def normalize_midi(path: Path | str) -> pretty_midi.PrettyMIDI:
-    """A MIDI source as one piano track (`merge_piano`: non-drum notes and sustain pedal; tempo map, meter kept).
+def normalize_midi(path: Path | str, tcfg: TranscribeConfig | None = None) -> pretty_midi.PrettyMIDI:
+    """A MIDI source as one piano track (`merge_piano`: non-drum notes and sustain pedal; tempo map, meter kept),
+    notes held through the pedal when `note_ends` is sounding (the same offsets as transcribed audio).
 
     Raises:
         TranscribeError: no non-drum notes.
     """
     pm = merge_piano(pretty_midi.PrettyMIDI(str(path)))
-    if not pm.instruments[0].notes:
+    piano = pm.instruments[0]
+    if not piano.notes:
         raise TranscribeError("MIDI has no (non-drum) notes")
+    if tcfg is not None and tcfg.note_ends == "sounding":
+        pedal = [cc for cc in piano.control_changes if cc.number == SUSTAIN_CC]
+        piano.notes = extend_through_pedal(piano.notes, pedal)
     return pm
 
 
 # --- per item and driver ------------------------------------------------------------------------------------------
 
 
-def _init_worker(threads: int | None) -> None:
-    """`run_jobs` initializer: this process's onnxruntime thread budget; the model loads on its first audio item."""
-    global _THREADS
-    _THREADS = threads
+def _init_worker(threads: int | None, tcfg: TranscribeConfig) -> None:
+    """`run_jobs` initializer: this process's transcriber and model, loaded once (a load error is kept and
+    reported per item as transient: a fixed install transcribes them next run, nothing is cached meanwhile)."""
+    transcriber = make_transcriber(tcfg.backend)
+    _WORKER.clear()
+    _WORKER["transcriber"] = transcriber
+    try:
+        _WORKER["model"] = transcriber.load_model(tcfg, threads)
+    except TranscriberError as err:
+        _WORKER["error"] = str(err)
 
 
-def _model() -> Any:
-    global _MODEL
-    if _MODEL is None:
-        _MODEL = load_model(_THREADS)
-    return _MODEL
+def _model(tcfg: TranscribeConfig) -> tuple[Transcriber, Any]:
+    if "transcriber" not in _WORKER:  # called without the driver (tests, notebooks)
+        _init_worker(None, tcfg)
+    if "error" in _WORKER:
+        raise TransientError(_WORKER["error"])
+    return _WORKER["transcriber"], _WORKER["model"]
 
 
 def transcribe_item(src: Path, kind: str, tcfg: TranscribeConfig, dest: Path) -> ItemResult:
     """Transcribe (or pass through) one acquired item and write its MIDI to `dest` (`midi/<id>.mid`).
 
     Raises:
-        TransientError: the input is missing (not cached as a failure: acquire may bring the same file back).
+        TransientError: the input is missing (not cached as a failure: acquire may bring the same file back), or
+            the model failed to load.
         TranscribeError: nothing to transcribe.
     """
     t0 = time.perf_counter()
     if not src.exists():
         raise TransientError(f"input missing: {src}")
     if kind == "midi":
-        pm, audio_s = normalize_midi(src), 0.0
+        pm, audio_s = normalize_midi(src, tcfg), 0.0
     else:
-        pm, audio_s = transcribe_audio(src, _model(), tcfg), _audio_seconds(src)
+        transcriber, model = _model(tcfg)
+        pm, audio_s = transcribe_audio(src, model, tcfg, transcriber), _audio_seconds(src)
     save_midi(pm, dest)
     tempi = pm.get_tempo_changes()[1]
     stats = {
         "notes": sum(len(i.notes) for i in pm.instruments),
+        "pedal_changes": sum(len(i.control_changes) for i in pm.instruments),
         "audio_s": audio_s,  # seconds of audio (0 for MIDI)
         "seconds": time.perf_counter() - t0,  # work time of this item
         "tempo": round(float(tempi[0]), 2) if len(tempi) else None,  # BPM
@@ -251,7 +193,7 @@ def _audio_seconds(path: Path) -> float:
 
     try:
         return float(sf.info(str(path)).duration)
-    except Exception:  # not a soundfile format (mp3 via audioread): the figure is only for the report
+    except Exception:  # not a soundfile format: the figure is only for the report
         return 0.0
 
 
@@ -259,12 +201,13 @@ def _job(row: dict[str, Any], cfg: Config, in_dir: Path, out_dir: Path) -> Job:
     kind = row.get("kind", "audio")
     src = in_dir / ("midi" if kind == "midi" else "audio") / f"{row['id']}{'.mid' if kind == 'midi' else '.wav'}"
     sha = row.get("sha256") or (sha256_file(src) if src.exists() else "missing")
+    tcfg = cfg.transcribe
     if kind == "midi":
-        key = sha256_text(sha, "midi-passthrough", STAGE_VERSION)
+        key = sha256_text(sha, "midi-passthrough", tcfg.note_ends, STAGE_VERSION)
     else:
-        key = sha256_text(sha, section_json(cfg.transcribe), model_id(cfg.transcribe), STAGE_VERSION)
+        key = sha256_text(sha, section_json(tcfg), make_transcriber(tcfg.backend).model_id(tcfg), STAGE_VERSION)
     dest = out_dir / "midi" / f"{row['id']}.mid"
-    return Job(row["id"], key, transcribe_item, (src, kind, cfg.transcribe, dest))
+    return Job(row["id"], key, transcribe_item, (src, kind, tcfg, dest))
 
 
 def _stats(done: list[dict[str, Any]], ids: list[str], wall_s: float) -> dict[str, Any]:
@@ -290,16 +233,18 @@ def run_transcribe(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> Stage
         The stage report (also written to `data/transcribe/report.json`).
 
     Raises:
+        ConfigError: `transcribe.device` is cuda and torch sees no GPU.
         AllItemsFailed: every item failed.
     """
     in_dir = inputs["acquire"]
+    pick_device(cfg.transcribe.device)  # CUDA asked for but absent: fail before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     report = StageReport(stage="transcribe")
     index = ItemIndex(out_dir / C.INDEX_NAME)
     rows = list(read_manifest(in_dir).values())
     t0 = time.perf_counter()
     jobs = [_job(row, cfg, in_dir, out_dir) for row in rows]
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker)
+    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker, initargs=(cfg.transcribe,))
     report.processed.sort()
     done = [index.entries[i]["stats"] for i in report.processed]
     report.stats = _stats(done, report.processed, time.perf_counter() - t0)

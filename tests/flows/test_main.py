@@ -30,6 +30,7 @@ def tiny_cfg(data: Path, sources: list[str] | None = None, **extra):
         "clean": {"min_notes": 4, "min_duration_s": 1.0},
         "base": {"max_pieces": 6, "composers": ["bach"]},
         "tokenize": {"vocab_size": 300, "max_seq_len": 64, "overlap": 16},
+        "transcribe": {"backend": "basic_pitch"},  # the flow's wiring is under test; Transkun: test_transcribers.py
         **extra,
     }
     return config_from_dict(tree)

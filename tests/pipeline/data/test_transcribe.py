@@ -1,4 +1,4 @@
-"""transcribe: Basic Pitch recovers rendered notes; per-item caching, pruning, bad audio, MIDI pass-through."""
+"""transcribe (Basic Pitch backend, fast): rendered notes; per-item caching, pruning, bad audio, MIDI pass-through."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ from pipeline.core.config import TranscribeConfig
 from pipeline.core.files import sha256_file
 from pipeline.core.graph import run_stage
 from pipeline.data.acquire import write_manifest
+from pipeline.data.transcribers import make_transcriber
 from tests.conftest import CLIP_NOTES, make_midi, render_midi
+
+BP = {"backend": "basic_pitch"}  # the fast backend for the driver's tests; Transkun: test_transcribers.py
 
 
 @pytest.fixture(scope="module")
 def model():
-    return T.load_model()
+    return make_transcriber("basic_pitch").load_model(TranscribeConfig(**BP), None)
 
 
 def _stage(cfg, items: dict[str, Path]) -> None:
@@ -48,7 +51,7 @@ def _notes(pm: pretty_midi.PrettyMIDI) -> list[pretty_midi.Note]:
 
 def test_transcribe_audio_recovers_rendered_notes(piano_clip, model):
     wav, _ = piano_clip
-    pm = T.transcribe_audio(wav, model, TranscribeConfig())
+    pm = T.transcribe_audio(wav, model, TranscribeConfig(**BP))
     assert len(pm.instruments) == 1 and pm.instruments[0].program == 0
     est = _notes(pm)
     ref_on = np.array([[s, e] for _, s, e in CLIP_NOTES])
@@ -68,7 +71,7 @@ def _hz(pitches: list[int]) -> np.ndarray:
 
 def test_pitch_range_and_default_tempo(piano_clip, model):
     wav, _ = piano_clip
-    tcfg = TranscribeConfig(min_pitch=64, max_pitch=70, estimate_tempo=False, default_tempo=97.0)
+    tcfg = TranscribeConfig(**BP, min_pitch=64, max_pitch=70, estimate_tempo=False, default_tempo=97.0)
     pm = T.transcribe_audio(wav, model, tcfg)
     assert all(64 <= n.pitch <= 70 for n in _notes(pm)) and _notes(pm)
     assert pm.get_tempo_changes()[1][0] == pytest.approx(97.0)
@@ -93,13 +96,13 @@ def test_tempo_estimate_and_folding():
 def test_silent_audio_is_a_per_item_error(tmp_path, make_cfg, piano_clip):
     wav, _ = piano_clip
     silent = _silence(tmp_path / "silent.wav")
-    cfg = make_cfg()
+    cfg = make_cfg(transcribe=BP)
     _stage(cfg, {"good": wav, "quiet": silent, "void": _silence(tmp_path / "void.wav", seconds=0.0)})
     report = run_stage("transcribe", cfg)
     assert report.processed == ["good"]
     assert report.failed == {
         "quiet": "no notes detected — silent or non-piano audio?",
-        "void": "audio decodes to nothing (0 samples)",
+        "void": "audio too short: 0.00 s (transcribe.min_audio_s = 1.0 s)",
     }
     assert not (cfg.stage_dir("transcribe") / "midi" / "quiet.mid").exists()
     assert report.stats["notes_per_item"]["good"] >= 6 and report.stats["x_realtime"] > 0
@@ -107,14 +110,14 @@ def test_silent_audio_is_a_per_item_error(tmp_path, make_cfg, piano_clip):
 
 def test_cached_rerun_new_item_and_prune(tmp_path, make_cfg, piano_clip, monkeypatch):
     wav, truth = piano_clip
-    cfg = make_cfg()
+    cfg = make_cfg(transcribe=BP)
     _stage(cfg, {"a": wav, "score": truth})
     first = run_stage("transcribe", cfg)
     assert first.processed == ["a", "score"]
 
     calls: list[str] = []
     real = T.transcribe_audio
-    monkeypatch.setattr(T, "transcribe_audio", lambda path, m, c: calls.append(Path(path).stem) or real(path, m, c))
+    monkeypatch.setattr(T, "transcribe_audio", lambda path, *a: calls.append(Path(path).stem) or real(path, *a))
     second = run_stage("transcribe", cfg)
     assert second.processed == [] and sorted(second.cached) == ["a", "score"] and calls == []
 
@@ -128,7 +131,7 @@ def test_cached_rerun_new_item_and_prune(tmp_path, make_cfg, piano_clip, monkeyp
     assert fourth.cached == ["b"] and sorted(fourth.stats["pruned"]) == ["a", "score"]
     assert sorted(p.name for p in (cfg.stage_dir("transcribe") / "midi").iterdir()) == ["b.mid"]
 
-    changed = make_cfg(transcribe={"onset_threshold": 0.7})
+    changed = make_cfg(transcribe={**BP, "onset_threshold": 0.7})
     assert run_stage("transcribe", changed).processed == ["b"]  # new params: transcribed again
 
 
@@ -143,7 +146,7 @@ def test_midi_source_passes_through_as_one_piano_track(tmp_path, make_cfg):
     pm.instruments = [strings, drums, lead]
     src = tmp_path / "band.mid"
     pm.write(str(src))
-    cfg = make_cfg()
+    cfg = make_cfg(transcribe=BP)
     _stage(cfg, {"band": src})
     assert run_stage("transcribe", cfg).processed == ["band"]
     out = pretty_midi.PrettyMIDI(str(cfg.stage_dir("transcribe") / "midi" / "band.mid"))
@@ -155,7 +158,7 @@ def test_midi_source_passes_through_as_one_piano_track(tmp_path, make_cfg):
 def test_parallel_workers(tmp_path, make_cfg, piano_clip):
     wav, _ = piano_clip
     silent = _silence(tmp_path / "silent.wav")
-    cfg = make_cfg(project={"workers": 2})
+    cfg = make_cfg(project={"workers": 2}, transcribe=BP)
     _stage(cfg, {"one": wav, "two": wav, "quiet": silent})
     report = run_stage("transcribe", cfg)
     assert report.processed == ["one", "two"] and list(report.failed) == ["quiet"]

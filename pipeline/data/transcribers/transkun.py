@@ -1,0 +1,191 @@
+"""Transkun 2.0 (Yan & Duan, semi-CRF piano transcription; weights ship in the PyPI wheel): notes, velocity, pedal.
+
+Used through its own model code and weights, not its CLI (which imports pkg_resources and decodes audio through
+pydub/ffmpeg). The segment loop mirrors `TransKun.transcribe` (same padding, forced start positions carried from
+one segment to the next, incomplete notes merged across segments) but streams the WAV acquire wrote: memory stays
+bounded by one segment whatever the recording's length, and a note held across a segment boundary is one note.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pretty_midi
+from tqdm import tqdm
+
+from pipeline.core.config import TranscribeConfig
+from pipeline.data.transcribers.base import (
+    TranscriberError,
+    Transcription,
+    check_duration,
+    pick_device,
+    to_midi_velocity,
+)
+
+WEIGHTS = "pretrained/2.0.pt"  # inside the transkun package
+CONF = "pretrained/2.0.conf"
+SUSTAIN, SOFT = -64, -67  # Transkun's pedal "pitches": -CC number
+READ_BLOCK_S = 30.0  # seconds of audio read (and resampled) at a time
+
+
+@dataclass
+class TranskunModel:
+    net: Any  # transkun.ModelTransformer.TransKun, in eval mode on `device`
+    device: str
+
+
+def _package_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("transkun")
+    if spec is None or not spec.submodule_search_locations:
+        raise TranscriberError("transkun is not installed (make venv installs transkun==2.0.1 --no-deps)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def model_id(tcfg: TranscribeConfig) -> str:
+    """Names the weights and decoding code: part of every cache key."""
+    return f"transkun=={importlib.metadata.version('transkun')}/{WEIGHTS}/q={tcfg.quantize}"
+
+
+def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunModel:
+    """Build Transkun from its shipped conf and weights on `transcribe.device`.
+
+    Raises:
+        TranscriberError: not installed, or the weights fail to load (missing, corrupt, wrong shapes).
+    """
+    import torch
+
+    from pipeline.data.transcribers.melscale import torchaudio_stub
+
+    device = pick_device(tcfg.device)
+    if threads:
+        torch.set_num_threads(threads)
+    root = _package_dir()
+    try:
+        from transkun import ModelTransformer
+
+        conf = ModelTransformer.Config()
+        conf.__dict__.update(json.loads((root / CONF).read_text())["Model"]["config"])
+        with torchaudio_stub():
+            net = ModelTransformer.TransKun(conf=conf)
+        checkpoint = torch.load(root / WEIGHTS, map_location="cpu", weights_only=True)
+        state = checkpoint.get("best_state_dict", checkpoint.get("state_dict"))
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except Exception as err:  # corrupt or missing file, pickle/zip errors, shape mismatches
+        raise TranscriberError(f"transkun weights failed to load from {root / WEIGHTS}: {err}") from err
+    if missing or unexpected:
+        raise TranscriberError(
+            f"transkun weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    net = net.eval()
+    if tcfg.quantize and device == "cpu":
+        # the positional-embedding builder reads its Linear's .weight directly: left in float
+        names = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and "posEmbed" not in n}
+        net = torch.ao.quantization.quantize_dynamic(net, names, dtype=torch.qint8)
+    return TranskunModel(net.to(device), device)
+
+
+def _blocks(path: Path, fs: int) -> Iterator[np.ndarray]:
+    """The file as mono float32 at `fs` Hz, READ_BLOCK_S at a time (soxr's streaming resampler: no block seams)."""
+    import soundfile as sf
+    import soxr
+
+    with sf.SoundFile(str(path)) as f:
+        stream = soxr.ResampleStream(f.samplerate, fs, 1, dtype="float32") if f.samplerate != fs else None
+        for block in f.blocks(blocksize=int(READ_BLOCK_S * f.samplerate), dtype="float32", always_2d=True):
+            mono = block.mean(axis=1)
+            yield stream.resample_chunk(mono) if stream else mono
+        if stream:
+            yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def _segments(blocks: Iterator[np.ndarray], pad: int, size: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, samples) of each `size`-sample segment, every `step` samples, of the stream padded by `pad` zeros
+    on both sides (`TransKun.transcribe`'s layout); the last segments are zero-filled to `size`."""
+    buf, offset, done, start = np.zeros(pad, np.float32), 0, False, 0  # buf[0] is padded sample `offset`
+    while True:
+        while not done and offset + len(buf) < start + size:
+            block = next(blocks, None)
+            done = block is None
+            buf = np.concatenate([buf, np.zeros(pad, np.float32) if done else block])
+        if done and start >= offset + len(buf):
+            return
+        seg = buf[start - offset : start - offset + size]
+        yield start, np.pad(seg, (0, size - len(seg)))
+        start += step
+        buf, offset = buf[start - offset :], start
+
+
+def _merge(by_pitch: dict[int, list[Any]], events: list[Any]) -> None:
+    """Fold one segment's events into the running per-pitch lists (`TransKun.transcribe`'s merge)."""
+    for e in events:
+        if by_pitch[e.pitch] and e.start < by_pitch[e.pitch][-1].end:
+            last = by_pitch[e.pitch][-1]
+            if e.hasOnset:
+                by_pitch[e.pitch][-1] = e
+            else:  # the continuation of a note begun in an earlier segment
+                last.hasOffset = e.hasOffset
+                last.end = max(e.end, last.end)
+            continue
+        if e.hasOnset:
+            by_pitch[e.pitch].append(e)
+
+
+def decode(path: Path, model: TranskunModel, tcfg: TranscribeConfig, progress: bool = True) -> list[Any]:
+    """Transkun's note and pedal events for one file (transkun.Data.Note, times in seconds)."""
+    import torch
+    from transkun.Data import resolveOverlapping
+    from transkun.Util import makeFrame
+
+    net = model.net
+    fs, hop = net.fs, net.hopSize
+    pad = math.ceil((tcfg.segment_s - tcfg.hop_s) * fs)  # samples of silence before (and after) the audio
+    step = math.ceil(tcfg.hop_s * fs / hop) * hop
+    size = math.ceil(tcfg.segment_s * fs)
+    start_pos = [math.floor(pad / hop)] * len(net.targetMIDIPitch)
+    by_pitch: dict[int, list[Any]] = defaultdict(list)
+    segments = _segments(_blocks(path, fs), pad, size, step)
+    with torch.inference_mode():
+        for start, seg in tqdm(segments, desc=path.stem, unit="seg", disable=None if progress else True, leave=False):
+            frames = makeFrame(torch.from_numpy(seg).to(model.device)[None], hop, net.windowSize)  # (1, T, win)
+            events, last = net.transcribeFrames(
+                frames.unsqueeze(0),
+                forcedStartPos=start_pos,
+                velocityCriteron="hamming",
+                lastFrameIdx=round(size / hop),
+            )
+            start_pos = [max(k - step // hop, 0) for k in last]
+            begin = start / fs - pad / fs  # seconds: this segment's place in the recording
+            for e in events[0]:
+                e.start = max(e.start + begin, 0.0)
+                e.end = max(e.end + begin, e.start)
+            _merge(by_pitch, events[0])
+    for notes in by_pitch.values():
+        if notes:
+            notes[-1].hasOffset = True
+    return resolveOverlapping([e for notes in by_pitch.values() for e in notes if e.hasOffset])
+
+
+def transcribe(path: Path, model: TranskunModel, tcfg: TranscribeConfig) -> Transcription:
+    """One audio file -> piano notes (key-release offsets, velocity) and sustain-pedal changes (CC64).
+
+    Raises:
+        TranscriberError: the audio is shorter than `transcribe.min_audio_s`.
+    """
+    check_duration(path, tcfg.min_audio_s)
+    notes, pedal = [], []
+    for e in decode(Path(path), model, tcfg):
+        if e.pitch == SUSTAIN:
+            pedal += [pretty_midi.ControlChange(64, 127, e.start), pretty_midi.ControlChange(64, 0, e.end)]
+        elif tcfg.min_pitch <= e.pitch <= tcfg.max_pitch and e.end > e.start:
+            notes.append(pretty_midi.Note(to_midi_velocity(e.velocity), int(e.pitch), float(e.start), float(e.end)))
+    return Transcription(notes, sorted(pedal, key=lambda c: c.time))

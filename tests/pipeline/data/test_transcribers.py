@@ -1,0 +1,95 @@
+"""transcribers: Transkun on a rendered clip (notes, velocity, pedal), seamless segments, bad input, the factory."""
+
+from __future__ import annotations
+
+import mir_eval
+import numpy as np
+import pretty_midi
+import pytest
+
+import pipeline.data.transcribe as T
+from pipeline.core.config import ConfigError, TranscribeConfig, load_config
+from pipeline.data.transcribers import TranscriberError, make_transcriber, pick_device
+from pipeline.data.transcribers.pedal import extend_through_pedal
+from tests.conftest import CLIP_NOTES, make_midi, render_midi
+
+pytest.importorskip("transkun")
+FAST = {"backend": "transkun"}  # segments must stay ~16 s (its training length: 4 s segments lose most notes)
+
+
+@pytest.fixture(scope="module")
+def transkun():
+    return make_transcriber("transkun").load_model(TranscribeConfig(**FAST), None)
+
+
+def _onset_f1(ref: list[tuple[int, float, float]], est: list[pretty_midi.Note]) -> float:
+    hz = lambda ps: 440.0 * 2.0 ** ((np.asarray(ps, dtype=float) - 69) / 12)  # noqa: E731
+    ri = np.array([[s, e] for _, s, e in ref])
+    ei = np.array([[n.start, n.end] for n in est]).reshape(-1, 2)
+    _, _, f, _ = mir_eval.transcription.precision_recall_f1_overlap(
+        ri, hz([p for p, _, _ in ref]), ei, hz([n.pitch for n in est]), onset_tolerance=0.05, offset_ratio=None
+    )
+    return f
+
+
+def test_transkun_recovers_rendered_notes(piano_clip, transkun):
+    wav, _ = piano_clip
+    pm = T.transcribe_audio(wav, transkun, TranscribeConfig(**FAST, note_ends="key_release"))
+    notes = pm.instruments[0].notes
+    assert _onset_f1(CLIP_NOTES, notes) >= 0.95, [(n.pitch, round(n.start, 2)) for n in notes]
+    assert all(40 <= n.velocity <= 127 for n in notes)  # rendered at velocity 90
+    ends = {n.pitch: n.end for n in notes}
+    assert all(abs(ends[p] - e) < 0.15 for p, _, e in CLIP_NOTES if p in ends)  # key releases
+
+
+def test_note_held_across_segment_boundaries_is_one_note(tmp_path, transkun):
+    # segments (16 s every 8 s, 8 s of padding first) hand over at 8 s of audio: 48 is held across it
+    held = [(48, 6.0, 10.5), (64, 1.0, 1.4), (67, 7.5, 7.9), (72, 9.0, 9.4)]
+    wav = render_midi(make_midi(held, tmp_path / "held.mid"), tmp_path / "held.wav")
+    out = make_transcriber("transkun").transcribe(wav, transkun, TranscribeConfig(**FAST))
+    low = [n for n in out.notes if n.pitch == 48]
+    assert len(low) == 1 and low[0].start == pytest.approx(6.0, abs=0.05) and low[0].end > 10.0, low
+    assert _onset_f1(held, out.notes) >= 0.95
+
+
+def test_sounding_ends_follow_the_pedal():
+    notes = [pretty_midi.Note(80, 60, 0.0, 0.5), pretty_midi.Note(80, 60, 1.5, 1.8), pretty_midi.Note(70, 64, 2.0, 2.2)]
+    pedal = [pretty_midi.ControlChange(64, 127, 0.2), pretty_midi.ControlChange(64, 0, 3.0)]
+    out = extend_through_pedal(notes, pedal)
+    assert [(n.start, n.end, n.velocity) for n in out] == [(0.0, 1.5, 80), (1.5, 3.0, 80), (2.0, 3.0, 70)]
+    assert extend_through_pedal(notes, [])[0].end == 0.5
+
+
+def test_unknown_backend_and_bad_values_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"transcribe\.backend"):
+        make_transcriber("whisper")
+    params = tmp_path / "p.yaml"
+    params.write_text("transcribe:\n  backend: whisper\n")
+    with pytest.raises(ConfigError, match=r"transcribe\.backend"):
+        load_config(params)
+
+
+def test_cuda_absent_is_a_clear_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"transcribe\.device: cuda"):
+        pick_device("cuda")
+    assert pick_device("auto") == "cpu"
+
+
+def test_weights_failing_to_load_is_a_clear_error(monkeypatch):
+    from pipeline.data.transcribers import transkun as tk
+
+    monkeypatch.setattr(tk, "WEIGHTS", "pretrained/missing.pt")
+    with pytest.raises(TranscriberError, match="transkun weights failed to load"):
+        tk.load_model(TranscribeConfig(), None)
+
+
+def test_too_short_audio(tmp_path, transkun):
+    import soundfile as sf
+
+    short = tmp_path / "short.wav"
+    sf.write(str(short), np.zeros(2205, dtype=np.float32), 22050)
+    with pytest.raises(TranscriberError, match=r"audio too short: 0\.10 s"):
+        make_transcriber("transkun").transcribe(short, transkun, TranscribeConfig(**FAST))
