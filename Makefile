@@ -49,10 +49,8 @@ sysdeps:
 DEMO_PIECE = $$($(BIN)/python -c "import json; s = json.load(open('data/split/split.json')); \
 	print('data/clean/style/' + sorted(s['style']['test'])[0] + '.mid')")
 
-# The demo transcribes with Basic Pitch: Transkun on 2 CPU cores runs at ~1x real time (bench/transcribe.py), and
-# the demo's 15 minutes of audio would push `make demo` past ~10 minutes. User sources get params.yaml's transkun.
 demo: venv sysdeps
-	$(BIN)/jam run --set transcribe.backend=basic_pitch
+	$(BIN)/jam run
 	$(BIN)/jam phrases "$(DEMO_PIECE)" out/demo-phrases.mid
 	$(BIN)/jam play --input out/demo-phrases.mid --record out/demo-jam.mid --seed 0
 	$(BIN)/jam play --input "$(DEMO_PIECE)" --mode continuous --record out/demo-accompany.mid --duration-s 15 --seed 0

@@ -63,7 +63,8 @@ class AcquireConfig(Section):
 
 
 class TranscribeConfig(Section):
-    backend: Literal["basic_pitch", "transkun"] = "transkun"  # piano-specific, models the pedal (bench/transcribe.py)
+    # transkun for real recordings (piano-specific, models the pedal); basic_pitch keeps the demo within ~10 min
+    backend: Literal["basic_pitch", "transkun"] = "basic_pitch"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU (Transkun; Basic Pitch: CPU)
     note_ends: Literal["sounding", "key_release"] = "sounding"  # sounding: notes held on through the sustain pedal
     min_audio_s: float = Field(1.0, gt=0)  # seconds; shorter audio is reported, not transcribed
