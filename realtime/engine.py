@@ -170,23 +170,26 @@ class Engine:
         _crop_cache(state.cache, 1)
         self._forward(state, state.ids[-1:])
 
-    def _note_budget(self, state: StreamState) -> tuple[list[int], float | None]:
-        """The note-ending rule's view of the stream's end: (model pitches that have sounded `max_note_beats`,
-        beats the longest-sounding other note may still sound or None when no model note sounds)."""
-        sounding = state.model_open[-1] if state.model_open and self.max_note_beats is not None else {}
+    def _note_budget(self, state: StreamState) -> tuple[list[int], float | None, list[int]]:
+        """The note rules' view of the stream's end: (model pitches that have sounded `max_note_beats`, beats the
+        longest-sounding note may still sound or None when no model note sounds, pitches that began just now)."""
+        sounding = state.model_open[-1] if state.model_open else {}
         if not sounding:
-            return [], None
+            return [], None, []
         per_beat = state.tempo_bpm / 60.0
-        left = {p: self.max_note_beats - (state.cursor - onsets[0]) * per_beat for p, onsets in sounding.items()}
-        overdue = [p for p, beats in left.items() if beats <= SHIFT_EPS]
-        return overdue, max(0.0, min(left.values()))
+        held = {p: (state.cursor - onsets[0]) * per_beat for p, onsets in sounding.items()}
+        fresh = [p for p, beats in held.items() if beats <= SHIFT_EPS]
+        if self.max_note_beats is None:
+            return [], None, fresh
+        overdue = [p for p, beats in held.items() if beats >= self.max_note_beats - SHIFT_EPS]
+        return overdue, max(0.0, self.max_note_beats - max(held.values())), fresh
 
     def _sample(self, state: StreamState, allow_eos: bool, leading: bool = False) -> tuple[int, bool]:
         """The next id and whether the note-ending rule forced it."""
         self._ensure_logits(state)
         pending = state.decoder.pending_pitch is not None
-        overdue, budget = ([], None) if pending else self._note_budget(state)
-        self.grammar.prepare(pending, leading, allow_eos, overdue, budget)
+        overdue, budget, fresh = ([], None, []) if pending else self._note_budget(state)
+        self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh)
         return sample_token(state.logits, self.processors, self.generator), bool(overdue)
 
     # ------------------------------------------------------------ stream edits
@@ -263,13 +266,22 @@ class Engine:
         return first
 
     def close_open_notes(self, state: StreamState, on_event: Callable[[NoteEvent, int], None] | None) -> int:
-        """End the model's sounding notes at the stream's end: NoteOff tokens appended, events handed on."""
+        """End the model's sounding notes at the stream's end: NoteOff tokens appended, events handed on.
+
+        A note that began at the stream's very end first sounds for one grid step (a note without duration is
+        not MIDI: decoders drop or reject it).
+        """
         sounding = state.model_open[-1] if state.model_open else {}
         pitches = sorted(sounding)
         if not pitches:
             return 0
-        ids = self.codec.encode([f"NoteOff_{p}" for p in pitches for _ in sounding[p]])
-        serial = self._feed(state, ids, state.cursor, state.cursor)
+        start = state.cursor
+        shift = []
+        if max(onsets[-1] for onsets in sounding.values()) >= state.cursor - 1e-9:
+            shift = [self.codec.shifts[-1][1]]  # the smallest TimeShift
+            state.cursor += state.seconds(self.codec.step)
+        ids = self.codec.encode(shift + [f"NoteOff_{p}" for p in pitches for _ in sounding[p]])
+        serial = self._feed(state, ids, start, state.cursor)
         state.model_open[-1] = {}
         for pitch in pitches:
             if on_event:

@@ -66,6 +66,7 @@ class GrammarProcessor(LogitsProcessor):
         for i, first in enumerate(o[0] if o else None for o in ops):
             if first is not None and first[0] == "off":
                 self.off_first.setdefault(first[1], torch.zeros(size, dtype=torch.bool))[i] = True
+        self.empty_note = _empty_note(ops, size)  # ids that end a note at its onset: NoteOn_p Velocity NoteOff_p
         self.banned = self.no_eos
 
     def prepare(
@@ -75,6 +76,7 @@ class GrammarProcessor(LogitsProcessor):
         allow_eos: bool,
         overdue: Iterable[int] = (),
         shift_budget: float | None = None,
+        just_started: Iterable[int] = (),
     ) -> None:
         """Set the next step's mask from the stream's state.
 
@@ -84,6 +86,8 @@ class GrammarProcessor(LogitsProcessor):
             allow_eos: the chunk may end here.
             overdue: model pitches that have sounded the note limit (their NoteOff is forced).
             shift_budget: beats the longest-sounding model note may still sound (None: no model note sounds).
+            just_started: model pitches whose oldest sounding note began at the stream's end (their NoteOff now
+                would make a note without duration, which MIDI cannot hold).
         """
         if pending_velocity:
             self.banned = self.vel
@@ -93,9 +97,12 @@ class GrammarProcessor(LogitsProcessor):
             allowed = forced[0] if len(forced) == 1 else torch.stack(forced).any(dim=0)
             self.banned = self.no_eos | ~allowed
             return
-        banned = self.lead if leading else self.base if allow_eos else self.no_eos
+        banned = (self.lead if leading else self.base if allow_eos else self.no_eos) | self.empty_note
         if shift_budget is not None and not leading:
             banned = banned | (self.shift_beats > shift_budget + SHIFT_EPS)
+        for pitch in just_started:
+            if pitch in self.off_first:
+                banned = banned | self.off_first[pitch]
         self.banned = banned
 
     def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -106,6 +113,21 @@ def _first_op(ops: list[tuple], kind: str, size: int) -> torch.Tensor:
     """(size,) bool: ids whose first base token is of `kind` ("on", "vel", ...); padded rows False."""
     mask = torch.zeros(size, dtype=torch.bool)
     mask[: len(ops)] = torch.tensor([bool(o) and o[0][0] == kind for o in ops], dtype=torch.bool)
+    return mask
+
+
+def _empty_note(ops: list[tuple], size: int) -> torch.Tensor:
+    """(size,) bool: ids in which a NoteOn's pitch is turned off again before any time shift."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    for i, seq in enumerate(ops):
+        started: set[int] = set()
+        for op in seq:
+            if op[0] == "shift":
+                started.clear()
+            elif op[0] == "on":
+                started.add(op[1])
+            elif op[0] == "off" and op[1] in started:
+                mask[i] = True
     return mask
 
 

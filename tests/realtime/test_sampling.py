@@ -56,3 +56,10 @@ def test_overdue_note_forces_its_note_off():
     assert allowed(g) == {2, 3, 4, 5, 6, 7}
     g.prepare(pending_velocity=True, leading=False, allow_eos=True, overdue=[60])  # the Velocity comes first
     assert allowed(g) == {4}
+
+
+def test_no_note_ends_at_its_onset():
+    ops = [*OPS, (("on", 64), ("vel", 80), ("off", 64)), (("on", 64), ("vel", 80), ("shift", 0.5), ("off", 64))]
+    g = GrammarProcessor(ops, pad_id=0, bos_id=1, eos_id=2, model_vocab=len(ops))
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, just_started=[60])
+    assert allowed(g) == {3, 4, 5, 7, 9}  # NoteOff_60 right after its NoteOn, and the id 8 holding an empty note
