@@ -135,6 +135,8 @@ def adapter_plan(meta: dict, adapters: dict[str, float] | None, normalize: bool)
     missing = sorted(set(adapters) - set(available))
     if missing:
         raise BundleError(f"adapters {missing} not in the bundle (has: {sorted(available) or 'none'})")
+    if adapters and not any(w > 0 for w in adapters.values()):
+        raise BundleError(f"adapter weights {adapters} are all zero or negative: give one a weight > 0, or 'none'")
     plan = {name: float(w) for name, w in adapters.items() if w != 0}
     total = sum(plan.values())
     if normalize and plan:
