@@ -34,6 +34,7 @@ class Bundle:
     adapters: dict[str, float] = field(default_factory=dict)  # adapter name -> weight folded in
     max_seq_len: int = 256
     tempo_bpm: float = C.DEFAULT_TEMPO_BPM
+    max_note_beats: float = C.DEFAULT_MAX_NOTE_BEATS  # the note-ending rule's limit (bundle.json, else the default)
     load_s: float = 0.0  # seconds from load_bundle call to ready
 
     def describe(self) -> str:
@@ -134,6 +135,8 @@ def adapter_plan(meta: dict, adapters: dict[str, float] | None, normalize: bool)
     missing = sorted(set(adapters) - set(available))
     if missing:
         raise BundleError(f"adapters {missing} not in the bundle (has: {sorted(available) or 'none'})")
+    if adapters and not any(w > 0 for w in adapters.values()):
+        raise BundleError(f"adapter weights {adapters} are all zero or negative: give one a weight > 0, or 'none'")
     plan = {name: float(w) for name, w in adapters.items() if w != 0}
     total = sum(plan.values())
     if normalize and plan:
@@ -225,5 +228,6 @@ def load_bundle(
         adapters=plan,
         max_seq_len=max_len,
         tempo_bpm=float(meta.get("tempo_bpm") or C.DEFAULT_TEMPO_BPM),
+        max_note_beats=float(meta.get("max_note_beats") or C.DEFAULT_MAX_NOTE_BEATS),
         load_s=time.perf_counter() - started,
     )

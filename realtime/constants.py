@@ -41,3 +41,6 @@ SLIDE_KEEP_FRACTION = 0.5  # share of max_seq_len kept (and re-prefilled) when t
 ANSWER_ROOM_DIVISOR = 4  # call_response keeps max_seq_len / 4 ids free for the next answer's first notes
 MAX_TOKENS_PER_BEAT = 64  # safety cap on tokens generated per beat of music (a model stuck on zero-time tokens)
 DEFAULT_TEMPO_BPM = 120.0
+# Beats: the note-ending rule's limit for bundles written before bundle.json recorded `max_note_beats` (the
+# tokenize stage's 99.5th percentile note length); two 4/4 bars, longer than almost any sustained piano note.
+DEFAULT_MAX_NOTE_BEATS = 8.0

@@ -24,16 +24,9 @@ import torch
 
 from realtime import constants as C
 from realtime.codec import Decoder, NoteEvent, TokenCodec
+from realtime.sampling import SHIFT_EPS, GrammarProcessor, Sampling, sample_token, warpers
 
-
-@dataclass
-class Sampling:
-    """Sampling controls; top_k=0 and top_p=1 disable those filters."""
-
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 0
-    seed: int | None = None
+__all__ = ["ChunkContext", "ChunkResult", "Engine", "Sampling", "StreamState", "sample_token"]
 
 
 @dataclass
@@ -47,7 +40,8 @@ class StreamState:
     starts: list[float] = field(default_factory=list)  # session seconds each id starts sounding (crop test)
     ends: list[float] = field(default_factory=list)  # stream cursor (session seconds) after each id
     serials: list[int] = field(default_factory=list)  # never reused over the session: output event tags
-    model_open: list[frozenset] = field(default_factory=list)  # model notes sounding after each id
+    # after each id: sounding model pitch -> onsets (session seconds) of its NoteOns not yet matched, oldest first
+    model_open: list[dict[int, tuple[float, ...]]] = field(default_factory=list)
     next_serial: int = 0
     logits: torch.Tensor | None = None  # (vocab,) next-token logits; None: recompute lazily
     decoder: Decoder = field(default_factory=Decoder)
@@ -56,7 +50,7 @@ class StreamState:
     @property
     def open_notes(self) -> frozenset:
         """Model pitches sounding at the end of the stream."""
-        return self.model_open[-1] if self.model_open else frozenset()
+        return frozenset(self.model_open[-1]) if self.model_open else frozenset()
 
     def seconds(self, beats: float) -> float:
         return beats * 60.0 / self.tempo_bpm
@@ -79,7 +73,9 @@ class ChunkResult:
     """What one chunk produced and what it cost."""
 
     events: list[NoteEvent] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the ids sampled, in order
     tokens: int = 0
+    forced_offs: int = 0  # ids sampled under the note-ending rule (a note held past max_note_beats)
     music_s: float = 0.0  # seconds of music the stream advanced
     compute_s: float = 0.0
     first_event_at: float | None = None  # session seconds when the first event was handed on
@@ -97,6 +93,7 @@ class Engine:
         max_seq_len: int,
         sampling: Sampling | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_note_beats: float | None = None,
     ):
         self.model = model
         self.codec = codec
@@ -104,25 +101,19 @@ class Engine:
         self.sampling = sampling or Sampling()
         self.clock = clock
         self.device = next(model.parameters()).device
+        self.max_note_beats = max_note_beats
         self.generator = torch.Generator(device="cpu")
-        if self.sampling.seed is not None:
-            self.generator.manual_seed(self.sampling.seed)
+        self.reseed(self.sampling.seed)
         model_vocab = getattr(getattr(model, "config", None), "vocab_size", codec.vocab_size)
-        self._banned = torch.zeros(max(model_vocab, codec.vocab_size), dtype=torch.bool)
-        self._banned[[codec.pad_id, codec.bos_id]] = True
-        self._banned[codec.vocab_size :] = True  # padded embedding rows: ids the tokenizer cannot decode
-        self._banned_eos = self._banned.clone()
-        self._banned_eos[codec.eos_id] = True
-        # An answer's first id must open with a NoteOn: the model's leading rest (or an undecodable id) would be
-        # dropped anyway, and every id sampled before the first note is latency.
-        self._banned_lead = self._banned_eos | ~self._first_op_is("on")
-        self._banned_vel = self._banned_eos | ~self._first_op_is("vel")
+        self.grammar = GrammarProcessor(codec.ops, codec.pad_id, codec.bos_id, codec.eos_id, model_vocab)
+        self.processors = [self.grammar, *warpers(self.sampling)]
 
-    def _first_op_is(self, kind: str) -> torch.Tensor:
-        """(vocab,) bool: ids whose first base token is of `kind` ("on", "vel", ...)."""
-        mask = torch.zeros_like(self._banned)
-        mask[: self.codec.vocab_size] = torch.tensor([bool(ops) and ops[0][0] == kind for ops in self.codec.ops])
-        return mask
+    def reseed(self, seed: int | None) -> None:
+        """Restart the sampling generator at `seed` (None: a fresh random state)."""
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
 
     # ------------------------------------------------------------ model calls
 
@@ -157,7 +148,7 @@ class Engine:
             state.starts.extend([start] * len(part))
             state.ends.extend([end] * len(part))
             state.serials.extend(range(state.next_serial, state.next_serial + len(part)))
-            state.model_open.extend([state.open_notes] * len(part))
+            state.model_open.extend([state.model_open[-1] if state.model_open else {}] * len(part))
             state.next_serial += len(part)
         return first
 
@@ -179,22 +170,40 @@ class Engine:
         _crop_cache(state.cache, 1)
         self._forward(state, state.ids[-1:])
 
-    def _sample(self, state: StreamState, allow_eos: bool, leading: bool = False) -> int:
+    def _note_budget(self, state: StreamState) -> tuple[list[int], float | None, list[int]]:
+        """The note rules' view of the stream's end: (model pitches that have sounded `max_note_beats`, beats the
+        longest-sounding note may still sound or None when no model note sounds, pitches that began just now)."""
+        sounding = state.model_open[-1] if state.model_open else {}
+        if not sounding:
+            return [], None, []
+        per_beat = state.tempo_bpm / 60.0
+        held = {p: (state.cursor - onsets[0]) * per_beat for p, onsets in sounding.items()}
+        fresh = [p for p, beats in held.items() if beats <= SHIFT_EPS]
+        if self.max_note_beats is None:
+            return [], None, fresh
+        overdue = [p for p, beats in held.items() if beats >= self.max_note_beats - SHIFT_EPS]
+        return overdue, max(0.0, self.max_note_beats - max(held.values())), fresh
+
+    def _sample(self, state: StreamState, allow_eos: bool, leading: bool = False) -> tuple[int, bool]:
+        """The next id and whether the note-ending rule forced it."""
         self._ensure_logits(state)
-        if state.decoder.pending_pitch is not None:
-            banned = self._banned_vel  # MIDILike grammar: a NoteOn is followed by its Velocity
-        elif leading:
-            banned = self._banned_lead
-        else:
-            banned = self._banned if allow_eos else self._banned_eos
-        return sample_token(state.logits, self.sampling, banned, self.generator)
+        pending = state.decoder.pending_pitch is not None
+        overdue, budget, fresh = ([], None, []) if pending else self._note_budget(state)
+        self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh)
+        return sample_token(state.logits, self.processors, self.generator), bool(overdue)
 
     # ------------------------------------------------------------ stream edits
 
-    def start(self, now: float, tempo_bpm: float) -> StreamState:
-        """A fresh stream: the piece prefix (BOS, TimeSig) prefilled, ending at `now`."""
+    def start(self, now: float, tempo_bpm: float, prompt: list[int] | None = None) -> StreamState:
+        """A fresh stream ending at `now`: the piece prefix (BOS, TimeSig) prefilled, or `prompt` (ids, BOS first).
+
+        A prompt's notes count as the human's (the note-ending rule never closes them); its time shifts move the
+        stream's start back, so the stream still ends at `now`.
+        """
+        ids = prompt if prompt is not None else self.codec.encode(self.codec.prefix_tokens)
+        beats = sum(op[1] for i in ids for op in self.codec.ops[i] if op[0] == "shift")
         state = StreamState(tempo_bpm=tempo_bpm, cursor=now)
-        self._feed(state, self.codec.encode(self.codec.prefix_tokens), now, now)
+        self._feed(state, list(ids), now - state.seconds(beats), now)
         return state
 
     def append_events(self, state: StreamState, events: list[NoteEvent]) -> int:
@@ -257,13 +266,23 @@ class Engine:
         return first
 
     def close_open_notes(self, state: StreamState, on_event: Callable[[NoteEvent, int], None] | None) -> int:
-        """End the model's sounding notes at the stream's end: NoteOff tokens appended, events handed on."""
-        pitches = sorted(state.open_notes)
+        """End the model's sounding notes at the stream's end: NoteOff tokens appended, events handed on.
+
+        A note that began at the stream's very end first sounds for one grid step (a note without duration is
+        not MIDI: decoders drop or reject it).
+        """
+        sounding = state.model_open[-1] if state.model_open else {}
+        pitches = sorted(sounding)
         if not pitches:
             return 0
-        ids = self.codec.encode([f"NoteOff_{p}" for p in pitches])
-        serial = self._feed(state, ids, state.cursor, state.cursor)
-        state.model_open[-1] = frozenset()
+        start = state.cursor
+        shift = []
+        if max(onsets[-1] for onsets in sounding.values()) >= state.cursor - 1e-9:
+            shift = [self.codec.shifts[-1][1]]  # the smallest TimeShift
+            state.cursor += state.seconds(self.codec.step)
+        ids = self.codec.encode(shift + [f"NoteOff_{p}" for p in pitches for _ in sounding[p]])
+        serial = self._feed(state, ids, start, state.cursor)
+        state.model_open[-1] = {}
         for pitch in pitches:
             if on_event:
                 on_event(NoteEvent("off", pitch, 0, state.cursor), serial)
@@ -283,13 +302,14 @@ class Engine:
             if ctx.should_stop is not None and ctx.should_stop():
                 res.stopped = "interrupt"
                 break
-            token = self._sample(state, ctx.allow_eos, leading)
+            token, forced = self._sample(state, ctx.allow_eos, leading)
+            res.forced_offs += forced
             if token == self.codec.eos_id:
                 res.stopped = "eos"
                 break
             serial, start = state.next_serial, state.cursor
             res.first_serial = serial if res.first_serial is None else res.first_serial
-            opened = set(state.open_notes)
+            opened = dict(state.model_open[-1]) if state.model_open else {}
             for op in state.decoder.feed(self.codec.ops[token]):
                 if op[0] == "shift":
                     state.cursor += 0.0 if leading else state.seconds(op[1])
@@ -305,22 +325,28 @@ class Engine:
                     res.first_event_at = self.clock()
             end = state.cursor
             self._feed(state, [token], start, end)
-            state.model_open[-1] = frozenset(opened)
+            state.model_open[-1] = opened
+            res.ids.append(token)
             res.tokens += 1
         res.music_s = state.cursor - begin
         res.compute_s = time.perf_counter() - started
         return state, res
 
 
-def _event(op: tuple, at: float, opened: set[int]) -> NoteEvent | None:
-    """A decoded op as an output event, updating the set of sounding model notes."""
+def _event(op: tuple, at: float, opened: dict[int, tuple[float, ...]]) -> NoteEvent | None:
+    """A decoded op as an output event, updating the sounding model notes (pitch -> unmatched NoteOn onsets).
+
+    NoteOffs match NoteOns first in, first out, as miditok decodes them (a re-struck pitch needs two NoteOffs).
+    """
     if op[0] == "note":
-        opened.add(op[1])
+        opened[op[1]] = (*opened.get(op[1], ()), at)
         return NoteEvent("on", op[1], op[2], at)
     if op[0] == "off":
         if op[1] not in opened:
             return None  # NoteOff of a note the model never started: nothing to send
-        opened.discard(op[1])
+        rest = opened.pop(op[1])[1:]
+        if rest:
+            opened[op[1]] = rest
         return NoteEvent("off", op[1], 0, at)
     if op[0] == "pedal":
         return NoteEvent("pedal_on" if op[1] else "pedal_off", 0, 0, at)
@@ -331,19 +357,3 @@ def _crop_cache(cache: Any, remove: int) -> None:
     """Drop the last `remove` positions (negative crop means "remove" in transformers 4.x and 5.x alike)."""
     if cache is not None and remove > 0:
         cache.crop(-remove)
-
-
-def sample_token(logits: torch.Tensor, sampling: Sampling, banned: torch.Tensor, generator: torch.Generator) -> int:
-    """Temperature, top-k and top-p (nucleus) sampling over one logits vector (vocab,)."""
-    x = logits / sampling.temperature
-    x = x.masked_fill(banned[: x.shape[0]], float("-inf"))
-    if 0 < sampling.top_k < x.shape[0]:
-        kth = torch.topk(x, sampling.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop = torch.cumsum(probs, dim=-1) - probs > sampling.top_p  # keep the smallest set reaching top_p
-        x = x.index_put((order[drop],), torch.tensor(float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -40,7 +40,8 @@ def make_engine(bundle: Bundle, settings: JamSettings) -> Engine:
     """A streaming engine over a prepared bundle with the settings' sampling controls."""
     sampling = Sampling(settings.temperature, settings.top_p, settings.top_k, settings.seed)
     max_len = min(settings.max_seq_len or bundle.max_seq_len, bundle.max_seq_len)
-    return Engine(bundle.model, TokenCodec(bundle.tokenizer), max_len, sampling)
+    max_note = settings.max_note_beats or bundle.max_note_beats
+    return Engine(bundle.model, TokenCodec(bundle.tokenizer), max_len, sampling, max_note_beats=max_note)
 
 
 def _sigterm_as_interrupt() -> Callable[[], None]:

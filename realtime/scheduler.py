@@ -41,7 +41,7 @@ class OutputScheduler:
         self,
         send: Callable[[mido.Message], None],
         channel: int = 0,
-        max_note_s: float = 4.0,
+        max_note_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         on_sent: Callable[[mido.Message, float, int], None] | None = None,
     ):
@@ -61,6 +61,7 @@ class OutputScheduler:
         self._closed = False
         self.sent = 0
         self.send_errors = 0
+        self.guard_offs = 0  # notes the max_note_s guard had to end (the token stream should end them first)
 
     # ------------------------------------------------------------ queue
 
@@ -130,6 +131,7 @@ class OutputScheduler:
             if item.guard:
                 if self._held.get(msg.note) == item.guard:
                     del self._held[msg.note]
+                    self.guard_offs += 1
                     self._emit(msg, item.tag)
             elif is_note_on(msg):
                 if msg.note in self._held:  # re-strike: end the sounding note first

@@ -78,6 +78,7 @@ class JamSession:
         self.error: BaseException | None = None
         self.recorded: Path | None = None  # where the session was written, once it has been
         self.responses = 0
+        self.forced_offs = 0  # NoteOffs the note-ending rule forced in the token stream
         self.started_at = 0.0
 
     # ------------------------------------------------------------ threads
@@ -143,6 +144,8 @@ class JamSession:
             "human_notes": sum(1 for _, m in self.recorder.messages("human") if is_note_on(m)),
             "model_notes": sum(1 for _, m in self.recorder.messages("model") if is_note_on(m)),
             "ignored_messages": self._listen.ignored,
+            "forced_note_offs": self.forced_offs,  # ended in the token stream by the note-ending rule
+            "guard_note_offs": self.scheduler.guard_offs,  # ended by the scheduler's max_note_s guard (last resort)
             "tempo_bpm": round(self.tempo_bpm, 2),
             "record": str(self.recorded) if self.recorded else None,
             **self.stats.summary(),
@@ -298,6 +301,7 @@ class JamSession:
         state, res = self.engine.generate_chunk(state, ctx)
         self.engine.close_open_notes(state, self._emit)
         self.stats.add_chunk(res.music_s, res.compute_s, res.tokens)
+        self.forced_offs += res.forced_offs
         if not any(e.kind == "on" for e in res.events):
             self._chunk_trigger = None  # nothing to measure: the model answered with silence
         self._listen.phrase_pending, self._listen.trigger_at = False, None
@@ -320,6 +324,7 @@ class JamSession:
         )
         state, res = self.engine.generate_chunk(state, ctx)
         self.stats.add_chunk(res.music_s, res.compute_s, res.tokens)
+        self.forced_offs += res.forced_offs
         if res.first_event_at is not None:
             self.stats.add_latency(res.first_event_at - trigger)
         self._playing_until = state.cursor

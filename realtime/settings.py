@@ -100,7 +100,18 @@ class RealtimeSettings(BaseModel):
     )  # fmt: skip
     record: Path | None = Field(None, description="Write the session (human and model tracks) to this MIDI file.")
     out_channel: int = Field(0, ge=0, le=15, description="MIDI channel of the model's notes, 0-15 (0 = channel 1).")
-    max_note_s: float = Field(4.0, gt=0, description="Seconds; a model note held longer is ended (no stuck notes).")
+    max_note_beats: float | None = Field(
+        None,
+        gt=0,
+        description="Beats; decoding forces a model note's NoteOff once it has sounded this long. "
+        "None: the bundle's (the training corpus's 99.5th percentile note length).",
+    )
+    max_note_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds; last resort: the scheduler ends a model note held longer (counted in the summary). "
+        "Above the note-ending rule's limit at usual tempi (8 beats = 4 s at 120 BPM).",
+    )
     tail_s: float = Field(1.0, ge=0, description="Seconds the last answer may ring after the input file ends.")
     duration_s: float | None = Field(
         None, gt=0, description="Stop after this many seconds; None: Ctrl-C, or the end of the input file."

@@ -9,9 +9,6 @@ soundfont is missing).
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,6 +17,7 @@ import pretty_midi
 import soundfile as sf
 
 from pipeline.core import constants as C
+from pipeline.core.audio import fluidsynth_missing, render_fluidsynth
 from pipeline.core.config import Config, DemoConfig, section_json
 from pipeline.core.files import atomic_path, sha256_file, sha256_text
 from pipeline.core.items import ItemResult, Job, StageReport, finish_stage, run_item_stage
@@ -28,8 +26,6 @@ from pipeline.core.midi import save_midi as save_midi_file
 from pipeline.data.base import corpus_item_id, corpus_root, list_corpus_pieces, parse_corpus_piece
 
 STAGE_VERSION = "demo-1"  # bump when rendering changes, so every item is rebuilt
-FLUIDSYNTH = "fluidsynth"
-FLUIDSYNTH_TIMEOUT_S = 120  # seconds; a 30 s excerpt renders in well under one
 TAIL_S = 1.0  # seconds of release/reverb kept after the excerpt's last note
 PEAK_DBFS = -1.0  # rendered audio is peak-normalised to this level
 MIN_DEMO_NOTES = 8  # fewer notes in the excerpt: not worth rendering (e.g. a long rest at the start)
@@ -43,9 +39,9 @@ MIDDLE_C = 60
 
 def renderer_for(soundfont: Path) -> str:
     """'fluidsynth' when the binary and the soundfont are both there, else 'additive' (with a warning)."""
-    if shutil.which(FLUIDSYNTH) and Path(soundfont).is_file():
+    missing = fluidsynth_missing(soundfont)
+    if missing is None:
         return "fluidsynth"
-    missing = FLUIDSYNTH if not shutil.which(FLUIDSYNTH) else f"soundfont {soundfont}"
     warnings.warn(
         f"demo: {missing} not found; rendering with the plain additive synth (audio will sound synthetic)",
         stacklevel=2,
@@ -100,18 +96,6 @@ def additive_synth(notes: list[pretty_midi.Note], sample_rate: int, duration_s: 
 def _normalise(audio: np.ndarray) -> np.ndarray:
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
     return audio if peak == 0 else audio * (10 ** (PEAK_DBFS / 20) / peak)
-
-
-def render_fluidsynth(midi_path: Path, soundfont: Path, sample_rate: int, duration_s: float) -> np.ndarray:
-    """Render a MIDI file with fluidsynth; returns mono float32 audio cut to `duration_s` seconds."""
-    with tempfile.TemporaryDirectory(prefix="demo-render-") as tmp_dir:
-        tmp = Path(tmp_dir) / "render.wav"
-        cmd = [FLUIDSYNTH, "-ni", "-q", "-T", "wav", "-F", str(tmp), "-r", str(sample_rate), str(soundfont)]
-        proc = subprocess.run([*cmd, str(midi_path)], capture_output=True, text=True, timeout=FLUIDSYNTH_TIMEOUT_S)
-        if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
-            raise RuntimeError(f"fluidsynth failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}")
-        audio, _ = sf.read(str(tmp), dtype="float32", always_2d=True)
-    return audio.mean(axis=1)[: round(duration_s * sample_rate)]
 
 
 def render_audio(pm: pretty_midi.PrettyMIDI, midi_path: Path, section: DemoConfig, renderer: str) -> np.ndarray:

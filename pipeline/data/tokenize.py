@@ -31,10 +31,11 @@ from pipeline.core import constants as C
 from pipeline.core.config import Config, TokenizeConfig, section_json
 from pipeline.core.files import atomic_path, piece_id, read_json, sha256_file, sha256_text, write_json
 from pipeline.core.items import ItemIndex, ItemResult, Job, StageReport, raise_if_all_failed, run_jobs
+from pipeline.data.note_lengths import length_counts, length_stats, merge_counts
 from pipeline.data.roundtrip import roundtrip_counts
 from realtime.bundle_format import SPECIAL_TOKENS, load_tokenizer, special_ids  # one loader, one id convention
 
-STAGE_VERSION = "1"  # bump when the per-piece encoding changes, to invalidate the cache
+STAGE_VERSION = "2"  # bump when the per-piece encoding changes, to invalidate the cache
 TOKENIZER_NAME = "tokenizer.json"
 VOCAB_META_NAME = "vocab.json"
 CACHE_DIR = "cache"
@@ -211,15 +212,17 @@ def decode_ids(tokenizer: miditok.MusicTokenizer, ids: np.ndarray | list[int]) -
     return tokenizer.decode([seq])
 
 
-def encode_file(tokenizer: miditok.MusicTokenizer, path: Path) -> tuple[np.ndarray, dict[str, int]]:
+def encode_file(tokenizer: miditok.MusicTokenizer, path: Path) -> tuple[np.ndarray, dict]:
     """Encode one MIDI file and check its round trip.
 
     Returns:
-        (ids without BOS/EOS, `roundtrip_counts` of encode -> decode).
+        (ids without BOS/EOS, `roundtrip_counts` of encode -> decode plus `note_lengths`: the decoded notes'
+        length histogram, `note_lengths.length_counts`).
     """
     score = load_piano_score(path)
     ids = encode_score(tokenizer, score)
-    return ids, roundtrip_counts(tokenizer, score, decode_ids(tokenizer, ids))
+    decoded = decode_ids(tokenizer, ids)
+    return ids, {**roundtrip_counts(tokenizer, score, decoded), "note_lengths": length_counts(decoded)}
 
 
 def window_ids(ids: np.ndarray, max_seq_len: int, overlap: int, pad_id: int) -> np.ndarray:
@@ -347,6 +350,8 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     counts = write_windows(items, done, out_dir, cfg.tokenize, ids)
     report.outputs = len(counts)
     report.stats = _stats(cfg.tokenize, tokenizer, ids, bpe_stats, done, counts)
+    train = [done[i.key]["stats"].get("note_lengths") for i in items if i.split == "train" and i.key in done]
+    report.stats["note_lengths"] = length_stats(merge_counts(train), cfg.tokenize.note_length_quantile)
     report.stats["tokenizer_sha256"] = sha256_file(out_dir / TOKENIZER_NAME)  # logged by training runs
     report.finish(out_dir, section_json(cfg.tokenize))
     raise_if_all_failed(report)

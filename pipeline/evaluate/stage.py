@@ -24,8 +24,10 @@ from pipeline.core import constants as C
 from pipeline.core.config import Config, EvaluateConfig, section_json
 from pipeline.core.files import read_json, sha256_file, sha256_text, write_json
 from pipeline.core.items import StageReport, raise_if_all_failed
+from pipeline.evaluate import confidence as CI
 from pipeline.evaluate import features as F
 from pipeline.evaluate import plots
+from pipeline.evaluate import samples as S
 from pipeline.registry.client import RunsError, mlflow_client
 from pipeline.registry.runs import (
     BASE_RUN_TAG,
@@ -39,7 +41,7 @@ from pipeline.registry.runs import (
 from realtime.bundle_format import TOKENIZER_FILE, BundleError, load_tokenizer, read_bundle, special_ids
 
 STAGE = "evaluate"
-EVAL_VERSION = "1"  # bump when a metric's definition changes, to re-evaluate every run
+EVAL_VERSION = "2"  # bump when a metric changes, to re-evaluate every run (2: runner engine, CIs, base corpus)
 
 
 class EvaluateError(RuntimeError):
@@ -56,6 +58,7 @@ class TestSet:
     paths: dict[str, Path]  # item id -> clean MIDI
     real_values: dict[str, np.ndarray]  # pooled feature values of all pieces
     tokenizer_path: Path
+    base_windows: np.ndarray | None = None  # base corpus test windows: forgetting is measured on them
     key: str = ""  # hash of the data (eval params are added by `eval_key`)
 
 
@@ -66,6 +69,8 @@ class ModelEval:
     metrics: dict[str, float]
     values: dict[str, np.ndarray]
     samples: list[dict[str, Any]] = field(default_factory=list)
+    nll_sums: np.ndarray | None = None  # (n_windows,) nats per test window, for paired bootstrap CIs
+    nll_counts: np.ndarray | None = None  # (n_windows,) tokens scored per test window
 
 
 # ---------------------------------------------------------------- data
@@ -130,24 +135,32 @@ def load_test_set(cfg: Config, inputs: dict[str, Path]) -> TestSet:
         paths={k: paths[k] for k in pieces},
         real_values=F.pooled_values(pieces.values(), cfg.evaluate.window_beats),
         tokenizer_path=tok_path,
+        base_windows=_base_windows(tok_dir / C.BASE / "test.npy", cfg.evaluate.max_windows),
         key=sha256_text(sha256_file(npy), sha256_file(tok_path), json.dumps(sorted(pieces))),
     )
 
 
-def eval_key(ec: EvaluateConfig, test: TestSet) -> str:
-    """Hash of everything an evaluation depends on besides the model: params, test data, metric code version."""
-    return sha256_text(section_json(ec), test.key, EVAL_VERSION)[:16]
+def _base_windows(npy: Path, limit: int) -> np.ndarray | None:
+    windows = np.load(npy) if npy.exists() else None
+    return _even_subset(windows, limit) if windows is not None and windows.ndim == 2 and len(windows) else None
+
+
+def eval_key(cfg: Config, test: TestSet) -> str:
+    """Hash of everything an evaluation depends on besides the model: params (the runner's sampling controls and
+    note limit included), test data, metric code version."""
+    rt = cfg.realtime.model_dump(include={"temperature", "top_p", "top_k", "max_note_beats"})
+    return sha256_text(section_json(cfg.evaluate), json.dumps(rt, sort_keys=True), test.key, EVAL_VERSION)[:16]
 
 
 # ---------------------------------------------------------------- model
 
 
-def mean_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> float:
-    """Mean next-token negative log-likelihood (nats) over non-PAD targets of PAD-padded windows."""
+def window_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per window: summed next-token NLL (nats) over non-PAD targets, and their count. Two (n_windows,) arrays."""
     import torch
     import torch.nn.functional as TF
 
-    total, count = 0.0, 0
+    sums, counts = [], []
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
             ids = torch.as_tensor(windows[i : i + batch_size], dtype=torch.long)  # (batch, seq)
@@ -155,112 +168,81 @@ def mean_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> float:
             logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()
             target, keep = ids[:, 1:], mask[:, 1:]
             nll = TF.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (batch, seq - 1)
-            total += float(nll[keep].sum())
-            count += int(keep.sum())
-    if not count:
+            sums.extend((nll * keep).sum(dim=1).tolist())
+            counts.extend(keep.sum(dim=1).tolist())
+    if not sum(counts):
         raise EvaluateError("test windows hold no tokens besides PAD")
-    return total / count
+    return np.asarray(sums), np.asarray(counts)
 
 
-def encode_piece(tokenizer, path: Path) -> list[int]:
-    """Token ids of every non-drum note of a MIDI file as one piano stream, as the tokenize stage encodes it."""
-    from pipeline.data.tokenize import encode_score, load_piano_score
-
-    try:
-        return encode_score(tokenizer, load_piano_score(path)).tolist()
-    except ValueError:  # unreadable or no notes in range: no prompt from this piece
-        return []
-
-
-def make_prompts(tokenizer, paths: dict[str, Path], ec: EvaluateConfig) -> tuple[list[str], np.ndarray]:
-    """BOS + the opening tokens of the first `n_prompts` test pieces, cut to one common length.
-
-    Returns:
-        (piece ids, prompts int64 (n_prompts, length)).
-    """
-    bos = special_ids(tokenizer)["bos_id"]
-    opened = [(item, encode_piece(tokenizer, p)) for item, p in list(paths.items())[: ec.n_prompts]]
-    opened = [(item, ids) for item, ids in opened if ids]
-    if not opened:
-        raise EvaluateError("no test piece encodes to any token: cannot make prompts")
-    k = min(ec.prompt_tokens, *(len(ids) for _, ids in opened))
-    rows = [[bos, *ids[:k]] for _, ids in opened]
-    return [item for item, _ in opened], np.asarray(rows, dtype=np.int64)
-
-
-def sample_continuations(model, tokenizer, prompts: np.ndarray, ec: EvaluateConfig, max_len: int) -> list[list]:
-    """New token ids per (seed, prompt), seed-major; cut at EOS, specials removed.
-
-    The prompt plus continuation is kept within `max_len` (the context the model was trained on).
-    """
-    import torch
-
-    sp = special_ids(tokenizer)
-    new_tokens = max(1, min(ec.n_tokens, max_len - prompts.shape[1]))
-    x = torch.as_tensor(prompts)
-    out: list[list] = []
-    for seed in ec.seeds:
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            gen = model.generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                do_sample=True,
-                max_new_tokens=new_tokens,
-                temperature=ec.temperature,
-                top_p=ec.top_p,
-                top_k=ec.top_k,
-                pad_token_id=sp["pad_id"],
-                eos_token_id=sp["eos_id"],
-            )
-        for row in gen[:, prompts.shape[1] :].tolist():
-            if sp["eos_id"] in row:
-                row = row[: row.index(sp["eos_id"])]
-            out.append([t for t in row if t not in sp.values()])
-    return out
+def mean_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> float:
+    """Mean next-token negative log-likelihood (nats) over non-PAD targets of PAD-padded windows."""
+    sums, counts = window_nll(model, windows, pad_id, batch_size)
+    return float(sums.sum() / counts.sum())
 
 
 # ---------------------------------------------------------------- one model
 
 
-def evaluate_model(model, tokenizer, test: TestSet, ec: EvaluateConfig, out_dir: Path, max_len: int) -> ModelEval:
-    """Likelihood, samples, validity and style OAs of one model; sample MIDI and piano rolls go to `out_dir`."""
-    nll = mean_nll(model, test.windows, test.pad_id, ec.batch_size)
-    items, prompts = make_prompts(tokenizer, test.paths, ec)
-    continuations = sample_continuations(model, tokenizer, prompts, ec, max_len)
+def evaluate_model(model, tokenizer, test: TestSet, cfg: Config, out_dir: Path, meta: dict) -> ModelEval:
+    """Likelihood, samples (through the runner's engine), validity and style OAs of one model, with bootstrap CIs;
+    sample MIDI, piano rolls and WAVs go to `out_dir`."""
+    ec = cfg.evaluate
+    sums, counts = window_nll(model, test.windows, test.pad_id, ec.batch_size)
+    nll = float(sums.sum() / counts.sum())
+    try:
+        items, prompts = S.make_prompts(tokenizer, test.paths, ec)
+    except S.NoPrompts as err:
+        raise EvaluateError(str(err)) from None
+    max_len = int(meta.get("max_seq_len") or cfg.tokenize.max_seq_len)
+    engine = S.make_engine(model, tokenizer, cfg, meta, max_len)
+    tempo = float(meta.get("tempo_bpm") or cfg.finetune.tempo_bpm)
+    continuations = S.sample_continuations(engine, prompts, ec.seeds, ec.n_tokens, tempo)
     samples, pieces = [], []
     for i, ids in enumerate(continuations):
-        seed, item = ec.seeds[i // len(items)], items[i % len(items)]
-        score, problems = F.check_sample(tokenizer, ids, ec.max_open_beats)
-        notes = F.notes_from_score(score) if score is not None else []
-        name = f"{item}_seed{seed}"
-        if score is not None:
-            score.dump_midi(str(_mkdir(out_dir / "samples") / f"{name}.mid"))
-            pieces.append(notes)
-        if i < ec.plots:
-            plots.piano_roll_png(
-                notes, test.pieces[item], out_dir / f"pianoroll_{name}.png", (f"sample (seed {seed})", f"real: {item}")
-            )
-        samples.append(
-            {
-                "piece": item,
-                "seed": seed,
-                "tokens": len(ids),
-                "notes": len(notes),
-                "valid": not problems,
-                "problems": problems,
-            }
+        sample, notes = _one_sample(
+            tokenizer, ids, ec.seeds[i // len(items)], items[i % len(items)], i, test, cfg, out_dir, tempo
         )
+        samples.append(sample)
+        if notes is not None:
+            pieces.append(notes)
     values = F.pooled_values(pieces, ec.window_beats)
     oa = F.compare_sets(values, test.real_values, ec.oa_method)
+    lo, hi = CI.style_score_ci(pieces, test.real_values, ec.window_beats, ec.oa_method, ec.bootstrap, cfg.project.seed)
     metrics = {
         "test_nll": nll,
         "test_ppl": math.exp(min(nll, 50.0)),  # capped: an untrained model must not log inf
         "validity_rate": sum(s["valid"] for s in samples) / len(samples),
         "style_score": F.style_score(oa),
+        "style_score_ci_low": lo,
+        "style_score_ci_high": hi,
         **{f"oa_{k}": v for k, v in oa.items()},
     }
-    return ModelEval(metrics=metrics, values=values, samples=samples)
+    if test.base_windows is not None:
+        metrics["base_corpus_nll"] = mean_nll(model, test.base_windows, test.pad_id, ec.batch_size)
+    return ModelEval(metrics=metrics, values=values, samples=samples, nll_sums=sums, nll_counts=counts)
+
+
+def _one_sample(tokenizer, ids, seed, item, i, test: TestSet, cfg: Config, out_dir: Path, tempo: float):
+    """Check, save, plot and (for the first `evaluate.audio`) render one sample. Returns (its row, notes or None)."""
+    ec = cfg.evaluate
+    score, problems = F.check_sample(tokenizer, ids, ec.max_open_beats)
+    notes = F.notes_from_score(score) if score is not None else []
+    name = f"{item}_seed{seed}"
+    row = {"piece": item, "seed": seed, "tokens": len(ids), "notes": len(notes), "valid": not problems,
+           "problems": problems}  # fmt: skip
+    if score is None:
+        return row, None
+    midi = _mkdir(out_dir / "samples") / f"{name}.mid"
+    score.dump_midi(str(midi))
+    if i < ec.plots:
+        plots.piano_roll_png(
+            notes, test.pieces[item], out_dir / f"pianoroll_{name}.png", (f"sample (seed {seed})", f"real: {item}")
+        )
+    if i < ec.audio and notes:
+        length_s = max(n.end for n in notes) * 60.0 / tempo
+        row["audio"] = S.render_wav(midi, out_dir / f"audio_{name}.wav", cfg, length_s) or f"audio_{name}.wav"
+    return row, notes
 
 
 def _mkdir(path: Path) -> Path:
@@ -307,7 +289,6 @@ def evaluate_run(
 
     `base_done` maps base run ids handled in this session to whether they were logged (False: already current).
     """
-    ec = cfg.evaluate
     from realtime.bundle import load_model
 
     bundle = download_bundle(cfg, run.run_id, root / "bundles")
@@ -317,24 +298,34 @@ def evaluate_run(
         raise EvaluateError("the run's tokenizer differs from data/tokenize/tokenizer.json: re-tokenize or retrain")
     if run.role == "finetune" and not adapter:
         raise EvaluateError("fine-tune bundle has no default adapter to evaluate")
-    max_len = int(info.get("max_seq_len") or cfg.tokenize.max_seq_len)
     out = _fresh_dir(root / "runs" / run.run_id)
-    ev = evaluate_model(load_model(bundle), tokenizer, test, ec, out, max_len)  # as the jam runner plays it
+    ev = evaluate_model(load_model(bundle), tokenizer, test, cfg, out, info)  # as the jam runner plays it
     base = None
     if adapter:
         base_id = run.tags.get(BASE_RUN_TAG)
         base_out = _fresh_dir(root / "runs" / (base_id or f"{run.run_id}_base"))
-        base = evaluate_model(load_model(bundle, adapters={}), tokenizer, test, ec, base_out, max_len)
-        _write_outputs(base_out, base, None, test, ec)
+        base = evaluate_model(load_model(bundle, adapters={}), tokenizer, test, cfg, base_out, info)
+        _write_outputs(base_out, base, None, test, cfg.evaluate)
         if base_id and base_id not in base_done:
             base_done[base_id] = _log_base_run(cfg, client, base_id, base, base_out, key, force)
     metrics = dict(ev.metrics)
     if base:
-        metrics.update({f"base_{k}": v for k, v in base.metrics.items()})
-        metrics["nll_ratio"] = ev.metrics["test_nll"] / base.metrics["test_nll"]
-    _write_outputs(out, ev, base, test, ec)
+        metrics.update(_against_base(ev, base, cfg))
+    _write_outputs(out, ev, base, test, cfg.evaluate)
     _log(client, run.run_id, metrics, out, key)
     return metrics
+
+
+def _against_base(ev: ModelEval, base: ModelEval, cfg: Config) -> dict[str, float]:
+    """The base's metrics (prefixed `base_`), nll_ratio with its paired bootstrap CI, and the forgetting figure."""
+    out = {f"base_{k}": v for k, v in base.metrics.items()}
+    out["nll_ratio"] = ev.metrics["test_nll"] / base.metrics["test_nll"]
+    n_boot, seed = cfg.evaluate.bootstrap, cfg.project.seed
+    lo, hi = CI.nll_ratio_ci(ev.nll_sums, base.nll_sums, ev.nll_counts, n_boot, seed)
+    out.update(nll_ratio_ci_low=lo, nll_ratio_ci_high=hi)
+    if "base_corpus_nll" in ev.metrics:  # > 0: the fine-tune got worse on the base corpus (forgetting)
+        out["base_corpus_nll_change"] = ev.metrics["base_corpus_nll"] / base.metrics["base_corpus_nll"] - 1.0
+    return out
 
 
 def _log_base_run(cfg: Config, client, base_id: str, base: ModelEval, out: Path, key: str, force: bool) -> bool:
@@ -376,11 +367,14 @@ def run_evaluate(
 
     report = StageReport(stage=STAGE)
     test = load_test_set(cfg, inputs)
-    key = eval_key(cfg.evaluate, test)
+    key = eval_key(cfg, test)
     client = mlflow_client(cfg)
     targets = _targets(cfg, run_id, client)
     report.items_in, base_done = len(targets), {}
     torch.manual_seed(cfg.project.seed)
+    # The runner's thread count (as `jam play` sets it); an explicit call also matters with the same number: torch's
+    # implicit default was measured 10x slower per token here (2-core container, OpenMP pool sized from the host).
+    torch.set_num_threads(cfg.realtime.threads or torch.get_num_threads())
     for run in targets:
         if not force and run.tags.get(EVAL_KEY_TAG) == key:
             report.cached.append(run.run_id)

@@ -59,15 +59,18 @@ def select_best(runs: list[RunSummary], metric: str, mode: Literal["min", "max"]
 def gate_reasons(run: RunSummary, pc: PromoteConfig) -> list[str]:
     """Why `run` may not be promoted, one line per failed gate; an empty list means it passes.
 
-    Gates: it beats its base by `min_gain` (nll_ratio <= 1 - min_gain) and reaches `min_validity`.
+    Gates: it beats its base by `min_gain` (the upper end of nll_ratio's 95 % CI, or nll_ratio itself when no CI
+    is logged, below 1 - min_gain) and reaches `min_validity`.
     """
     reasons = []
-    ratio, validity = run.metrics.get("nll_ratio"), run.metrics.get("validity_rate")
+    high = run.metrics.get("nll_ratio_ci_high")  # the CI's pessimistic end; the point value when none is logged
+    ratio, what = (high, "nll_ratio_ci_high") if high is not None else (run.metrics.get("nll_ratio"), "nll_ratio")
+    validity = run.metrics.get("validity_rate")
     limit = 1.0 - pc.min_gain
     if ratio is None:
         reasons.append("base gate: no nll_ratio logged (run `jam evaluate`)")
-    elif not ratio <= limit:
-        reasons.append(f"base gate: nll_ratio {ratio:.4f} > {limit:.4f} (must beat its base by {pc.min_gain:.0%})")
+    elif not ratio < limit:
+        reasons.append(f"base gate: {what} {ratio:.4f} >= {limit:.4f} (must beat its base by {pc.min_gain:.0%})")
     if validity is None:
         reasons.append("validity gate: no validity_rate logged (run `jam evaluate`)")
     elif not validity >= pc.min_validity:

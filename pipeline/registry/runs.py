@@ -26,7 +26,8 @@ ALIASES = ("champion", "previous")
 PARAM_COLUMNS = {"lora_r": ("lora_r", "lora.r", "r"), "steps": ("max_steps", "steps"), "lr": ("lr", "learning_rate")}
 # Training logs the whole resolved config flattened ("finetune.lora_r"); a run's own section holds its values.
 ROLE_SECTIONS = {"finetune": "finetune", "base": "pretrain"}
-METRIC_COLUMNS = ("test_nll", "nll_ratio", "validity_rate", "style_score", "base_style_score")
+# Metrics with a logged bootstrap CI (`<name>_ci_low/_high`) show it beside the value.
+METRIC_COLUMNS = ("test_nll", "nll_ratio", "validity_rate", "style_score", "base_style_score", "base_corpus_nll_change")
 
 
 @dataclass
@@ -163,6 +164,13 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+def _fmt_metric(metrics: dict[str, float], name: str) -> str:
+    """`value`, or `value [ci_low, ci_high]` when evaluation logged the metric's bootstrap 95 % CI."""
+    lo, hi = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")
+    ci = f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None and name in metrics else ""
+    return _fmt(metrics.get(name)) + ci
+
+
 def table_rows(runs: list[RunSummary], aliases: dict[str, list[str]]) -> list[list[str]]:
     """Header plus one row per run: id, role, start, key params, eval metrics, registry aliases."""
     header = ["run", "role", "started", *PARAM_COLUMNS, *METRIC_COLUMNS, "alias"]
@@ -175,7 +183,7 @@ def table_rows(runs: list[RunSummary], aliases: dict[str, list[str]]) -> list[li
                 r.role or "-",
                 started,
                 *(_param(r.params, names, r.role) for names in PARAM_COLUMNS.values()),
-                *(_fmt(r.metrics.get(m)) for m in METRIC_COLUMNS),
+                *(_fmt_metric(r.metrics, m) for m in METRIC_COLUMNS),
                 ",".join(aliases.get(r.run_id, [])),
             ]
         )

@@ -46,11 +46,17 @@ def up_to_date(stage: str, out_dir: Path, fingerprint: str, bundle_dir: Path) ->
     return None
 
 
-def bundle_meta(cfg: Config, result: TrainResult | None, **extra: object) -> dict[str, object]:
-    """bundle.json keys besides the layout: playback defaults, the run, its step and final metrics, the config."""
+def bundle_meta(cfg: Config, result: TrainResult | None, tokenizer: Path, **extra: object) -> dict[str, object]:
+    """bundle.json keys besides the layout: playback defaults, the run, its step and final metrics, the config.
+
+    `max_note_beats` (the note-ending rule's limit) is the tokenize report's quantile of the training corpus's
+    note lengths, read beside `tokenizer` (left out when that report predates it: the runner's default applies).
+    """
     done = {"source_run_id": result.run_id, "step": result.step, "metrics": result.metrics} if result else {}
+    lengths = ((read_json(tokenizer.parent / C.REPORT_NAME) or {}).get("stats") or {}).get("note_lengths") or {}
+    note = {"max_note_beats": lengths["max_note_beats"]} if lengths.get("max_note_beats") else {}
     return {"tempo_bpm": cfg.finetune.tempo_bpm, "max_seq_len": cfg.tokenize.max_seq_len, "source_run_id": "",
-            "config": cfg.model_dump(mode="json"), **done, **extra}  # fmt: skip
+            **note, "config": cfg.model_dump(mode="json"), **done, **extra}  # fmt: skip
 
 
 def train_job(

@@ -118,5 +118,5 @@ def export_bundle(result: TrainResult, dest: Path, base_dir: Path, tokenizer: Pa
     """
     base_ref = {"run_id": info.get("source_run_id", ""), "path": info.get("base_path", "")}
     adapters = {cfg.finetune.adapter_name: result.model}
-    write_bundle(dest, base_dir, tokenizer, adapters, **bundle_meta(cfg, result, base_ref=base_ref))
+    write_bundle(dest, base_dir, tokenizer, adapters, **bundle_meta(cfg, result, tokenizer, base_ref=base_ref))
     return dest

@@ -56,7 +56,7 @@ def run_pretrain(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: boo
     job = train_job(cfg, STAGE, build, corpus, vocab, n_valid, fingerprint, fresh, tracker)
     result = fit(job)
     if result.accelerator.is_main_process:
-        write_bundle(out_dir, result.model, tokenizer, {}, **bundle_meta(cfg, result))
+        write_bundle(out_dir, result.model, tokenizer, {}, **bundle_meta(cfg, result, tokenizer))
         finish_run(mlflow_client(cfg, create=True), result.run_id, cfg, out_dir, out_dir)
         job.tracker.close()
     report.stats = result_stats(result, fingerprint, n_valid)
@@ -81,6 +81,6 @@ def _from_path(cfg: Config, vocab: Vocab, tokenizer: Path, report: StageReport, 
     check_tokenizer_files(src_tok, tokenizer)
     check_vocab(AutoConfig.from_pretrained(base_dir), vocab, f"pretrain.path {src}")
     report.items_in = 1
-    write_bundle(out_dir, base_dir, tokenizer, {}, **bundle_meta(cfg, None, base_path=str(src.resolve())))
+    write_bundle(out_dir, base_dir, tokenizer, {}, **bundle_meta(cfg, None, tokenizer, base_path=str(src.resolve())))
     report.stats = {"base_path": str(src.resolve()), "complete": True}
     return report.finish(out_dir, section_json(cfg.pretrain))

@@ -67,6 +67,10 @@ def test_adapter_plan_defaults_blends_and_normalizes():
     assert adapter_plan(meta, {"a": 2, "b": 1}, False) == {"a": 2.0, "b": 1.0}
     with pytest.raises(BundleError, match="not in the bundle"):
         adapter_plan(meta, {"c": 1.0}, True)
+    for weights in ({"a": 0.0}, {"a": 0.0, "b": -1.0}):  # silently playing the base model would be a surprise
+        for normalize in (True, False):
+            with pytest.raises(BundleError, match="all zero or negative"):
+                adapter_plan(meta, weights, normalize)
 
 
 def test_load_bundle_folds_the_default_adapter(tiny_bundle_master):

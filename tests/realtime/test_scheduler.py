@@ -81,6 +81,7 @@ def test_note_bookkeeping_and_guards():
     clock.now = 2.35
     sched.process_due(2.35)
     assert sched.held == set()  # guards: 60 at 2.1 s, 62 at 2.3 s
+    assert sched.guard_offs == 2  # counted: the session summary reports how often the last resort fired
     assert sched.all_notes_off() == 0
     assert unmatched_notes(sent) == {}
     assert sent[-1].is_cc(123)

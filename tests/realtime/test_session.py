@@ -58,6 +58,8 @@ def test_file_in_recorded_session_out(tmp_path, prepared, mode):
     assert unmatched_notes(sent) == {}  # and on the wire
     assert sent[-1].is_cc(123)
     assert summary["p99_ms"] is not None and summary["rtf"] > 0
+    assert summary["guard_note_offs"] == 0  # the token stream ended every note; the scheduler's guard never had to
+    assert summary["forced_note_offs"] >= 0
 
 
 def _start_memory_session(prepared, **settings):
@@ -141,8 +143,10 @@ def test_errors_and_ctrl_c_still_end_every_note(prepared, error, monkeypatch):
 
 def test_trigger_controller_and_barge_in(prepared):
     """The trigger CC ends a phrase at once; playing over the answer takes back what has not sounded."""
+    # The random model opens notes it never ends; with the note-ending rule's forced NoteOffs a 4-bar answer would
+    # outgrow the tiny bundle's 96-id window, and a crop cannot reach below the window's start.
     transport, session, runner = _start_memory_session(
-        prepared, silence_gap_s=5.0, trigger_cc=64, response_bars=4, seed=0
+        prepared, silence_gap_s=5.0, trigger_cc=64, response_bars=4, seed=0, max_note_beats=64.0
     )
     for note in (60, 62, 64):
         transport.push(mido.Message("note_on", note=note, velocity=80))

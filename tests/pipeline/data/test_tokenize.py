@@ -168,6 +168,9 @@ def test_run_writes_windows_and_report(built):
     assert (stats["pad_id"], stats["bos_id"], stats["eos_id"]) == (0, 1, 2)
     assert stats["roundtrip_onset_match"] == 1.0  # durations of overlapping same-pitch notes may differ
     assert stats["roundtrip_note_match"] > 0.9
+    lengths = stats["note_lengths"]  # the note-ending rule's limit: a high quantile of the train notes' lengths
+    assert lengths["notes"] > 0 and lengths["quantile"] == 0.995
+    assert 0 < lengths["p50_beats"] <= lengths["max_note_beats"] <= lengths["longest_beats"]
     base_vocab = len(make_tokenizer(cfg.tokenize))
     assert base_vocab < stats["vocab_size"] <= 420
     for corpus in ("style", "base"):

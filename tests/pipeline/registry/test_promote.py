@@ -122,8 +122,12 @@ def test_gate_reasons_per_gate():
     assert gate_reasons(_summary("a", 1, nll_ratio=0.9, validity_rate=0.9), pc) == []
     reasons = gate_reasons(_summary("b", 1, nll_ratio=0.99, validity_rate=0.5), pc)
     assert len(reasons) == 2
-    assert reasons[0].startswith("base gate: nll_ratio 0.9900 > 0.9800")
+    assert reasons[0].startswith("base gate: nll_ratio 0.9900 >= 0.9800")
     assert reasons[1].startswith("validity gate: validity_rate 0.500 < 0.800")
+    # the CI's pessimistic end decides when it is logged: a point value under the limit is not enough
+    assert gate_reasons(_summary("e", 1, nll_ratio=0.9, nll_ratio_ci_high=0.97, validity_rate=0.9), pc) == []
+    wide = gate_reasons(_summary("f", 1, nll_ratio=0.9, nll_ratio_ci_high=0.985, validity_rate=0.9), pc)
+    assert wide and wide[0].startswith("base gate: nll_ratio_ci_high 0.9850 >= 0.9800")
     missing = gate_reasons(_summary("c", 1), pc)
     assert [r.split(":")[0] for r in missing] == ["base gate", "validity gate"]
     assert "jam evaluate" in missing[0]

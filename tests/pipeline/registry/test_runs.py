@@ -24,7 +24,8 @@ def test_jam_runs_lists_both_runs_with_aliases(tmp_path):
         "finetune.lr": "0.0002",
     }
     base = fake_run(cfg, "base", {"test_nll": 2.5}, params=flat)
-    ft = fake_run(cfg, "finetune", {"test_nll": 2.0, "style_score": 0.61, **GOOD}, base, params=flat)
+    ci = {"style_score_ci_low": 0.55, "style_score_ci_high": 0.66}
+    ft = fake_run(cfg, "finetune", {"test_nll": 2.0, "style_score": 0.61, **ci, **GOOD}, base, params=flat)
     assert run_stage("promote", cfg).action == "promoted"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"project": cfg.project.model_dump(mode="json")}))
@@ -36,7 +37,7 @@ def test_jam_runs_lists_both_runs_with_aliases(tmp_path):
     ft_line = next(line for line in lines if line.startswith(ft[:8]))
     base_line = next(line for line in lines if line.startswith(base[:8]))
     assert "finetune" in ft_line and "champion" in ft_line and " 8 " in ft_line and "0.0002" in ft_line
-    assert "0.61" in ft_line and "0.9" in ft_line
+    assert "0.61 [0.55, 0.66]" in ft_line and "0.9" in ft_line  # style_score with its CI; validity
     assert "base" in base_line and "300" in base_line and "0.001" in base_line and "champion" not in base_line
     assert " 8 " not in base_line  # a base run has no LoRA rank
 

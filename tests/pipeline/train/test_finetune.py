@@ -52,6 +52,8 @@ def test_pretrain_then_finetune_bundle_in_mlflow(tmp_path):
     assert info["adapters"] == {"style": "adapters/style"} and info["source_run_id"] == run.info.run_id
     assert info["step"] == cfg.finetune.max_steps and info["metrics"]["train_loss"] > 0
     assert info["config"]["finetune"]["lora_r"] == 4 and info["config"] == cfg.model_dump(mode="json")
+    tok_report = json.loads((cfg.stage_dir("tokenize") / "report.json").read_text())
+    assert info["max_note_beats"] == tok_report["stats"]["note_lengths"]["max_note_beats"] > 0  # for the runner
     fingerprints = base_report.stats["fingerprint"][:8], report.stats["fingerprint"][:8]
     assert base_run.info.run_name == f"pretrain-{fingerprints[0]}"
     assert run.info.run_name == f"finetune-style-r4-{fingerprints[1]}"

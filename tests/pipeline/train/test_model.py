@@ -86,7 +86,8 @@ def write_token_data(data_dir: Path, n_base: int = 32, n_style: int = 32, vocab:
     tok.mkdir(parents=True, exist_ok=True)
     (tok / "tokenizer.json").write_text(json.dumps({"synthetic": True, "vocab_size": vocab.size}))
     stats = {"vocab_size": vocab.size, "pad_id": vocab.pad_id, "bos_id": vocab.bos_id, "eos_id": vocab.eos_id,
-             "kind": "MIDILike", "max_seq_len": SEQ, "overlap": 8, "tokenizer_sha256": "0" * 64}  # fmt: skip
+             "kind": "MIDILike", "max_seq_len": SEQ, "overlap": 8, "tokenizer_sha256": "0" * 64,
+             "note_lengths": {"notes": 100, "quantile": 0.995, "max_note_beats": 6.0}}  # fmt: skip
     (tok / "report.json").write_text(json.dumps({"stage": "tokenize", "stats": stats}))
     for corpus, n, stride, seed in (("base", n_base, 3, 0), ("style", n_style, 5, 1)):
         (tok / corpus).mkdir(exist_ok=True)

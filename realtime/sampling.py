@@ -1,0 +1,142 @@
+"""THE sampler: transformers' logits warpers for temperature/top-k/top-p plus the project's grammar as a processor.
+
+`jam play` (through `realtime.engine.Engine`) and `jam evaluate` (which drives the same engine) sample every token
+here, so what is evaluated is what is heard. The grammar constraint (`GrammarProcessor`) bans, per step:
+- PAD, BOS and ids the tokenizer cannot decode (padded embedding rows); EOS unless the chunk may end;
+- after a NoteOn, everything but a Velocity (MIDILike's NoteOn is followed by its Velocity);
+- at an answer's start, ids that do not open with a NoteOn (the leading-NoteOn rule: a leading rest is latency);
+- the note-ending rule (decoding never leaves a note sounding): while a model note sounds, ids whose time shifts
+  would carry it past the note limit; once it has reached the limit, everything but an id opening with its NoteOff.
+
+Processors are called directly on one (1, vocab) row, not through `LogitsProcessorList.__call__` (which inspects
+each processor's signature per call): the engine is on the latency path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+SHIFT_EPS = 1e-6  # beats: a shift landing exactly on the note limit is allowed
+
+
+@dataclass
+class Sampling:
+    """Sampling controls; top_k=0 and top_p=1 disable those filters."""
+
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0
+    seed: int | None = None
+
+
+def warpers(sampling: Sampling) -> list[LogitsProcessor]:
+    """transformers' warpers for the enabled controls, in `generate`'s order (temperature, top-k, top-p)."""
+    out: list[LogitsProcessor] = []
+    if sampling.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k > 0:
+        out.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        out.append(TopPLogitsWarper(sampling.top_p))
+    return out
+
+
+class GrammarProcessor(LogitsProcessor):
+    """The token grammar as a logits processor; `prepare` sets what the next step may sample.
+
+    Masks are precomputed per vocabulary (bool, True = banned), so one step costs a few tensor ORs at most.
+    """
+
+    def __init__(self, ops: list[tuple], pad_id: int, bos_id: int, eos_id: int, model_vocab: int):
+        size = max(model_vocab, len(ops))
+        self.base = torch.zeros(size, dtype=torch.bool)
+        self.base[[pad_id, bos_id]] = True
+        self.base[len(ops) :] = True  # padded embedding rows: ids the tokenizer cannot decode
+        self.no_eos = self.base.clone()
+        self.no_eos[eos_id] = True
+        self.lead = self.no_eos | ~_first_op(ops, "on", size)
+        self.vel = self.no_eos | ~_first_op(ops, "vel", size)
+        self.shift_beats = torch.zeros(size)  # beats each id moves time by (padded rows: 0)
+        self.shift_beats[: len(ops)] = torch.tensor([sum(op[1] for op in o if op[0] == "shift") for o in ops])
+        self.off_first: dict[int, torch.Tensor] = {}  # pitch -> (size,) bool: ids opening with NoteOff_pitch
+        for i, first in enumerate(o[0] if o else None for o in ops):
+            if first is not None and first[0] == "off":
+                self.off_first.setdefault(first[1], torch.zeros(size, dtype=torch.bool))[i] = True
+        self.empty_note = _empty_note(ops, size)  # ids that end a note at its onset: NoteOn_p Velocity NoteOff_p
+        self.banned = self.no_eos
+
+    def prepare(
+        self,
+        pending_velocity: bool,
+        leading: bool,
+        allow_eos: bool,
+        overdue: Iterable[int] = (),
+        shift_budget: float | None = None,
+        just_started: Iterable[int] = (),
+    ) -> None:
+        """Set the next step's mask from the stream's state.
+
+        Args:
+            pending_velocity: a NoteOn was just sampled (its Velocity must follow).
+            leading: an answer's first id (it must open with a NoteOn).
+            allow_eos: the chunk may end here.
+            overdue: model pitches that have sounded the note limit (their NoteOff is forced).
+            shift_budget: beats the longest-sounding model note may still sound (None: no model note sounds).
+            just_started: model pitches whose oldest sounding note began at the stream's end (their NoteOff now
+                would make a note without duration, which MIDI cannot hold).
+        """
+        if pending_velocity:
+            self.banned = self.vel
+            return
+        forced = [self.off_first[p] for p in overdue if p in self.off_first]
+        if forced:
+            allowed = forced[0] if len(forced) == 1 else torch.stack(forced).any(dim=0)
+            self.banned = self.no_eos | ~allowed
+            return
+        banned = (self.lead if leading else self.base if allow_eos else self.no_eos) | self.empty_note
+        if shift_budget is not None and not leading:
+            banned = banned | (self.shift_beats > shift_budget + SHIFT_EPS)
+        for pitch in just_started:
+            if pitch in self.off_first:
+                banned = banned | self.off_first[pitch]
+        self.banned = banned
+
+    def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
+
+
+def _first_op(ops: list[tuple], kind: str, size: int) -> torch.Tensor:
+    """(size,) bool: ids whose first base token is of `kind` ("on", "vel", ...); padded rows False."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[: len(ops)] = torch.tensor([bool(o) and o[0][0] == kind for o in ops], dtype=torch.bool)
+    return mask
+
+
+def _empty_note(ops: list[tuple], size: int) -> torch.Tensor:
+    """(size,) bool: ids in which a NoteOn's pitch is turned off again before any time shift."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    for i, seq in enumerate(ops):
+        started: set[int] = set()
+        for op in seq:
+            if op[0] == "shift":
+                started.clear()
+            elif op[0] == "on":
+                started.add(op[1])
+            elif op[0] == "off" and op[1] in started:
+                mask[i] = True
+    return mask
+
+
+def sample_token(
+    logits: torch.Tensor, processors: Iterable[LogitsProcessor], generator: torch.Generator | None = None
+) -> int:
+    """One id drawn from a (vocab,) logits vector after the processors (grammar first, then warpers)."""
+    x = logits.unsqueeze(0)  # (1, vocab): the processors' batch layout
+    for processor in processors:
+        x = processor(None, x)
+    probs = torch.softmax(x[0], dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -1,0 +1,65 @@
+"""The one sampler: transformers' warpers for the controls and the grammar processor's masks."""
+
+from __future__ import annotations
+
+import torch
+
+from realtime.sampling import GrammarProcessor, Sampling, sample_token, warpers
+
+# ids: 0 PAD, 1 BOS, 2 EOS, 3 NoteOn_60, 4 Velocity_80, 5 TimeShift, 6 NoteOff_60, 7 NoteOff_62 + TimeShift
+OPS = [(), (), (("eos",),), (("on", 60),), (("vel", 80),), (("shift", 0.5),), (("off", 60),)]
+OPS.append((("off", 62), ("shift", 1.0)))
+
+
+def grammar(model_vocab: int = 9) -> GrammarProcessor:
+    return GrammarProcessor(OPS, pad_id=0, bos_id=1, eos_id=2, model_vocab=model_vocab)
+
+
+def allowed(g: GrammarProcessor) -> set[int]:
+    return {i for i, banned in enumerate(g.banned.tolist()) if not banned}
+
+
+def test_sampling_filters():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0])
+    gen = torch.Generator().manual_seed(0)
+
+    def draws(sampling: Sampling, n: int, extra=()) -> set[int]:
+        return {sample_token(logits, [*extra, *warpers(sampling)], gen) for _ in range(n)}
+
+    assert draws(Sampling(top_k=1), 20) == {1}
+    assert draws(Sampling(top_p=0.01), 20) == {1}
+    assert draws(Sampling(top_k=2, temperature=5.0), 200) == {1, 3}
+    g = GrammarProcessor([(("on", 1),)] * 5, pad_id=0, bos_id=1, eos_id=2, model_vocab=5)
+    g.prepare(pending_velocity=False, leading=False, allow_eos=True)
+    assert draws(Sampling(temperature=3.0), 200, [g]) <= {2, 3, 4}  # PAD and BOS are never sampled
+
+
+def test_grammar_masks():
+    g = grammar()
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False)
+    assert allowed(g) == {3, 4, 5, 6, 7}  # no PAD/BOS/EOS, nor the padded embedding row 8
+    g.prepare(pending_velocity=False, leading=False, allow_eos=True)
+    assert allowed(g) == {2, 3, 4, 5, 6, 7}
+    g.prepare(pending_velocity=True, leading=False, allow_eos=True)
+    assert allowed(g) == {4}  # a NoteOn is followed by its Velocity
+    g.prepare(pending_velocity=False, leading=True, allow_eos=True)
+    assert allowed(g) == {3}  # an answer opens with a NoteOn
+
+
+def test_overdue_note_forces_its_note_off():
+    g = grammar()
+    g.prepare(pending_velocity=False, leading=False, allow_eos=True, overdue=[60])
+    assert allowed(g) == {6}
+    g.prepare(pending_velocity=False, leading=False, allow_eos=True, overdue=[60, 62])
+    assert allowed(g) == {6, 7}
+    g.prepare(pending_velocity=False, leading=False, allow_eos=True, overdue=[99])  # no NoteOff id: no forcing
+    assert allowed(g) == {2, 3, 4, 5, 6, 7}
+    g.prepare(pending_velocity=True, leading=False, allow_eos=True, overdue=[60])  # the Velocity comes first
+    assert allowed(g) == {4}
+
+
+def test_no_note_ends_at_its_onset():
+    ops = [*OPS, (("on", 64), ("vel", 80), ("off", 64)), (("on", 64), ("vel", 80), ("shift", 0.5), ("off", 64))]
+    g = GrammarProcessor(ops, pad_id=0, bos_id=1, eos_id=2, model_vocab=len(ops))
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, just_started=[60])
+    assert allowed(g) == {3, 4, 5, 7, 9}  # NoteOff_60 right after its NoteOn, and the id 8 holding an empty note
