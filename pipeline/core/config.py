@@ -204,6 +204,9 @@ class EvaluateConfig(Section):
     plots: int = Field(2, ge=0)  # piano-roll PNGs logged per model
     audio: int = Field(4, ge=0)  # samples per model rendered to WAV (fluidsynth, ~0.3 s each) and logged under eval/
     bootstrap: int = Field(100, ge=10)  # bootstrap resamples per 95 % CI (nll_ratio, style_score)
+    # forgetting: relative rise of the base corpus test NLL (fine-tune vs its base) allowed, logged as
+    # `forgetting_ok` and enforced by promotion's forgetting gate; the 2-core demo model measured +30 %
+    max_forgetting: float = Field(0.35, ge=0)
 
     @field_validator("seeds")
     @classmethod

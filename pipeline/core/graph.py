@@ -95,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "promote",
         "pipeline.registry.promote:run_promote",
-        params=("promote",),
+        params=("promote", "evaluate"),  # evaluate.max_forgetting: the forgetting gate
         kind="model",
         after=("evaluate",),
         dvc=False,

@@ -325,6 +325,7 @@ def _against_base(ev: ModelEval, base: ModelEval, cfg: Config) -> dict[str, floa
     out.update(nll_ratio_ci_low=lo, nll_ratio_ci_high=hi)
     if "base_corpus_nll" in ev.metrics:  # > 0: the fine-tune got worse on the base corpus (forgetting)
         out["base_corpus_nll_change"] = ev.metrics["base_corpus_nll"] / base.metrics["base_corpus_nll"] - 1.0
+        out["forgetting_ok"] = float(out["base_corpus_nll_change"] <= cfg.evaluate.max_forgetting)  # 1 / 0
     return out
 
 

@@ -56,11 +56,13 @@ def select_best(runs: list[RunSummary], metric: str, mode: Literal["min", "max"]
     return min(scored, key=lambda r: (sign * r.metrics[metric], -r.start_time))
 
 
-def gate_reasons(run: RunSummary, pc: PromoteConfig) -> list[str]:
+def gate_reasons(run: RunSummary, pc: PromoteConfig, max_forgetting: float | None = None) -> list[str]:
     """Why `run` may not be promoted, one line per failed gate; an empty list means it passes.
 
     Gates: it beats its base by `min_gain` (the upper end of nll_ratio's 95 % CI, or nll_ratio itself when no CI
-    is logged, below 1 - min_gain) and reaches `min_validity`.
+    is logged, below 1 - min_gain), reaches `min_validity`, and, when `max_forgetting` is given (evaluate's) and
+    `base_corpus_nll_change` is logged, its base corpus NLL rose by at most that share (skipped when not logged:
+    evaluations without a base corpus test split).
     """
     reasons = []
     high = run.metrics.get("nll_ratio_ci_high")  # the CI's pessimistic end; the point value when none is logged
@@ -75,6 +77,11 @@ def gate_reasons(run: RunSummary, pc: PromoteConfig) -> list[str]:
         reasons.append("validity gate: no validity_rate logged (run `jam evaluate`)")
     elif not validity >= pc.min_validity:
         reasons.append(f"validity gate: validity_rate {validity:.3f} < {pc.min_validity:.3f}")
+    change = run.metrics.get("base_corpus_nll_change")
+    if max_forgetting is not None and change is not None and not change <= max_forgetting:
+        reasons.append(
+            f"forgetting gate: base_corpus_nll_change {change:+.1%} > {max_forgetting:+.1%} (evaluate.max_forgetting)"
+        )
     return reasons
 
 
@@ -133,7 +140,7 @@ def run_promote(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> PromoteR
             best.run_id,
             str(current.version),
         )
-    reasons = gate_reasons(best, pc)
+    reasons = gate_reasons(best, pc, cfg.evaluate.max_forgetting)
     if not _has_bundle(client, best):
         reasons.append(f"bundle gate: run has no '{BUNDLE_ARTIFACT}/{BUNDLE_FILE}' artifact")
     if reasons:
