@@ -195,7 +195,7 @@ class EvaluateConfig(Section):
     prompt_tokens: int = Field(32, ge=1)  # tokens of each piece's opening given as prompt (after BOS)
     # one sample per prompt per seed, fixed so runs compare on equal footing; 8 x 3 = 24 samples per model keep the
     # style_score CI ~0.04 wide on the demo (8 samples: validity moved by 1/8 per sample) at ~1 s per sample
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
     n_tokens: int = Field(256, ge=1)  # new tokens sampled per continuation
     # sampling controls and note limit: the runner's own (`realtime.temperature/top_p/top_k/max_note_beats`)
     max_open_beats: float = Field(16.0, gt=0)  # a NoteOn still unmatched this many beats later is a hung note
@@ -207,13 +207,6 @@ class EvaluateConfig(Section):
     # forgetting: relative rise of the base corpus test NLL (fine-tune vs its base) allowed, logged as
     # `forgetting_ok` and enforced by promotion's forgetting gate; the 2-core demo model measured +30 %
     max_forgetting: float = Field(0.35, ge=0)
-
-    @field_validator("seeds")
-    @classmethod
-    def _some_seeds(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise ValueError("at least one seed is needed")
-        return v
 
 
 class PromoteConfig(Section):
@@ -298,17 +291,11 @@ class FinetuneConfig(LoopConfig):
     lora_r: int = Field(4, ge=1)  # adapter rank
     lora_alpha: float = Field(8.0, gt=0)  # scale = alpha / r
     lora_dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]  # Llama attention projections
+    # Llama attention projections
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     train_embeddings: bool = True  # token embedding (tied output layer) trained too, stored in the adapter
     adapter_name: str = "style"  # bundle adapters/<name>; also the bundle's default adapter
     tempo_bpm: float = Field(120.0, gt=0)  # written to bundle.json: the runner's default tempo
-
-    @field_validator("target_modules")
-    @classmethod
-    def _some_targets(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one target module is needed")
-        return v
 
 
 class CheckpointConfig(Section):
