@@ -38,16 +38,18 @@ DEMO_SIZE = {"hidden": 192, "layers": 4, "heads": 6, "vocab": 1024, "max_seq_len
 
 def model_info(bundle: Bundle) -> dict:
     """Size facts of the loaded model."""
-    cfg = bundle.model.config
+    shape = bundle.model.shape
     return {
-        "hidden": cfg.hidden_size,
-        "layers": cfg.num_hidden_layers,
-        "heads": cfg.num_attention_heads,
-        "vocab": cfg.vocab_size,
-        "params_m": round(sum(p.numel() for p in bundle.model.parameters()) / 1e6, 3),
+        "hidden": shape.hidden,
+        "layers": shape.layers,
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "vocab": shape.vocab,
+        "params_m": round(bundle.model.params / 1e6, 3),
         "max_seq_len": bundle.max_seq_len,
         "adapters": bundle.adapters,
-        "dtype": str(next(bundle.model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(bundle.model.dtype).removeprefix("torch."),
+        "quantization": bundle.model.quantization,
         "device": str(bundle.device),
     }
 

@@ -1,16 +1,17 @@
 """Load a promoted model bundle and prepare it for fast inference.
 
 The folder format (bundle.json, tokenizer.json, base/, adapters/<name>/) and its reader are `realtime.bundle_format`.
-`load_model` folds the chosen adapters into the base (what evaluation scores too); `load_bundle` folds the adapters
-into the base weights (one adapter, or a weighted blend), casts to the inference dtype, optionally quantizes
-Linear layers to int8, moves to the device and switches to eval mode: the runner then calls a plain causal LM.
+`load_weights` reads the base's config and weights and folds the chosen adapters in (one adapter, or a weighted
+blend) without transformers; `load_bundle` builds the runner's forward over them (`realtime.llama.LeanLlama`: the
+inference dtype, optional int8 projections, the device). `load_model` is the same merge as a transformers model, for
+what needs one (evaluation's likelihoods); the forward computes its logits (tests/realtime/test_llama.py).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,25 @@ from typing import Any
 import torch
 
 from realtime import constants as C
-from realtime.bundle_format import BUNDLE_ARTIFACT, BUNDLE_FILE, BundleError, load_tokenizer, read_bundle
-from realtime.lora import merge_adapters
+from realtime.bundle_format import (
+    BUNDLE_ARTIFACT,
+    BUNDLE_FILE,
+    MODEL_CONFIG,
+    BundleError,
+    load_tokenizer,
+    read_bundle,
+)
+from realtime.llama import LeanLlama, UnsupportedModel
+from realtime.lora import UnsupportedAdapter, fold_adapters, merge_adapters, peft_merge
+
+BASE_WEIGHTS = "model.safetensors"  # transformers' single-file weights in a save_pretrained folder
 
 
 @dataclass
 class Bundle:
     """A model ready for streaming inference plus everything needed to talk to it."""
 
-    model: torch.nn.Module
+    model: LeanLlama
     tokenizer: Any  # miditok.MusicTokenizer
     meta: dict
     path: Path
@@ -39,7 +50,7 @@ class Bundle:
 
     def describe(self) -> str:
         """One line: where from, which adapters, size, device."""
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        params = self.model.params / 1e6
         blend = ", ".join(f"{n}x{w:g}" for n, w in self.adapters.items()) or "base only"
         return f"{self.path} [{blend}] {params:.2f}M params on {self.device}, loaded in {self.load_s:.2f}s"
 
@@ -155,31 +166,54 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    from torch.ao.quantization import quantize_dynamic
+def _hf_base(base_dir: Path) -> torch.nn.Module:
+    """The base as a transformers model in float32 on CPU (evaluation, and weights in other layouts)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch deprecates quantized tensors in favour of torchao
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32).eval()
+
+
+def _read_base(base_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and float32 weights of a save_pretrained folder (one safetensors file; else via transformers)."""
+    config = json.loads((base_dir / MODEL_CONFIG).read_text())
+    if not (base_dir / BASE_WEIGHTS).is_file():
+        return config, dict(_hf_base(base_dir).state_dict())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(base_dir / BASE_WEIGHTS))
+    return config, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def load_weights(path: Path, plan: dict[str, float]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A bundle's base config and float32 state dict with the `plan`'s adapters folded in (see `adapter_plan`).
+
+    The direct fold needs no transformers; adapters it cannot fold (DoRA...) go through peft on a transformers model.
+    """
+    meta = read_bundle(path)
+    config, weights = _read_base(path / meta["base"])
+    adapters = [(w, path / meta["adapters"][name]) for name, w in plan.items()]
+    if adapters:
+        try:
+            fold_adapters(weights, adapters)
+        except UnsupportedAdapter:
+            weights = dict(peft_merge(_hf_base(path / meta["base"]), adapters).state_dict())
+    return config, weights
 
 
 def load_model(path: Path, adapters: dict[str, float] | None = None, normalize: bool = True) -> torch.nn.Module:
-    """A bundle folder's base in float32 on CPU with the planned adapters folded in, in eval mode.
-
-    What the runner plays and what evaluation scores: a plain causal LM, no adapter wrappers.
+    """A bundle folder's base as a transformers model in float32 on CPU with the planned adapters folded in, in
+    eval mode: a plain causal LM, no adapter wrappers (evaluation's likelihoods; `load_bundle` plays the same).
 
     Args:
         path: local bundle folder.
         adapters: see `adapter_plan` (None: the bundle's default adapter).
         normalize: normalize blend weights to sum 1.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     meta = read_bundle(path)
     plan = adapter_plan(meta, adapters, normalize)
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path / meta["base"], local_files_only=True, dtype=torch.float32)
+    model = _hf_base(path / meta["base"])
     if plan:
         model = merge_adapters(model, [(w, path / meta["adapters"][name]) for name, w in plan.items()])
     return model.eval()
@@ -201,7 +235,7 @@ def load_bundle(
         adapters: see `adapter_plan`.
         normalize: normalize blend weights to sum 1.
         dtype: float32, bfloat16 or float16 weights.
-        quantization: "none" or "dynamic_int8" (CPU, Linear layers).
+        quantization: "none" or "dynamic_int8" (CPU: int8 projections, not exact).
         device: auto, cpu or cuda.
         tracking_uri: MLflow store for registry URIs.
     """
@@ -212,13 +246,14 @@ def load_bundle(
     tokenizer = load_tokenizer(path / meta["tokenizer"])
     check_streaming(tokenizer, path / meta["tokenizer"])
     target = pick_device(device)
-    model = load_model(path, plan, normalize=False).to(dtype=getattr(torch, dtype))
-    if quantization == "dynamic_int8":
-        if target.type != "cpu":
-            raise BundleError("quantization 'dynamic_int8' runs on CPU only")
-        model = _quantize_int8(model)
-    model = model.to(target)
-    max_len = min(int(meta.get("max_seq_len") or 10**9), int(model.config.max_position_embeddings))
+    if quantization == "dynamic_int8" and target.type != "cpu":
+        raise BundleError("quantization 'dynamic_int8' runs on CPU only")
+    config, weights = load_weights(path, plan)
+    try:
+        model = LeanLlama.from_state_dict(config, weights, getattr(torch, dtype), target, quantization)
+    except UnsupportedModel as err:
+        raise BundleError(f"{path / meta['base']}: the runner's forward does not compute this model ({err})") from None
+    max_len = min(int(meta.get("max_seq_len") or 10**9), model.shape.max_positions)
     return Bundle(
         model=model,
         tokenizer=tokenizer,

@@ -18,12 +18,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from realtime import constants as C
 from realtime.codec import Decoder, NoteEvent, TokenCodec
+from realtime.llama import KVCache, LeanLlama
 from realtime.sampling import SHIFT_EPS, GrammarProcessor, Sampling, sample_token, warpers
 
 __all__ = ["ChunkContext", "ChunkResult", "Engine", "Sampling", "StreamState", "sample_token"]
@@ -35,7 +35,7 @@ class StreamState:
 
     tempo_bpm: float
     cursor: float = 0.0  # session seconds at which the stream ends
-    cache: Any = None  # transformers Cache (DynamicCache) holding `ids`
+    cache: KVCache | None = None  # keys and values of `ids` (allocated once per stream, reused by every slide)
     ids: list[int] = field(default_factory=list)  # ids in the window, oldest first
     starts: list[float] = field(default_factory=list)  # session seconds each id starts sounding (crop test)
     ends: list[float] = field(default_factory=list)  # stream cursor (session seconds) after each id
@@ -84,28 +84,31 @@ class ChunkResult:
 
 
 class Engine:
-    """A causal LM plus its codec, driven one id at a time."""
+    """A causal LM plus its codec, driven one id at a time.
+
+    `model`: the runner's forward (`LeanLlama`), or a transformers LlamaForCausalLM, which is wrapped in one over
+    the same weights (evaluation passes the model it scores).
+    """
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: LeanLlama | torch.nn.Module,
         codec: TokenCodec,
         max_seq_len: int,
         sampling: Sampling | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_note_beats: float | None = None,
     ):
-        self.model = model
+        self.model = model if isinstance(model, LeanLlama) else LeanLlama.from_module(model)
         self.codec = codec
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = min(max_seq_len, self.model.shape.max_positions)
         self.sampling = sampling or Sampling()
         self.clock = clock
-        self.device = next(model.parameters()).device
         self.max_note_beats = max_note_beats
         self.generator = torch.Generator(device="cpu")
         self.reseed(self.sampling.seed)
-        model_vocab = getattr(getattr(model, "config", None), "vocab_size", codec.vocab_size)
-        self.grammar = GrammarProcessor(codec.ops, codec.pad_id, codec.bos_id, codec.eos_id, model_vocab)
+        vocab = self.model.shape.vocab
+        self.grammar = GrammarProcessor(codec.ops, codec.pad_id, codec.bos_id, codec.eos_id, vocab)
         self.processors = [self.grammar, *warpers(self.sampling)]
 
     def reseed(self, seed: int | None) -> None:
@@ -119,10 +122,9 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, state: StreamState, ids: list[int]) -> None:
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=x, past_key_values=state.cache, use_cache=True, logits_to_keep=1)
-        state.cache = out.past_key_values
-        state.logits = out.logits[0, -1].float().cpu()
+        if state.cache is None:
+            state.cache = self.model.new_cache(self.max_seq_len)
+        state.logits = self.model.forward(ids, state.cache)[0].cpu()
 
     def _slide(self, state: StreamState, room: int) -> None:
         """Drop the window's oldest ids and re-prefill the rest so `room` more fit."""
@@ -130,7 +132,9 @@ class Engine:
         keep = min(int(self.max_seq_len * C.SLIDE_KEEP_FRACTION), self.max_seq_len - room)
         for name in ("ids", "starts", "ends", "serials", "model_open"):
             setattr(state, name, getattr(state, name)[-keep:] if keep > 0 else [])
-        state.cache, state.logits = None, None
+        state.logits = None
+        if state.cache is not None:
+            state.cache.length = 0
         if state.ids:
             self._forward(state, state.ids)
         state.slide_s.append(time.perf_counter() - started)
@@ -353,7 +357,7 @@ def _event(op: tuple, at: float, opened: dict[int, tuple[float, ...]]) -> NoteEv
     return None
 
 
-def _crop_cache(cache: Any, remove: int) -> None:
-    """Drop the last `remove` positions (negative crop means "remove" in transformers 4.x and 5.x alike)."""
+def _crop_cache(cache: KVCache | None, remove: int) -> None:
+    """Drop the cache's last `remove` positions."""
     if cache is not None and remove > 0:
-        cache.crop(-remove)
+        cache.crop(remove)

@@ -21,9 +21,12 @@ itself (`peft_merge`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -79,13 +82,20 @@ def _load_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{adapter_dir}: no {' or '.join(ADAPTER_WEIGHTS)}")
 
 
-def adapter_deltas(adapter_dir: Path | str, base: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+def _weights_of(base: torch.nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A model's weights by state-dict name; a module's state dict shares its parameters' storage."""
+    return base.state_dict() if isinstance(base, torch.nn.Module) else base
+
+
+def adapter_deltas(
+    adapter_dir: Path | str, base: torch.nn.Module | Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Weight deltas of one saved LoRA adapter, keyed by the base model's module path.
 
     Args:
         adapter_dir: folder with adapter_config.json and adapter_model.safetensors (peft's save_pretrained).
-        base: the model the adapter will be folded into; needed only for trainable-token rows (their delta is
-            relative to the base's rows).
+        base: the model (or its state dict) the adapter will be folded into; needed only for trainable-token rows
+            (their delta is relative to the base's rows).
 
     Returns:
         `{"model.layers.0.self_attn.q_proj": delta}`, each delta of the weight's shape: (out, in) float32 for a
@@ -102,7 +112,7 @@ def adapter_deltas(adapter_dir: Path | str, base: torch.nn.Module | None = None)
     for key, a in tensors.items():
         if key.endswith(TOKENS_SUFFIX):
             module = key.removesuffix(TOKENS_SUFFIX).removeprefix(PEFT_PREFIX)
-            deltas[module] = _token_delta(cfg, module, a, base)
+            deltas[module] = _token_delta(cfg, module, a, None if base is None else _weights_of(base))
         if not key.endswith(A_SUFFIX):
             continue
         stem = key.removesuffix(A_SUFFIX)
@@ -116,15 +126,17 @@ def adapter_deltas(adapter_dir: Path | str, base: torch.nn.Module | None = None)
     return deltas
 
 
-def _token_delta(cfg: dict, module: str, rows: torch.Tensor, base: torch.nn.Module | None) -> torch.Tensor:
+def _token_delta(
+    cfg: dict, module: str, rows: torch.Tensor, weights: Mapping[str, torch.Tensor] | None
+) -> torch.Tensor:
     """Dense (vocab, hidden) delta that turns the base's rows at the trained indices into `rows`."""
     spec = cfg.get("trainable_token_indices")
     indices = spec if isinstance(spec, list) else _pattern_value(spec or {}, module, None)
     if indices is None or len(indices) != rows.shape[0]:
         raise UnsupportedAdapter(f"trainable tokens of {module}: indices do not match the stored rows")
-    if base is None:
+    if weights is None:
         raise ValueError(f"{module}: trainable-token rows need the base model to form their delta")
-    weight = base.get_submodule(module).weight.detach()
+    weight = weights[f"{module}.weight"].detach()
     index = torch.as_tensor(indices, dtype=torch.long)
     delta = torch.zeros(weight.shape, dtype=torch.float64)  # float64: base + (rows - base) rounds back to rows
     delta[index] = rows.double() - weight[index].double()
@@ -140,8 +152,9 @@ def blend_deltas(weighted: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[
     return out
 
 
-def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> int:
-    """Add deltas to the named weights in place (a tied output layer follows its embedding).
+def apply_deltas(base: torch.nn.Module | Mapping[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> int:
+    """Add deltas to the named weights in place (a tied output layer follows its embedding: it is the same tensor,
+    or, in a state dict read from disk, absent).
 
     The sum is taken in float64 and rounded once: for float32 deltas that is float32 addition, for token deltas
     it gives the adapter's rows bit for bit.
@@ -149,27 +162,45 @@ def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> int
     Returns:
         The number of weights changed.
     """
+    weights = _weights_of(base)
     with torch.no_grad():
         for module, delta in deltas.items():
-            weight = model.get_submodule(module).weight
+            weight = weights[f"{module}.weight"]
             if weight.shape != delta.shape:
                 raise ValueError(f"{module}: adapter delta {tuple(delta.shape)} != weight {tuple(weight.shape)}")
             weight.copy_(weight.double() + delta.double())
     return len(deltas)
 
 
+def fold_adapters(base: torch.nn.Module | Mapping[str, torch.Tensor], adapters: list[tuple[float, Path]]) -> None:
+    """Fold `[(weight, adapter_dir), ...]` into `base`'s weights in place (direct path only).
+
+    Raises:
+        UnsupportedAdapter: one of the adapters needs peft (`peft_merge`, on a transformers model).
+    """
+    apply_deltas(base, blend_deltas([(w, adapter_deltas(d, base)) for w, d in adapters]))
+
+
 def merge_adapters(model: torch.nn.Module, adapters: list[tuple[float, Path]]) -> torch.nn.Module:
-    """Fold `[(weight, adapter_dir), ...]` into `model` (direct path; peft for adapters it cannot fold).
+    """Fold `[(weight, adapter_dir), ...]` into a transformers `model` (direct path; peft for what it cannot fold).
 
     Returns:
         The merged model: `model` itself on the direct path, a fresh module from peft otherwise.
     """
     try:
-        weighted = [(w, adapter_deltas(d, model)) for w, d in adapters]
+        fold_adapters(model, adapters)
     except UnsupportedAdapter:
         return peft_merge(model, adapters)
-    apply_deltas(model, blend_deltas(weighted))
     return model
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: not ours to
+    fix, and not worth a warning at every start."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def peft_merge(model: torch.nn.Module, adapters: list[tuple[float, Path]]) -> torch.nn.Module:
@@ -177,7 +208,8 @@ def peft_merge(model: torch.nn.Module, adapters: list[tuple[float, Path]]) -> to
     from peft import PeftModel
 
     names = [f"a{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, str(adapters[0][1]), adapter_name=names[0], is_trainable=False)
+    with quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, str(adapters[0][1]), adapter_name=names[0], is_trainable=False)
     for name, (_, path) in zip(names[1:], adapters[1:], strict=True):
         peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
     weights = [w for w, _ in adapters]

@@ -77,6 +77,7 @@ def make_random_bundle(
     layers: int = 4,
     heads: int = 6,
     intermediate: int = 512,
+    kv_heads: int | None = None,
     bpe_vocab: int | None = 1024,
     max_seq_len: int = 256,
     adapters: tuple[str, ...] = ("style",),
@@ -88,6 +89,7 @@ def make_random_bundle(
     Args:
         dst: folder to create (must not hold a bundle already).
         hidden, layers, heads, intermediate: LlamaForCausalLM size (demo default: ~2M parameters).
+        kv_heads: grouped-query attention's key/value heads (None: `heads`).
         bpe_vocab: BPE vocabulary size; None keeps the ~400 base tokens.
         max_seq_len: context length (max_position_embeddings and bundle.json).
         adapters: names of random LoRA adapters (q/k/v/o projections) saved under adapters/<name>.
@@ -100,7 +102,8 @@ def make_random_bundle(
     tokenizer = make_tokenizer(bpe_vocab, seed)
     torch.manual_seed(seed)
     arch = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "tie_word_embeddings": True}  # fmt: skip
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads or heads,
+            "tie_word_embeddings": True}  # fmt: skip
     base = LlamaForCausalLM(base_config(len(tokenizer), special_ids(tokenizer), max_seq_len, **arch))
     with tempfile.TemporaryDirectory() as tmp:
         base.save_pretrained(Path(tmp) / "base")
@@ -118,11 +121,14 @@ def save_random_adapter(base_dir: Path, out_dir: Path, r: int, seed: int) -> Pat
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    from realtime.lora import quiet_peft
+
     torch.manual_seed(seed)
     model = LlamaForCausalLM.from_pretrained(base_dir, local_files_only=True)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
-    peft_model = get_peft_model(model, config)
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

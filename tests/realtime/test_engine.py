@@ -1,4 +1,5 @@
-"""Streaming engine: the KV cache equals a full re-encode, crops and slides stay consistent, sampling filters."""
+"""Streaming engine: its cached logits equal the transformers model's full re-encode after appends, crops, retracts
+and slides; time bookkeeping, answers' grammar, the note-ending rule."""
 
 from __future__ import annotations
 
@@ -14,10 +15,18 @@ from realtime.synthetic import random_phrase
 ATOL = 1e-4
 
 
-def full_logits(engine, ids: list[int]) -> torch.Tensor:
-    """Next-token logits from encoding `ids` from scratch, no cache."""
-    with torch.inference_mode():
-        return engine.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+@pytest.fixture
+def full_logits(tiny_bundle_master):
+    """Next-token logits of the transformers model (same bundle, same adapter) encoding `ids` from scratch."""
+    from realtime.bundle import load_model
+
+    model = load_model(tiny_bundle_master)
+
+    def logits(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+    return logits
 
 
 def play_phrase(engine, state, start: float = 0.1, seed: int = 0) -> None:
@@ -25,7 +34,7 @@ def play_phrase(engine, state, start: float = 0.1, seed: int = 0) -> None:
         engine.append_events(state, [event])  # one event at a time, as they arrive live
 
 
-def test_streaming_equals_full_reencode(engine):
+def test_streaming_equals_full_reencode(engine, full_logits):
     state = engine.start(0.0, 120.0)
     play_phrase(engine, state)
     engine.append_rest(state, 1.6)
@@ -33,10 +42,10 @@ def test_streaming_equals_full_reencode(engine):
     assert out.tokens > 0
     assert len(state.ids) < engine.max_seq_len  # no slide happened: the window is the whole stream
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
 
 
-def test_crop_takes_back_only_unplayed_output(engine):
+def test_crop_takes_back_only_unplayed_output(engine, full_logits):
     state = engine.start(0.0, 120.0)
     play_phrase(engine, state)
     human_len = len(state.ids)
@@ -48,21 +57,21 @@ def test_crop_takes_back_only_unplayed_output(engine):
     assert len(state.ids) >= human_len  # human tokens are never taken back
     assert all(s <= cut_time for s in state.starts)
     assert state.serials[-1] < first
-    assert state.cache.get_seq_length() == len(state.ids)
+    assert state.cache.length == len(state.ids)
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
 
 
-def test_window_slides_and_reprefills(engine):
+def test_window_slides_and_reprefills(engine, full_logits):
     state = engine.start(0.0, 120.0)
     for round_ in range(4):
         play_phrase(engine, state, state.cursor + 0.1, seed=round_)
         state, _ = engine.generate_chunk(state, ChunkContext(until=state.cursor + 4.0, max_tokens=40))
         assert len(state.ids) <= engine.max_seq_len
     assert state.slide_s, "the window never slid"
-    assert state.cache.get_seq_length() == len(state.ids)
+    assert state.cache.length == len(state.ids)
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
     assert state.serials == sorted(set(state.serials))  # serials are never reused
 
 
@@ -104,7 +113,7 @@ def test_decoder_skips_what_does_not_decode():
     assert dec.feed((("vel", 70), ("off", 62))) == [("note", 62, 70), ("off", 62)]
 
 
-def test_rest_appended_ahead_can_be_retracted(engine):
+def test_rest_appended_ahead_can_be_retracted(engine, full_logits):
     state = engine.start(0.0, 120.0)
     play_phrase(engine, state)
     ids, cursor = list(state.ids), state.cursor
@@ -112,9 +121,9 @@ def test_rest_appended_ahead_can_be_retracted(engine):
     assert added > 0 and state.cursor == pytest.approx(cursor + 0.8)
     engine.retract(state, added, cursor)  # the human played on before the silence was complete
     assert state.ids == ids and state.cursor == cursor
-    assert state.cache.get_seq_length() == len(ids)
+    assert state.cache.length == len(ids)
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(engine, state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,7 +1,8 @@
-"""The one sampler: transformers' warpers for the controls and the grammar processor's masks."""
+"""The one sampler: warpers equal to transformers' for the controls, and the grammar processor's masks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from realtime.sampling import GrammarProcessor, Sampling, sample_token, warpers
@@ -32,6 +33,24 @@ def test_sampling_filters():
     g = GrammarProcessor([(("on", 1),)] * 5, pad_id=0, bos_id=1, eos_id=2, model_vocab=5)
     g.prepare(pending_velocity=False, leading=False, allow_eos=True)
     assert draws(Sampling(temperature=3.0), 200, [g]) <= {2, 3, 4}  # PAD and BOS are never sampled
+
+
+@pytest.mark.parametrize("sampling", [Sampling(0.7, 0.9, 0), Sampling(1.3, 1.0, 5), Sampling(1.0, 0.5, 40)])
+def test_warpers_equal_transformers(sampling):
+    """The runner does not import transformers; its warpers compute what transformers' do, bit for bit."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    theirs = [TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1.0 else []
+    theirs += [TopKLogitsWarper(sampling.top_k)] if sampling.top_k else []
+    theirs += [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []
+    ours = warpers(sampling)
+    assert len(ours) == len(theirs)
+    for seed in range(5):
+        x = y = torch.randn(1, 300, generator=torch.Generator().manual_seed(seed)) * 3
+        for a, b in zip(ours, theirs, strict=True):
+            x, y = a(None, x), b(None, y)
+        assert torch.equal(x, y)
+        assert torch.isinf(x).any()  # the filters did filter
 
 
 def test_grammar_masks():

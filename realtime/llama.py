@@ -1,0 +1,267 @@
+"""LlamaForCausalLM's inference math as a plain torch forward over merged weights, with a preallocated KV cache.
+
+What the jam runner and evaluation's sampler run: the weights a bundle's transformers model holds (adapters folded
+in), the same arithmetic (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or separate output head), without
+the generic forward's overhead (Cache objects, masks built per call, config lookups, module hooks). At demo size a
+generated id is ~25 torch ops per layer; the matmuls are a third of its time, the rest is dispatch.
+
+Exact rearrangements of the transformers weights (equal logits to 1e-4: tests/realtime/test_llama.py):
+- each RMSNorm's weight is folded into the columns of the projection that follows it (q|k|v, gate|up, the head),
+  and the attention scale 1/sqrt(head_dim) into q's rows; the norm itself is a per-row factor on the matmul's output;
+- q, k and v are one matmul (rows stacked), gate and up likewise; o_proj and down_proj add into the residual;
+- RoPE acts on the whole q|k|v row with tables in which v's heads turn by nothing (cos 1, sin 0), so the new keys
+  and values go into the cache with one copy.
+`quantization="dynamic_int8"` swaps the projections for fbgemm's dynamic int8 linear (not exact: opt-in).
+
+The cache holds `(layers, 2, kv_heads, max_len, head_dim)`; a forward writes positions `length ...` and raises
+`length`; cropping lowers it; a fresh window sets it to 0. Nothing is allocated per step but the ops' outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+WEIGHT_PREFIX = "model."  # transformers' key prefix of the decoder stack (LlamaForCausalLM.model)
+QUANTIZATIONS = ("none", "dynamic_int8")
+
+
+class UnsupportedModel(ValueError):
+    """A config this forward does not compute exactly (another architecture, biases, scaled RoPE...)."""
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The config fields the forward needs (read from a transformers LlamaConfig dict)."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    rope_theta: float
+    eps: float
+    max_positions: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> LlamaShape:
+        """Raises UnsupportedModel for what the forward would get wrong."""
+        problems = [f"{k}={cfg.get(k)}" for k in ("attention_bias", "mlp_bias") if cfg.get(k)]
+        if cfg.get("model_type", "llama") != "llama":
+            problems.append(f"model_type={cfg.get('model_type')}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={cfg.get('hidden_act')}")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            problems.append(f"rope_type={rope.get('rope_type', rope.get('type'))}")
+        if problems:
+            raise UnsupportedModel(", ".join(problems))
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            vocab=int(cfg["vocab_size"]),
+            hidden=int(cfg["hidden_size"]),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            intermediate=int(cfg["intermediate_size"]),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_positions=int(cfg["max_position_embeddings"]),
+            tied=bool(cfg.get("tie_word_embeddings", True)),
+        )
+
+
+class KVCache:
+    """Keys and values of the first `length` positions of a window, preallocated for `max_len`."""
+
+    def __init__(self, shape: LlamaShape, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.kv = torch.zeros(shape.layers, 2, shape.kv_heads, max_len, shape.head_dim, dtype=dtype, device=device)
+        self.layer = list(self.kv.unbind(0))  # per layer (2, kv_heads, max_len, head_dim) views
+        self.keys = [kv[0] for kv in self.layer]  # per layer (kv_heads, max_len, head_dim)
+        self.values = [kv[1] for kv in self.layer]
+        self.max_len = max_len
+        self.length = 0
+
+    def crop(self, remove: int) -> None:
+        """Forget the last `remove` positions."""
+        self.length = max(0, self.length - remove)
+
+
+class _Dense:
+    """x @ W.T with W stored transposed (in, out), the layout mm and addmm read fastest."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.t = weight.T.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.t)
+
+    def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(residual, x, self.t)
+
+
+class _Int8:
+    """fbgemm's dynamic int8 linear: weights per output channel, activations per call."""
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch deprecates quantized tensors in favour of torchao
+            q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+
+    def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self(x).add_(residual)
+
+
+@dataclass
+class _Layer:
+    qkv: _Dense | _Int8  # hidden -> (heads + 2 kv_heads) * head_dim; input norm and attention scale folded in
+    o: _Dense | _Int8  # heads * head_dim -> hidden, added to the residual
+    gate_up: _Dense | _Int8  # hidden -> 2 intermediate; post-attention norm folded in
+    down: _Dense | _Int8  # intermediate -> hidden, added to the residual
+
+
+class LeanLlama:
+    """The forward over one LlamaForCausalLM's weights; see the module docstring."""
+
+    def __init__(self, shape: LlamaShape, weights: dict[str, torch.Tensor], quantization: str = "none"):
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization {quantization!r}: expected one of {QUANTIZATIONS}")
+        self.shape, self.quantization = shape, quantization
+        self.embed = weights["embed_tokens.weight"]  # (vocab, hidden)
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        linear = _Int8 if quantization == "dynamic_int8" else _Dense
+        head = self.embed if shape.tied else weights["lm_head.weight"]
+        self.head = linear(head * weights["norm.weight"])
+        self.layers = [_layer(shape, weights, f"layers.{i}.", linear) for i in range(shape.layers)]
+        self.params = sum(w.numel() for w in weights.values())
+        self._tables(shape.max_positions)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: dict,
+        state: dict[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        quantization: str = "none",
+    ) -> LeanLlama:
+        """From a LlamaConfig dict and LlamaForCausalLM's state dict (`model.` prefix; lm_head absent when tied)."""
+        shape = LlamaShape.from_config(config)
+        weights = {k.removeprefix(WEIGHT_PREFIX): v.detach().to(dtype=dtype, device=device) for k, v in state.items()}
+        return cls(shape, weights, quantization)
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, quantization: str = "none") -> LeanLlama:
+        """From a loaded transformers LlamaForCausalLM, in its dtype and on its device."""
+        w = model.get_input_embeddings().weight
+        return cls.from_state_dict(model.config.to_dict(), model.state_dict(), w.dtype, w.device, quantization)
+
+    def _tables(self, max_len: int) -> None:
+        """RoPE cos/sin per position for the q|k|v row (v: cos 1, sin 0; sin's first half negated: `roll` then
+        stands for rotate_half) and the causal mask for prefills."""
+        s = self.shape
+        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64).float() / s.head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        sin[:, : s.head_dim // 2] *= -1
+        turned, kept = s.heads + s.kv_heads, s.kv_heads
+        cos = torch.cat((cos[:, None].expand(-1, turned, -1), torch.ones(max_len, kept, s.head_dim)), dim=1)
+        sin = torch.cat((sin[:, None].expand(-1, turned, -1), torch.zeros(max_len, kept, s.head_dim)), dim=1)
+        self.cos = cos.to(self.dtype).to(self.device)  # (max_len, heads + 2 kv_heads, head_dim)
+        self.sin = sin.to(self.dtype).to(self.device)
+        self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
+        self.eps = torch.tensor(self.shape.eps, dtype=torch.float32, device=self.device)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty cache for windows of up to `max_len` ids (default and limit: the model's positions)."""
+        max_len = min(max_len or self.shape.max_positions, self.shape.max_positions)
+        return KVCache(self.shape, max_len, self.dtype, self.device)
+
+    def _row_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 1) RMSNorm factor 1 / sqrt(mean(x^2) + eps); the norm's weight lives in the next projection.
+
+        As `eps + |x|^2 / hidden` from the vector norm: 3 ops where pow-mean-add-rsqrt takes 4 and twice the time.
+        """
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+        scale = torch.addcmul(self.eps, norm, norm, value=1.0 / self.shape.hidden).rsqrt_()
+        return scale if x.dtype == torch.float32 else scale.to(x.dtype)
+
+    def forward(self, ids: list[int], cache: KVCache, keep: int = 1) -> torch.Tensor:
+        """Run `ids` after the cache's `length` positions; the cache grows by `len(ids)`.
+
+        Returns:
+            (keep, vocab) float32 logits of the last `keep` positions.
+        """
+        s, start, n = self.shape, cache.length, len(ids)
+        end = start + n
+        if n == 0 or end > cache.max_len:
+            raise ValueError(f"{start} cached + {n} new ids: need 1 to {cache.max_len - start}")
+        x = self._embed(ids)
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(x).mul_(self._row_scale(x)).view(n, -1, s.head_dim)  # (n, heads + 2 kv_heads, head_dim)
+            qkv = torch.addcmul(qkv * cos, qkv.roll(s.head_dim // 2, -1), sin)
+            new_kv = qkv[:, s.heads :].view(n, 2, s.kv_heads, s.head_dim)
+            if n == 1:
+                cache.layer[i].select(2, start).copy_(new_kv[0])
+            else:
+                cache.layer[i][:, :, start:end] = new_kv.permute(1, 2, 0, 3)
+            attn = self._attend(qkv[:, : s.heads], cache.keys[i][:, :end], cache.values[i][:, :end], start)
+            x = layer.o.add(x, attn)
+            gate, up = layer.gate_up(x).mul_(self._row_scale(x)).chunk(2, -1)
+            x = layer.down.add(x, F.silu(gate).mul_(up))
+        cache.length = end
+        last = x[-keep:]
+        return self.head(last).mul_(self._row_scale(last)).float()
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        """(n, hidden) embedding rows; one id is a view (no index tensor built on the decode step)."""
+        if len(ids) == 1:
+            return self.embed[ids[0] : ids[0] + 1]
+        return F.embedding(torch.tensor(ids, device=self.device), self.embed)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Softmax attention of q (n, heads, head_dim; already scaled) over k, v (kv_heads, end, head_dim).
+
+        Returns:
+            (n, heads * head_dim).
+        """
+        s, n = self.shape, q.shape[0]
+        if n == 1:  # one id: every cached position is visible; grouped heads are a view of q
+            q = q.view(s.kv_heads, s.heads // s.kv_heads, s.head_dim)
+            probs = torch.softmax(torch.bmm(q, k.mT), dim=-1)
+            return torch.bmm(probs, v).view(1, -1)
+        end = k.shape[1]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, attn_mask=self.causal[start:end, :end], scale=1.0,
+            enable_gqa=s.kv_heads != s.heads,
+        )  # fmt: skip
+        return out.transpose(0, 1).reshape(n, -1)
+
+
+def _layer(shape: LlamaShape, weights: dict[str, torch.Tensor], p: str, linear: type) -> _Layer:
+    """One decoder layer's projections with its norms' weights and the attention scale folded in."""
+    w = {k.removeprefix(p): v for k, v in weights.items() if k.startswith(p)}
+    q = w["self_attn.q_proj.weight"] / math.sqrt(shape.head_dim)
+    qkv = torch.cat((q, w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"])) * w["input_layernorm.weight"]
+    gate_up = torch.cat((w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"])) * w["post_attention_layernorm.weight"]
+    return _Layer(
+        qkv=linear(qkv), o=linear(w["self_attn.o_proj.weight"]), gate_up=linear(gate_up),
+        down=linear(w["mlp.down_proj.weight"]),
+    )  # fmt: skip

@@ -1,0 +1,100 @@
+"""The runner's forward computes the transformers model's logits: prefill, one id at a time, after crops and
+re-prefills, with grouped-query attention, another RoPE theta, separate or tied output heads, and merged adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from realtime.llama import LeanLlama, UnsupportedModel
+
+ATOL = 1e-4
+VOCAB = 300
+
+
+def reference(ids: list[int], model) -> torch.Tensor:
+    """(len(ids), vocab) logits of transformers' forward, from scratch (no cache)."""
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def make_model(seed: int = 0, **arch) -> LlamaForCausalLM:
+    """A random LlamaForCausalLM with non-trivial norm weights (ones would hide a fold that forgets them)."""
+    torch.manual_seed(seed)
+    size = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 96}
+    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=64, **{**size, **arch})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+SHAPES = {
+    "demo-like": {},
+    "gqa": {"num_key_value_heads": 2},  # params-gpu.yaml: 8 heads over 4 kv heads
+    "mqa-theta-untied": {"num_key_value_heads": 1, "rope_theta": 500.0, "tie_word_embeddings": False},
+    "head-dim": {"head_dim": 8},  # head_dim != hidden / heads
+}
+
+
+@pytest.mark.parametrize("arch", SHAPES.values(), ids=SHAPES.keys())
+def test_prefill_and_steps_equal_transformers(arch):
+    model = make_model(**arch)
+    lean = LeanLlama.from_module(model)
+    ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = reference(ids, model)
+    cache = lean.new_cache()
+    torch.testing.assert_close(lean.forward(ids, cache, keep=len(ids)), ref, atol=ATOL, rtol=0)
+    assert cache.length == len(ids)
+    cache = lean.new_cache()
+    first = lean.forward(ids[:10], cache, keep=10)  # a prefill, then one id at a time and a few at a time
+    steps = [lean.forward([i], cache) for i in ids[10:30]] + [lean.forward(ids[30:], cache, keep=10)]
+    torch.testing.assert_close(torch.cat([first, *steps]), ref, atol=ATOL, rtol=0)
+
+
+def test_crop_and_reprefill_equal_transformers():
+    """What the engine does to a window: take back unplayed ids, rewind, restart the window at position 0."""
+    model = make_model(num_key_value_heads=2)
+    lean = LeanLlama.from_module(model)
+    ids = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache = lean.new_cache()
+    lean.forward(ids[:30], cache)
+    cache.crop(12)  # crop_unplayed / retract
+    got = lean.forward(ids[40:45], cache, keep=5)  # other ids where the cropped ones were
+    torch.testing.assert_close(got, reference(ids[:18] + ids[40:45], model)[-5:], atol=ATOL, rtol=0)
+    cache.length = 0  # a slide: the kept half re-prefilled from position 0
+    window = ids[30:60]
+    lean.forward(window[:-1], cache)
+    torch.testing.assert_close(lean.forward(window[-1:], cache)[0], reference(window, model)[-1], atol=ATOL, rtol=0)
+
+
+def test_cache_bounds_and_unsupported_configs():
+    lean = LeanLlama.from_module(make_model())
+    cache = lean.new_cache(8)
+    lean.forward(list(range(3, 11)), cache)
+    with pytest.raises(ValueError, match="need 1 to 0"):
+        lean.forward([3], cache)
+    with pytest.raises(ValueError, match="need 1 to"):
+        lean.forward([], lean.new_cache())
+    cfg = make_model().config.to_dict()
+    for change in ({"attention_bias": True}, {"hidden_act": "gelu"}, {"rope_parameters": {"rope_type": "llama3"}}):
+        with pytest.raises(UnsupportedModel):
+            LeanLlama.from_state_dict({**cfg, **change}, make_model().state_dict())
+
+
+def test_int8_and_bfloat16_stay_close():
+    """Not exact (opt-in settings), but the same model: the most likely next id mostly agrees."""
+    model = make_model()
+    ids = torch.randint(3, VOCAB, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = reference(ids, model)
+    for lean in (
+        LeanLlama.from_module(model, quantization="dynamic_int8"),
+        LeanLlama.from_state_dict(model.config.to_dict(), model.state_dict(), dtype=torch.bfloat16),
+    ):
+        got = lean.forward(ids, lean.new_cache(), keep=len(ids))
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+        assert (got - ref).abs().max() < 0.2 * ref.abs().max()
