@@ -1,12 +1,17 @@
-"""Headless latency benchmark on simulated input (`jam bench latency`, bench/latency.py).
+"""Headless latency benchmark (`jam bench latency`, bench/latency.py).
 
-Engine level (default, seconds): the same calls the session makes, back to back on a virtual timeline. Each round
-the simulated human plays an 8-note phrase, appended event by event as it would arrive live; then
-- call_response: the phrase ends; latency = append the rest + sample until the first note is decoded;
+Engine level (default, seconds): the same calls the session makes, back to back on a virtual timeline. The human
+is simulated (each round an 8-note phrase) or, with `input_file`, a MIDI performance (events at the same instant
+arrive together, as a chord would); each event is appended as it would arrive live; then
+- call_response: a phrase ends (simulated: after each phrase; a performance: where it pauses for `silence_gap_s`);
+  latency = sample until the answer's first note is decoded (the silence is prefilled before, as the session does);
 - continuous: each human event takes back the plan, is folded in, and `lookahead_s` is re-planned; latency = from
   the event to the first planned event.
-End to end (`e2e=True`, real time): a whole `JamSession` in call-and-response with a MIDI file as the human;
-latency = from the phrase's silence-gap deadline to the first note actually sent (threads and scheduler included).
+End to end (`e2e=True`, real time): a whole `JamSession` with a MIDI file as the human (`input_file`, else
+simulated phrases), threads and scheduler included; latency as the session measures it.
+
+The result's top-level `p50_ms`, `p95_ms`, `p99_ms`, `max_ms`, `ms_per_token`, `rtf` are the end-to-end session's
+when it ran, else the engine level's; `load_s` is the bundle's load time and `backend` the forward that ran.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import platform
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from realtime import constants as C
 from realtime.bundle import Bundle
+from realtime.codec import NoteEvent
 from realtime.engine import ChunkContext, Engine, StreamState
 from realtime.latency import LatencyStats
 from realtime.runner import make_engine, prepare, run_jam
@@ -71,37 +78,95 @@ def _answer(engine: Engine, state: StreamState, at: float, seconds: float, stats
     return state.cursor
 
 
-def _accompany(engine: Engine, state: StreamState, event, lookahead: float, stats: LatencyStats) -> None:
-    """One continuous-mode fold-in of a human event at its (virtual) time."""
+def _accompany(engine: Engine, state: StreamState, events: list, lookahead: float, stats: LatencyStats) -> None:
+    """One continuous-mode fold-in of human events (one instant) at their (virtual) time."""
+    at = events[0].time
     triggered = time.monotonic()
-    engine.crop_unplayed(state, event.time)
-    engine.append_events(state, [event])
-    state.cursor = max(state.cursor, event.time)
-    state, res = engine.generate_chunk(state, ChunkContext(until=event.time + lookahead, max_tokens=1024))
+    engine.crop_unplayed(state, at)
+    engine.append_events(state, events)
+    state.cursor = max(state.cursor, at)
+    state, res = engine.generate_chunk(state, ChunkContext(until=at + lookahead, max_tokens=1024))
     stats.add_chunk(res.music_s, res.compute_s, res.tokens)
     if res.first_event_at is not None:
         stats.add_latency(res.first_event_at - triggered)
 
 
+def performance_events(path: Path) -> list[NoteEvent]:
+    """A MIDI file's notes and sustain pedal as human events (seconds from the file's start), time-ordered."""
+    import mido
+
+    events, t = [], 0.0
+    for msg in mido.MidiFile(str(path)):
+        t += msg.time
+        if msg.type == "note_on" and msg.velocity > 0:
+            events.append(NoteEvent("on", msg.note, msg.velocity, t))
+        elif msg.type in ("note_on", "note_off"):
+            events.append(NoteEvent("off", msg.note, 0, t))
+        elif msg.type == "control_change" and msg.control == C.CC_SUSTAIN:
+            events.append(NoteEvent("pedal_on" if msg.value >= C.PEDAL_DOWN_MIN else "pedal_off", 0, 0, t))
+    return events
+
+
+def _instants(events: list[NoteEvent]) -> list[list[NoteEvent]]:
+    """Events grouped by instant (within 1 ms: a chord arrives as one batch)."""
+    out: list[list[NoteEvent]] = []
+    for event in events:
+        if out and event.time - out[-1][0].time < 1e-3:
+            out[-1].append(event)
+        else:
+            out.append([event])
+    return out
+
+
+def _phrases(events: list[NoteEvent], gap_s: float) -> list[list[NoteEvent]]:
+    """A performance cut where no note starts for `gap_s` (the model's turns in call-and-response)."""
+    out: list[list[NoteEvent]] = [[]]
+    last_on = None
+    for event in events:
+        if event.kind == "on" and last_on is not None and event.time - last_on >= gap_s and out[-1]:
+            out.append([])
+        last_on = event.time if event.kind == "on" else last_on
+        out[-1].append(event)
+    return out
+
+
+def _human(settings: JamSettings, rounds: int, seed: int) -> list[list[NoteEvent]]:
+    """Phrases of the human: the input file's (cut at silence gaps), or `rounds + 1` simulated ones (the first
+    warms up and is not counted)."""
+    if settings.input_file is not None:
+        return _phrases(performance_events(settings.input_file), settings.silence_gap_s)
+    rng, out, t = random.Random(seed), [], 0.05
+    for _ in range(rounds + 1):
+        out.append(random_phrase(rng, t))
+        t = out[-1][-1].time + 1.1 + settings.silence_gap_s
+    return out
+
+
 def bench_engine(engine: Engine, settings: JamSettings, tempo_bpm: float, rounds: int, seed: int = 0) -> dict:
     """Engine-level benchmark (see module docstring). Returns the latency summary plus append cost."""
-    rng, stats, appends = random.Random(seed), LatencyStats(), LatencyStats()
+    stats, appends, warm = LatencyStats(), LatencyStats(), LatencyStats()
     answer_s = settings.response_bars * settings.beats_per_bar * 60.0 / tempo_bpm
+    phrases = _human(settings, rounds, seed)
+    offset = 1.0 if settings.input_file is not None else 0.0  # a performance starts at 0: after the prefix
     state = engine.start(0.0, tempo_bpm)
-    t = 0.0
-    for r in range(rounds + 1):  # round 0 warms up and is not counted
-        counted = stats if r else LatencyStats()
-        for event in random_phrase(rng, t + 0.05):
+    if settings.input_file is not None:  # warm up on a throwaway stream: the file's own events all count
+        _answer(engine, engine.start(0.0, tempo_bpm), 0.5, answer_s, warm)
+    for r, phrase in enumerate(phrases):
+        counted = stats if r or settings.input_file is not None else warm
+        if settings.mode == "call_response":  # the human waits for the answer to end
+            offset = max(offset, state.cursor + 0.05 - phrase[0].time)
+        last = 0.0
+        for batch in _instants([replace(e, time=e.time + offset) for e in phrase]):
+            last = batch[-1].time
             if settings.mode == "continuous":
-                _accompany(engine, state, event, settings.lookahead_s, counted)
+                _accompany(engine, state, batch, settings.lookahead_s, counted)
                 continue
             started = time.monotonic()
-            engine.append_events(state, [event])
+            engine.append_events(state, batch)
             engine.make_room(state, engine.max_seq_len // C.ANSWER_ROOM_DIVISOR)  # as the session does
-            (appends if r else LatencyStats()).add_latency(time.monotonic() - started)
-        t = max(state.cursor, t + 1.1) + settings.silence_gap_s
+            (appends if counted is stats else warm).add_latency(time.monotonic() - started)
         if settings.mode == "call_response":
-            t = _answer(engine, state, t, answer_s, counted)
+            _answer(engine, state, max(state.cursor, last) + settings.silence_gap_s, answer_s, counted)
     stats.slide_s = list(state.slide_s)
     out = stats.summary()
     out["append_event_p50_ms"] = appends.summary()["p50_ms"]
@@ -112,7 +177,11 @@ def bench_engine(engine: Engine, settings: JamSettings, tempo_bpm: float, rounds
 
 
 def bench_e2e(bundle: Bundle, settings: JamSettings, rounds: int, seed: int = 0) -> dict:
-    """A real call-and-response session with a file of `rounds` phrases as the human (takes ~3 s a round)."""
+    """A real session with a MIDI file as the human: `settings.input_file` in `settings.mode`, else a file of
+    `rounds` simulated phrases in call-and-response (~3 s a round)."""
+    if settings.input_file is not None:
+        run = settings.replace(transport="file", output_port=None, record=None, duration_s=None)
+        return run_jam(run, bundle=bundle, log=lambda line: None)
     gap = 0.4
     answer_bars = 0.5
     answer_s = answer_bars * settings.beats_per_bar * 60.0 / (settings.tempo_bpm or bundle.tempo_bpm)
@@ -131,14 +200,19 @@ def bench_e2e(bundle: Bundle, settings: JamSettings, rounds: int, seed: int = 0)
         return run_jam(run, bundle=bundle, log=lambda line: None)
 
 
+HEADLINE = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "ms_per_token", "rtf")
+
+
 def bench_latency(bundle: Bundle, settings: JamSettings, rounds: int = 20, e2e: bool = False) -> dict:
-    """Latency p50/p95/p99 and RTF of `bundle` under `settings` on simulated input, as a JSON-able dict."""
+    """Latency p50/p95/p99 and RTF of `bundle` under `settings`, as a JSON-able dict (headline figures first)."""
     tempo = settings.tempo_bpm or bundle.tempo_bpm
     engine = make_engine(bundle, settings)
     result = {
-        "model": model_info(bundle),
         "mode": settings.mode,
-        "rounds": rounds,
+        "backend": bundle.model.describe(),
+        "load_s": round(bundle.load_s, 3),
+        "input": str(settings.input_file) if settings.input_file else f"simulated, {rounds} rounds",
+        "model": model_info(bundle),
         "tempo_bpm": tempo,
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
@@ -146,7 +220,8 @@ def bench_latency(bundle: Bundle, settings: JamSettings, rounds: int = 20, e2e: 
     }
     if e2e:
         result["e2e"] = bench_e2e(bundle, settings, max(2, rounds // 2), seed=settings.seed or 0)
-    return result
+    headline = result["e2e"] if e2e else result["engine"]
+    return {**{key: headline.get(key) for key in HEADLINE}, **result}
 
 
 def run_benchmark(
@@ -155,14 +230,16 @@ def run_benchmark(
     """`bench_latency` of `model` (a bundle folder or models:/ URI) under `settings`, headless.
 
     Args:
-        settings: sampling, mode, dtype, threads ...; transport and recording are replaced (memory, none).
+        settings: sampling, mode, dtype, threads, `input_file` (a performance as the human)...; transport and
+            recording are replaced (memory, none).
         model: the bundle to measure; None: a random-weight bundle of `size` made in a temporary folder (the music
             is noise, the cost is real).
-        size: hidden, layers, heads, vocab, max_seq_len of the random bundle; missing keys from `DEMO_SIZE`.
-        rounds: simulated phrases after one warm-up round.
+        size: hidden, layers, heads, kv_heads, vocab, max_seq_len of the random bundle; missing keys from
+            `DEMO_SIZE`.
+        rounds: simulated phrases after one warm-up round (without `input_file`).
         e2e: also run a real-time session with a MIDI file as the human.
     """
-    settings = settings.replace(transport="memory", record=None, input_file=None)
+    settings = settings.replace(transport="memory", record=None)
     if model is not None:
         run = settings.replace(model=model)
         return bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)
@@ -170,7 +247,8 @@ def run_benchmark(
     with tempfile.TemporaryDirectory() as tmp:
         bundle_dir = make_random_bundle(
             Path(tmp) / "bundle", hidden=s["hidden"], layers=s["layers"], heads=s["heads"],
-            intermediate=s["hidden"] * 8 // 3, bpe_vocab=s["vocab"], max_seq_len=s["max_seq_len"],
+            kv_heads=s.get("kv_heads"), intermediate=s["hidden"] * 8 // 3, bpe_vocab=s["vocab"],
+            max_seq_len=s["max_seq_len"],
         )  # fmt: skip
         run = settings.replace(model=str(bundle_dir))
         return bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)

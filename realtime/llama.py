@@ -188,6 +188,11 @@ class LeanLlama:
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
         self.eps = torch.tensor(self.shape.eps, dtype=torch.float32, device=self.device)
 
+    def describe(self) -> str:
+        """The backend in a few words, e.g. `lean-torch float32 cpu`."""
+        quant = "" if self.quantization == "none" else f" {self.quantization}"
+        return f"lean-torch {str(self.dtype).removeprefix('torch.')}{quant} {self.device}"
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty cache for windows of up to `max_len` ids (default and limit: the model's positions)."""
         max_len = min(max_len or self.shape.max_positions, self.shape.max_positions)

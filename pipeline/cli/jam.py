@@ -116,10 +116,21 @@ def bench_latency(
         ),
     ] = None,
     mode: Annotated[str | None, typer.Option(help="call_response or continuous. Default: realtime.mode.")] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            exists=True,
+            dir_okay=False,
+            help="A MIDI performance as the human (default: simulated 8-note phrases).",
+        ),
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Simulated phrases (after one warm-up round).")] = 20,
     hidden: Annotated[int, _size_opt("hidden size")] = 192,
     layers: Annotated[int, _size_opt("decoder layers")] = 4,
     heads: Annotated[int, _size_opt("attention heads")] = 6,
+    kv_heads: Annotated[int | None, _size_opt("key/value heads (grouped-query attention; default: heads)")] = None,
     vocab: Annotated[int, _size_opt("BPE vocabulary size")] = 1024,
     max_seq_len: Annotated[int, _size_opt("context length in tokens")] = 256,
     e2e: Annotated[
@@ -129,21 +140,25 @@ def bench_latency(
     params: ParamsOpt = DEFAULT_PARAMS,
     set_: SetOpt = None,
 ) -> None:
-    """Latency p50/p95/p99 and real-time factor on simulated input, headless (no MIDI ports)."""
+    """Latency p50/p95/p99, ms per generated id and real-time factor, headless (no MIDI ports).
+
+    With --input the human is that performance (engine level on a virtual timeline; --e2e: a real-time session).
+    """
     cfg = load(params, [*(set_ or []), *_realtime_overrides({"mode": mode})])
-    size = {"hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab, "max_seq_len": max_seq_len}
+    size = {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv_heads, "vocab": vocab,
+            "max_seq_len": max_seq_len}  # fmt: skip
     from realtime.benchmark import run_benchmark
     from realtime.bundle import BundleError
 
-    settings = _realtime_settings(cfg, transport="memory", record=None, input_file=None)
+    settings = _realtime_settings(cfg, transport="memory", record=None, input_file=input_file)
     try:
         result = run_benchmark(settings, model=model, size=size, rounds=rounds, e2e=e2e)
     except BundleError as err:
         fail(str(err))
     if not as_json:
-        eng = result["engine"]
-        line = f"p50 {eng['p50_ms']} ms  p95 {eng['p95_ms']} ms  p99 {eng['p99_ms']} ms  RTF {eng['rtf']}"
-        typer.echo(line, err=True)
+        r = result
+        line = f"p50 {r['p50_ms']} ms  p95 {r['p95_ms']} ms  p99 {r['p99_ms']} ms  {r['ms_per_token']} ms/id"
+        typer.echo(f"{line}  RTF {r['rtf']}  load {r['load_s']} s  [{r['backend']}]", err=True)
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 

@@ -93,6 +93,39 @@ def test_bench_latency_json(tmp_path):
     assert engine["rtf"] > 0
 
 
+def test_bench_latency_with_a_performance_as_the_human(tmp_path):
+    from tests.realtime.conftest import phrase_file
+
+    human = phrase_file(tmp_path / "human.mid", phrases=2, gap_s=0.3)
+    args = ["bench", "latency", "--json", "--mode", "continuous", "--input", str(human), "--hidden", "32",
+            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "420", "--max-seq-len", "64",
+            "--params", str(empty_params(tmp_path))]  # fmt: skip
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["mode"] == "continuous" and out["input"] == str(human) and out["model"]["kv_heads"] == 2
+    assert out["backend"] == "lean-torch float32 cpu" and out["load_s"] > 0
+    assert out["engine"]["chunks"] > 10  # one plan per instant of the performance (16 notes, on and off)
+    assert out["p50_ms"] <= out["p95_ms"] <= out["p99_ms"] <= out["max_ms"]
+    assert out["ms_per_token"] > 0 and out["rtf"] > 0
+
+
+def test_runner_path_imports_neither_transformers_nor_peft(tiny_bundle_master):
+    code = (
+        "import sys\n"
+        "from realtime.runner import make_engine, prepare\n"
+        "from realtime.engine import ChunkContext\n"
+        "from realtime.settings import JamSettings\n"
+        f"s = JamSettings(model={str(tiny_bundle_master)!r}, transport='memory', seed=0)\n"
+        "engine = make_engine(prepare(s), s)\n"
+        "state, res = engine.generate_chunk(engine.start(0.0, 120.0), ChunkContext(until=2.0, max_tokens=8))\n"
+        "assert res.tokens > 0\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft', 'mlflow'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_module_entry_point_parses_flags(tmp_path):
     s = parse_args(["--model", "b", "--input-file", str(tmp_path / "x.mid"), "--silence-gap-s", "0.5",
                     "-a", "a=2", "--adapters", "b=1", "--no-follow-clock", "--top-k", "5"])  # fmt: skip
