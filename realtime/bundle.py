@@ -9,8 +9,9 @@ what needs one (evaluation's likelihoods); the forward computes its logits (test
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tempfile
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,7 @@ from typing import Any
 import torch
 
 from realtime import constants as C
-from realtime.bundle_format import (
-    BUNDLE_ARTIFACT,
-    BUNDLE_FILE,
-    MODEL_CONFIG,
-    BundleError,
-    load_tokenizer,
-    read_bundle,
-)
+from realtime.bundle_format import MODEL_CONFIG, BundleError, load_tokenizer, read_bundle
 from realtime.llama import LeanLlama, UnsupportedModel
 from realtime.lora import UnsupportedAdapter, fold_adapters, merge_adapters, peft_merge
 
@@ -58,39 +52,13 @@ class Bundle:
 # ---------------------------------------------------------------- locate
 
 
-def _find_bundle_dir(root: Path) -> Path:
-    hits = sorted(root.rglob(BUNDLE_FILE), key=lambda p: len(p.parts))
-    if not hits:
-        raise BundleError(f"{root}: no {BUNDLE_FILE} in the downloaded model")
-    return hits[0].parent
-
-
-def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, "3")."""
-    rest = uri.removeprefix("models:/").strip("/")
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return name, alias, None
-    name, _, version = rest.rpartition("/")
-    if not name or not version:
-        raise BundleError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    return name, None, version
-
-
-def _check_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.exists():
-            raise BundleError(f"no MLflow store at {tracking_uri}: train and promote a model, or pass --model PATH")
-
-
 def resolve_bundle(ref: str | Path, tracking_uri: str | None = None, cache_dir: Path | None = None) -> Path:
     """A local folder holding bundle.json for a folder path or a `models:/<name>@<alias>` registry URI.
 
     Args:
         ref: bundle folder, or `models:/name@alias` / `models:/name/version` resolved in the MLflow registry.
         tracking_uri: MLflow tracking (and registry) URI, e.g. `sqlite:///mlruns/mlflow.db`. Local stores only.
-        cache_dir: where registry downloads go; a temporary folder if None.
+        cache_dir: where registry copies are kept, one per model version (default: `resolve.model_cache_dir()`).
 
     Raises:
         BundleError: no such folder, registry entry or bundle.json.
@@ -102,22 +70,9 @@ def resolve_bundle(ref: str | Path, tracking_uri: str | None = None, cache_dir: 
         return path
     if tracking_uri is None:
         raise BundleError(f"{text}: a tracking URI is needed to resolve registry models")
-    _check_store(tracking_uri)
-    from mlflow import MlflowClient
-    from mlflow.artifacts import download_artifacts
+    from realtime.resolve import resolve_models_uri
 
-    name, alias, version = _parse_models_uri(text)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except Exception as err:  # MlflowException: RESOURCE_DOES_NOT_EXIST
-        raise BundleError(f"{text}: not in the registry at {tracking_uri} ({str(err).splitlines()[0]})") from None
-    dst = Path(tempfile.mkdtemp(prefix="jam-bundle-", dir=cache_dir))
-    try:
-        got = download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=tracking_uri)
-    except Exception:  # a logged-model source: fall back to the run's bundle artifact
-        got = client.download_artifacts(mv.run_id, BUNDLE_ARTIFACT, str(dst))
-    return _find_bundle_dir(Path(got))
+    return resolve_models_uri(text, tracking_uri, cache_dir)
 
 
 def check_streaming(tokenizer, path: Path) -> None:
@@ -202,6 +157,28 @@ def load_weights(path: Path, plan: dict[str, float]) -> tuple[dict, dict[str, to
     return config, weights
 
 
+def cached_weights(path: Path, plan: dict[str, float], cache: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`load_weights`, kept in `cache` as one safetensors file per adapter plan (registry copies: they never change).
+
+    Saves the fold at later starts; a tied output head is not stored (it is the embedding).
+    """
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps(sorted(plan.items())).encode()).hexdigest()[:16]
+    file = cache / f"{key}.safetensors"
+    if file.is_file():
+        config = json.loads((path / read_bundle(path)["base"] / MODEL_CONFIG).read_text())
+        return config, load_file(str(file))
+    config, weights = load_weights(path, plan)
+    tied = config.get("tie_word_embeddings", True)
+    keep = {k: v.contiguous() for k, v in weights.items() if not (tied and k == "lm_head.weight")}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}")
+    save_file(keep, str(tmp))
+    os.replace(tmp, file)  # a reader never sees half a file
+    return config, weights
+
+
 def load_model(path: Path, adapters: dict[str, float] | None = None, normalize: bool = True) -> torch.nn.Module:
     """A bundle folder's base as a transformers model in float32 on CPU with the planned adapters folded in, in
     eval mode: a plain causal LM, no adapter wrappers (evaluation's likelihoods; `load_bundle` plays the same).
@@ -227,6 +204,7 @@ def load_bundle(
     quantization: str = "none",
     device: str = "auto",
     tracking_uri: str | None = None,
+    cache_dir: Path | None = None,
 ) -> Bundle:
     """Resolve, load and prepare a bundle for streaming inference.
 
@@ -238,9 +216,10 @@ def load_bundle(
         quantization: "none" or "dynamic_int8" (CPU: int8 projections, not exact).
         device: auto, cpu or cuda.
         tracking_uri: MLflow store for registry URIs.
+        cache_dir: where registry copies (and their merged weights) are kept; see `resolve_bundle`.
     """
     started = time.perf_counter()
-    path = resolve_bundle(ref, tracking_uri)
+    path = resolve_bundle(ref, tracking_uri, cache_dir)
     meta = read_bundle(path)
     plan = adapter_plan(meta, adapters, normalize)
     tokenizer = load_tokenizer(path / meta["tokenizer"])
@@ -248,7 +227,8 @@ def load_bundle(
     target = pick_device(device)
     if quantization == "dynamic_int8" and target.type != "cpu":
         raise BundleError("quantization 'dynamic_int8' runs on CPU only")
-    config, weights = load_weights(path, plan)
+    registry_copy = str(ref).startswith("models:/")  # ours to write into; a user's folder is not
+    config, weights = cached_weights(path, plan, path / C.MERGED_DIR) if registry_copy else load_weights(path, plan)
     try:
         model = LeanLlama.from_state_dict(config, weights, getattr(torch, dtype), target, quantization)
     except UnsupportedModel as err:

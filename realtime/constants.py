@@ -5,6 +5,11 @@ from __future__ import annotations
 # Model bundle file names and format: realtime.bundle_format.
 STREAMING_TOKENIZERS = ("MIDILike",)  # wire-order events: NoteOn/NoteOff/TimeShift, no duration at onset
 
+# Registry models (`models:/name@alias`) are copied here once per model version; `$JAM_MODEL_CACHE` overrides.
+MODEL_CACHE_DIR = "~/.cache/jam-partner/models"
+MODEL_CACHE_ENV = "JAM_MODEL_CACHE"
+MERGED_DIR = "merged"  # beside a cached copy: its weights with an adapter plan folded in, one file per plan
+
 # Special tokens as miditok names them (vocabulary keys).
 PAD_TOKEN = "PAD_None"
 BOS_TOKEN = "BOS_None"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -126,24 +127,69 @@ def test_bad_bundles_fail_clearly(tmp_path, tiny_bundle):
         resolve_bundle("models:/jam-partner@champion", f"sqlite:///{tmp_path}/missing.db")
 
 
-def test_registry_alias_resolves_to_a_local_bundle(tmp_path, tiny_bundle_master):
+def _register(client, tmp_path, bundle_dir, exp) -> str:
+    """Log `bundle_dir` as a run's bundle artifact and register it; returns the new version."""
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(bundle_dir), "bundle")
+    client.set_terminated(run.info.run_id)
+    mv = client.create_model_version("jam-partner", f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id)
+    return mv.version
+
+
+def test_registry_alias_resolves_to_a_copy_cached_by_version(tmp_path, tiny_bundle_master, monkeypatch):
     from mlflow import MlflowClient
+
+    import realtime.resolve as R
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment("jam-partner", artifact_location=str(tmp_path / "artifacts"))
-    run = client.create_run(exp)
+    client.create_registered_model("jam-partner")
     bundle_copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_master, bundle_copy)
-    client.log_artifacts(run.info.run_id, str(bundle_copy), "bundle")
-    client.set_terminated(run.info.run_id)
+    v1 = _register(client, tmp_path, bundle_copy, exp)
+    client.set_registered_model_alias("jam-partner", "champion", v1)
+    cache = tmp_path / "cache"
+    path = resolve_bundle("models:/jam-partner@champion", uri, cache_dir=cache)
+    assert read_bundle(path)["default_adapter"] == "style" and path.name == f"v{v1}"
+    assert resolve_bundle(f"models:/jam-partner/{v1}", uri, cache_dir=cache) == path
+
+    def no_download(*args):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(R, "_download", no_download)
+    assert resolve_bundle("models:/jam-partner@champion", uri, cache_dir=cache) == path  # a second start
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # importing MLflow now fails: sqlite answers without it
+    assert R.lookup(uri, "jam-partner", "champion", None).version == str(v1)
+    monkeypatch.undo()
+    client.set_registered_model_alias("jam-partner", "champion", _register(client, tmp_path, bundle_copy, exp))
+    assert resolve_bundle("models:/jam-partner@champion", uri, cache_dir=cache).name == f"v{int(v1) + 1}"
+    with pytest.raises(BundleError, match="not in the registry"):
+        resolve_bundle("models:/jam-partner@nope", uri, cache_dir=cache)
+
+
+def test_registry_copy_keeps_its_merged_weights(tmp_path, tiny_bundle_master, monkeypatch):
+    from mlflow import MlflowClient
+
+    import realtime.bundle as B
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("jam-partner", artifact_location=str(tmp_path / "artifacts"))
     client.create_registered_model("jam-partner")
-    mv = client.create_model_version("jam-partner", f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id)
-    client.set_registered_model_alias("jam-partner", "champion", mv.version)
-    path = resolve_bundle("models:/jam-partner@champion", uri, cache_dir=tmp_path)
-    assert (path / "bundle.json").exists()
-    assert read_bundle(path)["default_adapter"] == "style"
-    assert resolve_bundle(f"models:/jam-partner/{mv.version}", uri, cache_dir=tmp_path).name == path.name
+    client.set_registered_model_alias("jam-partner", "champion", _register(client, tmp_path, tiny_bundle_master, exp))
+    first = load_bundle("models:/jam-partner@champion", tracking_uri=uri, cache_dir=tmp_path / "cache", device="cpu")
+    assert len(list((first.path / "merged").glob("*.safetensors"))) == 1
+
+    def no_fold(*args):
+        raise AssertionError("folded again")
+
+    monkeypatch.setattr(B, "load_weights", no_fold)
+    again = load_bundle("models:/jam-partner@champion", tracking_uri=uri, cache_dir=tmp_path / "cache", device="cpu")
+    torch.testing.assert_close(lean_logits(again.model), lean_logits(first.model), atol=0, rtol=0)
+    with pytest.raises(AssertionError, match="folded again"):  # another blend is folded (and kept) once
+        load_bundle("models:/jam-partner@champion", adapters={"alt": 1.0}, tracking_uri=uri,
+                    cache_dir=tmp_path / "cache", device="cpu")  # fmt: skip
 
 
 @pytest.mark.parametrize(
