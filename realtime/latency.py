@@ -4,6 +4,10 @@ Latency of a chunk: session seconds from what triggered it (the end of the human
 the trigger controller; in continuous mode the human event folded in, or the chunk boundary) to its first output
 event (sent, in call-and-response; handed to the scheduler, in continuous mode, where output is planned ahead).
 Real-time factor (RTF): seconds of music generated per second of generation compute; > 1 is faster than real time.
+
+Continuous mode splits each measured latency into causes (`LatencyCauses`): `queue` (the event waited for the
+generation thread: it was finishing a token, a plan or a slide), `fold_in` (taking the plan back and appending the
+event's ids), `slide` (context-window re-prefills on the way), `plan` (sampling until the first planned event).
 """
 
 from __future__ import annotations
@@ -80,3 +84,35 @@ class LatencyStats:
             f"latency over {s['chunks']} chunks: p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, p99 {s['p99_ms']} ms "
             f"(max {s['max_ms']} ms); RTF {s['rtf']} ({s['ms_per_token']} ms/token, {s['slides']} slides)"
         )
+
+
+CAUSES = ("queue", "fold_in", "slide", "plan")
+
+
+@dataclass
+class LatencyCauses:
+    """Seconds per cause of each measured continuous-mode latency (one writer: the generation thread)."""
+
+    parts: dict[str, list[float]] = field(default_factory=lambda: {cause: [] for cause in CAUSES})
+
+    def add(self, **seconds: float) -> None:
+        for cause in CAUSES:
+            self.parts[cause].append(max(0.0, seconds.get(cause, 0.0)))
+
+    def summary(self) -> dict:
+        """Per cause: p50/p99/max in ms and its share of the summed latency; and the causes of the slowest 1%."""
+        total = sum(sum(v) for v in self.parts.values())
+        lat = [sum(x) for x in zip(*self.parts.values(), strict=True)]
+        if not lat:
+            return {}
+        tail = [i for i, v in enumerate(lat) if v >= percentile(lat, 99)]
+        return {
+            cause: {
+                "p50_ms": _ms(percentile(v, 50)),
+                "p99_ms": _ms(percentile(v, 99)),
+                "max_ms": _ms(max(v)),
+                "share": round(sum(v) / total, 3) if total else None,
+                "mean_in_slowest_1pct_ms": _ms(sum(v[i] for i in tail) / len(tail)),
+            }
+            for cause, v in self.parts.items()
+        }

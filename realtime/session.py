@@ -27,7 +27,7 @@ import mido
 from realtime import constants as C
 from realtime.codec import NoteEvent
 from realtime.engine import ChunkContext, Engine, StreamState
-from realtime.latency import LatencyStats
+from realtime.latency import LatencyCauses, LatencyStats
 from realtime.recorder import ClockTempo, SessionRecorder
 from realtime.scheduler import OutputScheduler, is_note_off, is_note_on
 from realtime.settings import JamSettings
@@ -60,12 +60,14 @@ class JamSession:
         self.engine, self.transport, self.settings, self.clock = engine, transport, settings, clock
         self.tempo_bpm = tempo_bpm
         self.stats = LatencyStats()
+        self.causes = LatencyCauses()  # continuous mode: where each latency went
         self.recorder = SessionRecorder()
         self.scheduler = OutputScheduler(
             transport.send, settings.out_channel, settings.max_note_s, clock, on_sent=self._on_sent
         )
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._human_note = threading.Event()  # a note-on arrived since the generation thread last looked
+        self._human_event = threading.Event()  # any message arrived (continuous mode re-plans around each)
         self._stop = threading.Event()
         self._done = threading.Event()
         self._listen = _Listen()
@@ -86,6 +88,7 @@ class JamSession:
     def _on_input(self, msg: mido.Message, at: float) -> None:
         """Transport thread: stamp, queue, flag note-ons. Nothing else, so input is never held up."""
         self._inbox.put((at, msg))
+        self._human_event.set()
         if is_note_on(msg):
             self._human_note.set()
 
@@ -149,6 +152,7 @@ class JamSession:
             "tempo_bpm": round(self.tempo_bpm, 2),
             "record": str(self.recorded) if self.recorded else None,
             **self.stats.summary(),
+            "latency_causes": self.causes.summary(),
         }
 
     def _generate_loop(self) -> None:
@@ -156,11 +160,12 @@ class JamSession:
             while not self._stop.is_set():
                 batch = self._drain(self._wake_timeout(self.clock()))
                 now = self.clock()
+                slides = len(self._state.slide_s)
                 notes = self._handle(batch)
                 if notes:
                     self._fold_in(notes, now)
                 if self.settings.mode == "continuous":
-                    self._keep_ahead(self.clock(), notes)
+                    self._keep_ahead(self.clock(), notes, (now, slides))
                 else:
                     self._maybe_answer(self.clock())
                 if self._finished(self.clock()):
@@ -171,11 +176,15 @@ class JamSession:
             self._done.set()
 
     def _drain(self, timeout: float) -> list[tuple[float, mido.Message]]:
+        """What the inbox holds (waiting up to `timeout` for a first message). `_human_event` is cleared once the
+        wait is over, before the rest is taken: set again, it means a message this batch does not hold."""
         self._human_note.clear()
+        self._human_event.clear()
         try:
             batch = [self._inbox.get(timeout=max(0.0, timeout))]
         except queue.Empty:
             return []
+        self._human_event.clear()
         while True:
             try:
                 batch.append(self._inbox.get_nowait())
@@ -308,18 +317,23 @@ class JamSession:
         self._playing_until = state.cursor
         self.responses += 1
 
-    def _keep_ahead(self, now: float, folded: list[NoteEvent]) -> None:
+    def _keep_ahead(self, now: float, folded: list[NoteEvent], drained: tuple[float, int]) -> None:
+        """Plan `lookahead_s` ahead; any human message stops the plan (it is taken back and re-planned around it).
+
+        Args:
+            drained: (when the batch was taken from the inbox, slides before it was folded in), for the causes.
+        """
         if not self._listen.started or (self.transport.input_done.is_set() and not folded):
             return
         state, ahead = self._state, self.settings.lookahead_s
         state.cursor = max(state.cursor, now)  # fell behind (or idle): never plan into the past
         if not folded and state.cursor - now >= ahead / 2:
             return
-        trigger = min(e.time for e in folded) if folded else now
+        trigger, slides = (min(e.time for e in folded) if folded else now), len(state.slide_s)
         ctx = ChunkContext(
             until=now + ahead,
             max_tokens=self._max_tokens(ahead),
-            should_stop=self._human_note.is_set,
+            should_stop=self._human_event.is_set,
             on_event=self._emit,
         )
         state, res = self.engine.generate_chunk(state, ctx)
@@ -327,8 +341,15 @@ class JamSession:
         self.forced_offs += res.forced_offs
         if res.first_event_at is not None:
             self.stats.add_latency(res.first_event_at - trigger)
+            if folded:  # a slide while planning counts up to the first event (after it, it is not latency)
+                in_fold, in_plan = sum(state.slide_s[drained[1] : slides]), sum(state.slide_s[slides:])
+                plan = res.first_event_at - now
+                self.causes.add(queue=drained[0] - trigger, fold_in=now - drained[0] - in_fold,
+                                slide=in_fold + min(in_plan, plan), plan=plan - min(in_plan, plan))  # fmt: skip
         self._playing_until = state.cursor
         self.responses += 1
+        if self._inbox.empty():  # slide now, between events, rather than inside the next fold-in or plan
+            self.engine.make_room(state, self.engine.max_seq_len // C.ANSWER_ROOM_DIVISOR)
 
     # ------------------------------------------------------------ timing
 

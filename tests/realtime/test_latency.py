@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from realtime.latency import LatencyStats, percentile
+from realtime.latency import LatencyCauses, LatencyStats, percentile
 from realtime.recorder import ClockTempo
 
 
@@ -34,6 +34,19 @@ def test_summary_in_ms_and_rtf():
     assert s["ms_per_token"] == pytest.approx(2.0)
     assert "p99 99.01 ms" in stats.report()
     assert LatencyStats().summary()["p50_ms"] is None
+
+
+def test_latency_causes_split_and_tail():
+    causes = LatencyCauses()
+    for _ in range(99):
+        causes.add(queue=0.001, fold_in=0.002, plan=0.001)
+    causes.add(queue=0.001, fold_in=0.002, slide=0.010, plan=0.001)  # the slowest: a slide on the way
+    s = causes.summary()
+    assert s["fold_in"]["p50_ms"] == pytest.approx(2.0) and s["slide"]["p50_ms"] == 0.0
+    assert s["slide"]["max_ms"] == pytest.approx(10.0)
+    assert s["slide"]["mean_in_slowest_1pct_ms"] == pytest.approx(10.0)  # the tail's cause is named
+    assert sum(c["share"] for c in s.values()) == pytest.approx(1.0, abs=1e-3)
+    assert LatencyCauses().summary() == {}
 
 
 def test_midi_clock_tempo():

@@ -60,6 +60,12 @@ def test_file_in_recorded_session_out(tmp_path, prepared, mode):
     assert summary["p99_ms"] is not None and summary["rtf"] > 0
     assert summary["guard_note_offs"] == 0  # the token stream ended every note; the scheduler's guard never had to
     assert summary["forced_note_offs"] >= 0
+    causes = summary["latency_causes"]
+    if mode == "continuous":  # each latency split into where it went
+        assert set(causes) == {"queue", "fold_in", "slide", "plan"}
+        assert abs(sum(c["share"] for c in causes.values()) - 1.0) < 0.01
+    else:
+        assert causes == {}
 
 
 def _start_memory_session(prepared, **settings):
