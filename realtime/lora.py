@@ -10,11 +10,11 @@ peft's merge writes over the base's (`index_copy`); here they become the delta `
 adapter at weight 1 gives peft's rows exactly and a blend mixes them like the LoRA deltas. A tied output layer shares
 the embedding's weight, so it follows.
 
-Why this path rather than always peft's merge: load time, which is the runner's start-up. Measured on the demo-size
-bundle (~2M params, 1024 ids, r=8 adapter with trained tokens; shared 2-core CPU, 3 runs): `load_bundle` takes
-3.1-3.9 s this way and 4.5-4.7 s through peft (its import pulls in bitsandbytes, then every targeted layer is
-wrapped and unwrapped). The fold is ~40 lines, checked against peft's merge on a bundle exported by the real
-training stages (tests/pipeline/train/test_export.py).
+Why this path rather than always peft's merge: start-up. The fold works on a state dict read from disk
+(`fold_adapters`, what `realtime.bundle.load_weights` does for the runner: no transformers, no peft import) or on a
+transformers model (`merge_adapters`, for evaluation); peft's route imports bitsandbytes, then wraps and unwraps
+every targeted layer (4.5-4.7 s of a 2-core start at demo size). The fold is ~40 lines, checked against peft's merge
+on a bundle exported by the real training stages (tests/pipeline/train/test_export.py).
 Adapters it does not understand (DoRA, modules_to_save, bias training, embedding or conv LoRA) go through peft
 itself (`peft_merge`).
 """
