@@ -6,8 +6,9 @@ the generic forward's overhead (Cache objects, masks built per call, config look
 generated id is ~25 torch ops per layer; the matmuls are a third of its time, the rest is dispatch.
 
 Exact rearrangements of the transformers weights (equal logits to 1e-4: tests/realtime/test_llama.py):
-- each RMSNorm's weight is folded into the columns of the projection that follows it (q|k|v, gate|up, the head),
-  and the attention scale 1/sqrt(head_dim) into q's rows; the norm itself is a per-row factor on the matmul's output;
+- each RMSNorm's weight (times sqrt(hidden)) is folded into the columns of the projection that follows it (q|k|v,
+  gate|up, the head), and the attention scale 1/sqrt(head_dim) into q's rows; the norm itself divides the matmul's
+  output rows by `hypot(|x|, sqrt(hidden * eps))`;
 - q, k and v are one matmul (rows stacked), gate and up likewise; o_proj and down_proj add into the residual;
 - RoPE acts on the whole q|k|v row with tables in which v's heads turn by nothing (cos 1, sin 0), so the new keys
   and values go into the cache with one copy.
@@ -146,7 +147,7 @@ class LeanLlama:
         self.dtype, self.device = self.embed.dtype, self.embed.device
         linear = _Int8 if quantization == "dynamic_int8" else _Dense
         head = self.embed if shape.tied else weights["lm_head.weight"]
-        self.head = linear(head * weights["norm.weight"])
+        self.head = linear(head * (weights["norm.weight"] * math.sqrt(shape.hidden)))
         self.layers = [_layer(shape, weights, f"layers.{i}.", linear) for i in range(shape.layers)]
         self.params = sum(w.numel() for w in weights.values())
         self._tables(shape.max_positions)
@@ -186,7 +187,9 @@ class LeanLlama:
         self.cos = cos.to(self.dtype).to(self.device)  # (max_len, heads + 2 kv_heads, head_dim)
         self.sin = sin.to(self.dtype).to(self.device)
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
-        self.eps = torch.tensor(self.shape.eps, dtype=torch.float32, device=self.device)
+        # sqrt(hidden * eps): hypot(|x|, it) = sqrt(hidden) * sqrt(mean(x^2) + eps), RMSNorm's divisor up to the
+        # sqrt(hidden) folded into the projections
+        self.norm_floor = torch.tensor(math.sqrt(s.hidden * s.eps), dtype=torch.float32, device=self.device)
 
     def describe(self) -> str:
         """The backend in a few words, e.g. `lean-torch float32 cpu`."""
@@ -198,14 +201,14 @@ class LeanLlama:
         max_len = min(max_len or self.shape.max_positions, self.shape.max_positions)
         return KVCache(self.shape, max_len, self.dtype, self.device)
 
-    def _row_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, 1) RMSNorm factor 1 / sqrt(mean(x^2) + eps); the norm's weight lives in the next projection.
+    def _rms(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 1) RMSNorm divisor times sqrt(hidden): `hypot(|x|, sqrt(hidden * eps))`.
 
-        As `eps + |x|^2 / hidden` from the vector norm: 3 ops where pow-mean-add-rsqrt takes 4 and twice the time.
+        The norm's weight and the 1 / sqrt(hidden) live in the next projection, which is divided by this: 2 ops where
+        pow-mean-add-rsqrt-mul takes 5 (the decode step is dispatch-bound: ops, not flops, are its cost).
         """
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
-        scale = torch.addcmul(self.eps, norm, norm, value=1.0 / self.shape.hidden).rsqrt_()
-        return scale if x.dtype == torch.float32 else scale.to(x.dtype)
+        rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32), self.norm_floor)
+        return rms if x.dtype == torch.float32 else rms.to(x.dtype)
 
     def forward(self, ids: list[int], cache: KVCache, keep: int = 1) -> torch.Tensor:
         """Run `ids` after the cache's `length` positions; the cache grows by `len(ids)`.
@@ -220,20 +223,21 @@ class LeanLlama:
         x = self._embed(ids)
         cos, sin = self.cos[start:end], self.sin[start:end]
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(x).mul_(self._row_scale(x)).view(n, -1, s.head_dim)  # (n, heads + 2 kv_heads, head_dim)
+            qkv = layer.qkv(x).div_(self._rms(x)).view(n, -1, s.head_dim)  # (n, heads + 2 kv_heads, head_dim)
             qkv = torch.addcmul(qkv * cos, qkv.roll(s.head_dim // 2, -1), sin)
-            new_kv = qkv[:, s.heads :].view(n, 2, s.kv_heads, s.head_dim)
             if n == 1:
-                cache.layer[i].select(2, start).copy_(new_kv[0])
+                cache.layer[i].select(2, start).copy_(qkv[0, s.heads :].view(2, s.kv_heads, s.head_dim))
             else:
-                cache.layer[i][:, :, start:end] = new_kv.permute(1, 2, 0, 3)
+                cache.layer[i][:, :, start:end] = (
+                    qkv[:, s.heads :].view(n, 2, s.kv_heads, s.head_dim).permute(1, 2, 0, 3)
+                )
             attn = self._attend(qkv[:, : s.heads], cache.keys[i][:, :end], cache.values[i][:, :end], start)
             x = layer.o.add(x, attn)
-            gate, up = layer.gate_up(x).mul_(self._row_scale(x)).chunk(2, -1)
+            gate, up = layer.gate_up(x).div_(self._rms(x)).chunk(2, -1)
             x = layer.down.add(x, F.silu(gate).mul_(up))
         cache.length = end
         last = x[-keep:]
-        return self.head(last).mul_(self._row_scale(last)).float()
+        return self.head(last).div_(self._rms(last)).float()
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """(n, hidden) embedding rows; one id is a view (no index tensor built on the decode step)."""
@@ -266,9 +270,14 @@ class LeanLlama:
 def _layer(shape: LlamaShape, weights: dict[str, torch.Tensor], p: str, linear: type) -> _Layer:
     """One decoder layer's projections with its norms' weights and the attention scale folded in."""
     w = {k.removeprefix(p): v for k, v in weights.items() if k.startswith(p)}
+    root = math.sqrt(shape.hidden)  # see LeanLlama._rms
     q = w["self_attn.q_proj.weight"] / math.sqrt(shape.head_dim)
-    qkv = torch.cat((q, w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"])) * w["input_layernorm.weight"]
-    gate_up = torch.cat((w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"])) * w["post_attention_layernorm.weight"]
+    qkv = torch.cat((q, w["self_attn.k_proj.weight"], w["self_attn.v_proj.weight"])) * (
+        w["input_layernorm.weight"] * root
+    )
+    gate_up = torch.cat((w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"])) * (
+        w["post_attention_layernorm.weight"] * root
+    )
     return _Layer(
         qkv=linear(qkv), o=linear(w["self_attn.o_proj.weight"]), gate_up=linear(gate_up),
         down=linear(w["mlp.down_proj.weight"]),
