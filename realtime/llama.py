@@ -3,7 +3,7 @@
 What the jam runner and evaluation's sampler run: the weights a bundle's transformers model holds (adapters folded
 in), the same arithmetic (RMSNorm, RoPE, grouped-query attention, SwiGLU, tied or separate output head), without
 the generic forward's overhead (Cache objects, masks built per call, config lookups, module hooks). At demo size a
-generated id is ~25 torch ops per layer; the matmuls are a third of its time, the rest is dispatch.
+generated id is ~30 torch calls per layer; the matmuls are a third of its time, the rest is dispatch.
 
 Exact rearrangements of the transformers weights (equal logits to 1e-4: tests/realtime/test_llama.py):
 - each RMSNorm's weight (times sqrt(hidden)) is folded into the columns of the projection that follows it (q|k|v,
