@@ -242,7 +242,7 @@ def run_benchmark(
     settings = settings.replace(transport="memory", record=None)
     if model is not None:
         run = settings.replace(model=model)
-        return bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)
+        return {"model_ref": model, **bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)}
     s = {**DEMO_SIZE, **(size or {})}
     with tempfile.TemporaryDirectory() as tmp:
         bundle_dir = make_random_bundle(
@@ -251,4 +251,4 @@ def run_benchmark(
             max_seq_len=s["max_seq_len"],
         )  # fmt: skip
         run = settings.replace(model=str(bundle_dir))
-        return bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)
+        return {"model_ref": "random", **bench_latency(prepare(run), run, rounds=rounds, e2e=e2e)}

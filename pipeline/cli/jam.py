@@ -111,8 +111,8 @@ def bench_latency(
         typer.Option(
             "--model",
             "-m",
-            help="Bundle folder or models:/<name>@<alias>. "
-            "Default: a random-weight bundle of the size below (the music is noise; the cost is real).",
+            help="Bundle folder, models:/<name>@<alias>, or 'random'. Default: the registry's champion if there is "
+            "one, else a random-weight bundle of the size below (the music is noise; the cost is real).",
         ),
     ] = None,
     mode: Annotated[str | None, typer.Option(help="call_response or continuous. Default: realtime.mode.")] = None,
@@ -152,6 +152,7 @@ def bench_latency(
 
     settings = _realtime_settings(cfg, transport="memory", record=None, input_file=input_file)
     try:
+        model = _champion_or_random(settings) if model is None else None if model == "random" else model
         result = run_benchmark(settings, model=model, size=size, rounds=rounds, e2e=e2e)
     except BundleError as err:
         fail(str(err))
@@ -160,6 +161,17 @@ def bench_latency(
         line = f"p50 {r['p50_ms']} ms  p95 {r['p95_ms']} ms  p99 {r['p99_ms']} ms  {r['ms_per_token']} ms/id"
         typer.echo(f"{line}  RTF {r['rtf']}  load {r['load_s']} s  [{r['backend']}]", err=True)
     typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
+def _champion_or_random(settings: JamSettings) -> str | None:
+    """The champion's URI when the registry has one (resolving it caches the copy), else None (a random model)."""
+    from realtime.bundle import BundleError, resolve_bundle
+
+    try:
+        resolve_bundle(settings.model_ref, settings.tracking_uri)
+    except BundleError:
+        return None
+    return settings.model_ref
 
 
 @commands.command()

@@ -87,6 +87,7 @@ def test_bench_latency_json(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["model"]["hidden"] == 32 and out["model"]["layers"] == 2
+    assert out["model_ref"] == "random"  # no registry here: no champion to measure
     engine = out["engine"]
     assert engine["chunks"] == 2
     assert engine["p50_ms"] <= engine["p95_ms"] <= engine["p99_ms"]
