@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core import constants as C
+from pipeline.core.profile import ServicesConfig
 from realtime.settings import RealtimeSettings
 
 
@@ -326,6 +327,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    services: ServicesConfig = ServicesConfig()  # pipeline/core/profile.py: shared services across machines
     realtime: RealtimeSettings = RealtimeSettings()  # defined in realtime/settings.py: the runner stands alone
 
     @model_validator(mode="after")
