@@ -52,6 +52,9 @@ def run(
     if until is not None:
         guarded(lambda: graph.stage(until), (graph.UnknownStage,))
     cfg = load(params, set_)
+    from pipeline.services import ServicesError, check_reachable
+
+    guarded(lambda: check_reachable(cfg), (ServicesError,))  # the profile's services, before any work
     from flows.main import jam_flow
 
     try:

@@ -63,3 +63,33 @@ def services_status(
         typer.echo(f"{row['name']:8s} {row['url']}  {state}")
     if not rows or not all(r["healthy"] for r in rows):
         raise typer.Exit(1)
+
+
+@commands.command()
+def deploy(
+    params: ParamsOpt = Path("params-spot.yaml"),
+    set_: SetOpt = None,
+    until: Annotated[str | None, typer.Option(help="The deployment's default last stage (default: all).")] = None,
+) -> None:
+    """Register the pipeline on the profile's Prefect process work pool, with automations that re-run crashed runs.
+
+    Then on any machine with a checkout: `JAM_HOME=$PWD prefect worker start --pool <services.work_pool>`, and
+    `prefect deployment run jam-pipeline/<services.deployment>` (or the UI) runs the whole pipeline on a worker.
+    """
+    cfg = load(params, set_)
+    from pipeline.services import ServicesError, check_reachable
+
+    if not cfg.services.prefect_api_url:
+        fail(f"{params}: services.prefect_api_url is not set (a deployment lives on a Prefect server)", 2)
+    try:
+        check_reachable(cfg)
+    except ServicesError as err:
+        fail(str(err))
+    from flows.deploy import HOME_ENV, deploy
+
+    result = deploy(cfg, str(params), until)
+    typer.echo(f"deployment {result['deployment']} on work pool {result['pool']} ({result['deployment_id']})")
+    for name in result["automations"]:
+        typer.echo(f"automation: {name}")
+    typer.echo(f"start a worker: {HOME_ENV}=$PWD prefect worker start --pool {result['pool']}")
+    typer.echo(f"run it: prefect deployment run {result['deployment']}")
