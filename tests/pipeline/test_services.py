@@ -3,66 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import psutil
 import pytest
 
-from pipeline.core.config import Config, config_from_dict
-from pipeline.core.profile import client_env
+from pipeline.core.config import Config
 from pipeline.services import ServicesError, check_reachable, down, plan, status, unreachable, up
-
-BUCKET = "jam-spot-test"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+from tests.conftest import AWS_ENV, BUCKET, free_ports, spot_cfg
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def spot_cfg(tmp: Path, ports: list[int], **project) -> Config:
-    s3, mlflow, prefect = ports
-    return config_from_dict({
-        "project": {"data_dir": str(tmp / "data"), "mlflow_uri": f"http://127.0.0.1:{mlflow}", **project},
-        "checkpoint": {"dir": f"s3://{BUCKET}/checkpoints"},
-        "services": {
-            "prefect_api_url": f"http://127.0.0.1:{prefect}/api",
-            "mlflow_artifact_root": f"s3://{BUCKET}/mlflow",
-            "dvc_remote": f"s3://{BUCKET}/dvc",
-            "s3_endpoint_url": f"http://127.0.0.1:{s3}",
-            "state_dir": str(tmp / "services"),
-        },
-    })  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
-    """The three servers up for the module (about 15-40 s on 2 busy cores); down afterwards, checked."""
-    tmp = tmp_path_factory.mktemp("spot")
-    cfg = spot_cfg(tmp, free_ports(3))
-    saved = {k: os.environ.get(k) for k in [*AWS_ENV, *client_env(cfg.services)]}
-    os.environ.update({**AWS_ENV, **client_env(cfg.services)})
-    state = up(cfg)
-    try:
-        yield cfg, state
-    finally:
-        down(cfg.services.state_dir)
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-
-
-def test_checkpoint_round_trips_through_moto_s3(services):
+def test_checkpoint_round_trips_through_moto_s3(spot_services):
     from pipeline.train.checkpoint import store_for
 
-    cfg, _ = services
+    cfg, _ = spot_services
     store = store_for(cfg, "finetune", "f" * 64)
     assert store.url == f"s3://{BUCKET}/checkpoints/finetune/{'f' * 16}" and not store.is_local
 
@@ -81,10 +35,10 @@ def test_checkpoint_round_trips_through_moto_s3(services):
     assert f"{BUCKET}/checkpoints/finetune/{'f' * 16}/step-00000040/MANIFEST.json" in keys
 
 
-def test_mlflow_run_artifact_lands_in_s3(services, tmp_path):
+def test_mlflow_run_artifact_lands_in_s3(spot_services, tmp_path):
     from pipeline.registry.client import experiment_id, mlflow_client
 
-    cfg, _ = services
+    cfg, _ = spot_services
     client = mlflow_client(cfg, create=True)
     run = client.create_run(experiment_id(client, cfg, create=True))
     note = tmp_path / "note.txt"
@@ -99,8 +53,8 @@ def test_mlflow_run_artifact_lands_in_s3(services, tmp_path):
     assert client.get_metric_history(run.info.run_id, "train_loss")[0].value == 1.5
 
 
-def test_status_and_reachability(services):
-    cfg, _ = services
+def test_status_and_reachability(spot_services):
+    cfg, _ = spot_services
     rows = status(cfg.services.state_dir)
     assert {r["name"] for r in rows} == {"s3", "mlflow", "prefect"} and all(r["healthy"] for r in rows)
     assert unreachable(cfg) == []
@@ -113,11 +67,14 @@ def test_status_and_reachability(services):
         up(cfg)
 
 
-def test_down_stops_exactly_its_processes(services):
-    """Last user of the module's servers: down leaves none of their processes (nor children) behind."""
-    cfg, state = services
+def test_down_stops_exactly_its_processes(tmp_path, monkeypatch):
+    """A set of its own: down leaves none of its processes (nor their children) behind, and nothing else."""
+    cfg = spot_cfg(tmp_path, free_ports(3))
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
     bystander = psutil.Popen(["sleep", "60"])  # not ours to stop
     try:
+        state = up(cfg)
         family = set()
         for entry in state["services"].values():
             leader = psutil.Process(entry["pid"])
@@ -130,6 +87,7 @@ def test_down_stops_exactly_its_processes(services):
         assert "services.s3_endpoint_url" in "\n".join(unreachable(cfg))
     finally:
         bystander.kill()
+        down(cfg.services.state_dir)
 
 
 def test_unreachable_services_are_named_before_any_work(tmp_path):
