@@ -66,6 +66,20 @@ def run(
     typer.echo(summary)
 
 
+@commands.command()
+def pull(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
+    """Fetch from `services.dvc_remote` the stage outputs this machine lacks (what a fresh spot VM does first)."""
+    cfg = load(params, set_)
+    from pipeline import datasync
+
+    if not datasync.enabled(cfg):
+        fail(f"{params}: services.dvc_remote is not set", 2)
+    guarded(lambda: datasync.configure(cfg), (datasync.DataSyncError,))
+    stages = [node.name for node in graph.STAGES if node.dvc]
+    pulled = guarded(lambda: datasync.pull(cfg, stages), (datasync.DataSyncError,))
+    typer.echo(f"pulled: {', '.join(pulled)}" if pulled else "nothing to pull (all present, or the remote is empty)")
+
+
 @commands.command("config")
 def show_config(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     """Print the resolved, validated params as JSON."""
