@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import fsspec
+
 from pipeline.core.config import Config
 from pipeline.core.constants import OFFLINE_ENV
 from pipeline.core.files import read_json, write_json
@@ -279,15 +281,14 @@ def unreachable(cfg: Config) -> list[str]:
     for key, url in probes.items():
         if url and not _healthy(url):
             problems.append(f"{key}: nothing answers at {url}")
-    if problems or not bucket_urls(cfg):
+    if problems:
         return problems
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=sc.s3_endpoint_url, config_kwargs={"connect_timeout": PROBE_TIMEOUT_S,
-                           "retries": {"max_attempts": 1}})  # fmt: skip
     for url in bucket_urls(cfg):
+        options = dict(cfg.checkpoint.storage_options) if url == cfg.checkpoint.dir else {}
+        options.setdefault("config_kwargs", {"connect_timeout": PROBE_TIMEOUT_S, "retries": {"max_attempts": 1}})
         try:
-            fs.ls(urlparse(url).netloc, refresh=True)
+            fs, path = fsspec.core.url_to_fs(url, **options)
+            fs.ls(path.split("/")[0], refresh=True)
         except Exception as err:  # botocore raises a zoo of types for DNS, auth and missing buckets
             problems.append(f"S3 bucket of {url}: {type(err).__name__}: {err}")
     return problems

@@ -58,6 +58,10 @@ def test_status_and_reachability(spot_services):
     rows = status(cfg.services.state_dir)
     assert {r["name"] for r in rows} == {"s3", "mlflow", "prefect"} and all(r["healthy"] for r in rows)
     assert unreachable(cfg) == []
+    no_bucket = cfg.model_copy(
+        update={"checkpoint": cfg.checkpoint.model_copy(update={"dir": "s3://no-such-bucket/c"})}
+    )
+    assert [p for p in unreachable(no_bucket) if p.startswith("S3 bucket of s3://no-such-bucket/c")]
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:  # Prefect's own client, on PREFECT_API_URL from the profile
