@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.config import config_from_dict
 from pipeline.core.files import sha256_file, windows_dir, write_json
 from pipeline.core.graph import run_stage
 from pipeline.evaluate import features as F
@@ -31,8 +30,6 @@ pytestmark = pytest.mark.slow  # ~35 s on 2 idle cores (minutes while another jo
 TPQ = 480  # ticks per beat of the synthetic MIDI
 SCALE = [0, 2, 4, 5, 7, 9, 11, 12, 11, 9, 7, 5, 4, 2]  # semitones above the root, up and down an octave
 ARPEGGIO = [0, 4, 7, 12, 7, 4]
-CADENCE = [0, 5, 7, 0]  # chord roots of the second style: I IV V I
-STYLES = ("style", "chords")  # the default adapter plays arpeggios, the other block chords
 ROOTS = range(45, 76)  # every transposition the model sees
 DENSITIES = (1, 4)  # notes per beat
 SEEDS = range(8)
@@ -57,26 +54,11 @@ def _line(path: Path, root: int, per_beat: int, pattern: list[int], phase: int =
     return path
 
 
-def _chords(path: Path, root: int, per_beat: int, pattern: list[int], phase: int = 0, n: int = 32) -> Path:
-    """`n` block triads (root position) on the roots `root + pattern`, `per_beat` a beat: a second style."""
-    from symusic import Note, Score, Tempo, Track
-
-    score, track, step = Score(TPQ), Track(program=0), TPQ // per_beat
-    for i in range(n):
-        low = root + pattern[(i + phase) % len(pattern)]
-        track.notes.extend(Note(i * step, step, low + third, 70) for third in (0, 4, 7))
-    score.tracks.append(track)
-    score.tempos.append(Tempo(0, 120.0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    score.dump_midi(str(path))
-    return path
-
-
-def _corpus(midi: Path, pattern: list[int], prefix: str = "", write=_line) -> dict[str, list[Path]]:
+def _corpus(midi: Path, pattern: list[int]) -> dict[str, list[Path]]:
     """Every root and density per split; valid and test pieces start elsewhere in the pattern than train ones."""
     phases = {"train": 0, "valid": 1, "test": 2}
     return {
-        split: [write(midi / f"{prefix}{split}_r{r}_d{d}.mid", r, d, pattern, phase) for r in ROOTS for d in DENSITIES]
+        split: [_line(midi / f"{split}_r{r}_d{d}.mid", r, d, pattern, phase) for r in ROOTS for d in DENSITIES]
         for split, phase in phases.items()
     }
 
@@ -112,13 +94,8 @@ def world(tmp_path_factory):
     )
     (root / "mlruns").mkdir()
     shutil.copy(_template_db(), root / "mlruns" / "mlflow.db")  # migrated once per session
-    cfg = cfg.model_copy(update={"styles": config_from_dict({"styles": {s: {"sources": [s]} for s in STYLES}}).styles})
     data = cfg.project.data_dir
-    clean = data / "clean" / "style"  # where evaluation finds the styles' pieces (split.json names them)
-    corpora = {"base": _corpus(data / "midi" / "base", SCALE), "style": _corpus(clean, ARPEGGIO, "arp_"),
-               "chords": _corpus(clean, CADENCE, "chord_", _chords)}  # fmt: skip
-    split = {style: {k: [p.stem for p in v] for k, v in corpora[style].items()} for style in STYLES}
-    write_json(data / "split" / "split.json", {"base": {}, "styles": split})
+    corpora = {"base": _corpus(data / "midi" / "base", SCALE), "style": _corpus(data / "midi" / "style", ARPEGGIO)}
     tok = _tokenizer([p for splits in corpora.values() for p in splits["train"]])
     tok_dir = data / "tokenize"
     tok.save(tok_dir / "tokenizer.json")
@@ -127,7 +104,7 @@ def world(tmp_path_factory):
              "note_lengths": {"max_note_beats": 2.0}}  # fmt: skip
     write_json(tok_dir / "report.json", {"stage": "tokenize", "stats": stats})
     for corpus, splits in corpora.items():
-        folder = windows_dir(tok_dir, None if corpus == "base" else corpus)
+        folder = windows_dir(tok_dir, None if corpus == "base" else "style")  # tiny_cfg's one style is "style"
         folder.mkdir(parents=True)
         for split, paths in splits.items():
             np.save(folder / f"{split}.npy", _windows(tok, paths))
@@ -228,22 +205,3 @@ def test_fine_tuning_learns_the_style_without_forgetting_the_base(world):
     assert after < 0.9 * before, nll
     before, after = nll["base"]
     assert after / before - 1.0 <= cfg.evaluate.max_forgetting, nll
-
-
-def test_blending_two_adapters_moves_attribution_with_the_weight(world):
-    """The share of continuations attributed to arpeggios rises with the arpeggio adapter's blend weight."""
-    from pipeline.core.graph import io
-    from pipeline.evaluate.blend import blend_curve
-    from pipeline.evaluate.testset import load_eval_data
-
-    cfg, _, bundle, _ = world
-    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
-        "n_prompts": 4, "seeds": [0, 1, 2], "n_tokens": N_TOKENS, "prompt_tokens": PROMPT_TOKENS, "plots": 0,
-        "audio": 0})})  # fmt: skip
-    inputs, out_dir = io(cfg, "evaluate")
-    data = load_eval_data(cfg, inputs)
-    assert data.classifier_accuracy == 1.0  # arpeggios and block chords are easy to tell apart
-    rows = blend_curve(bundle, "style", "chords", data, cfg, out_dir, weights=(0.0, 0.5, 1.0))
-    shares = [r["share"] for r in rows]
-    # prompts come from both styles: a model that copies its prompt sits at 0.5 for every weight
-    assert shares[0] <= shares[1] <= shares[2] and shares[2] - shares[0] >= 0.5, rows
