@@ -61,7 +61,7 @@ def test_crashed_run_is_rerun_on_the_pool_and_completes(spot_services, tmp_path)
     cfg, _ = spot_services
     tree = cfg.model_dump(mode="json")
     tree["project"].update(data_dir=str(tmp_path / "data"), workers=1)
-    tree["demo"].update(max_pieces=3, excerpt_s=8.0)
+    tree["demo"].update(players={"solo": {"composers": ["chopin", "joplin", "haydn"], "max_pieces": 3}}, excerpt_s=8.0)
     tree["services"].update(dvc_remote=None, work_pool=POOL, deployment="test")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tree))

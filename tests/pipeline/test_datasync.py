@@ -24,7 +24,7 @@ def test_a_fresh_machine_pulls_finished_stages_and_redoes_nothing(spot_services,
     cfg, _ = spot_services
     tree = cfg.model_dump(mode="json")
     tree["project"].update(data_dir="data", workers=1)
-    tree["demo"].update(max_pieces=2, excerpt_s=4.0)
+    tree["demo"].update(players={"solo": {"composers": ["chopin", "joplin"], "max_pieces": 2}}, excerpt_s=4.0)
     tree["services"]["dvc_remote"] = f"{cfg.services.dvc_remote}/{tmp_path.name}"  # this test's own prefix
     cfg = config_from_dict(tree)
 
@@ -42,8 +42,8 @@ def test_a_fresh_machine_pulls_finished_stages_and_redoes_nothing(spot_services,
     assert datasync.pull(cfg, ["demo", "base"], machine_b) == ["demo"]  # base never ran on A: not on the remote
     again = graph.run_stage("demo", cfg)
     assert len(again.processed) == 0 and len(again.cached) == 2
-    wavs = sorted(p.name for p in (machine_b / "data" / "demo" / "audio").iterdir())
-    assert wavs == sorted(p.name for p in (machine_a / "data" / "demo" / "audio").iterdir()) and len(wavs) == 2
+    wavs = sorted(p.name for p in (machine_b / "data" / "demo" / "audio" / "solo").iterdir())
+    assert wavs == sorted(p.name for p in (machine_a / "data" / "demo" / "audio" / "solo").iterdir()) and len(wavs) == 2
 
 
 def test_remote_needs_a_dvc_repository_and_the_tracked_data_dir(tmp_path):
