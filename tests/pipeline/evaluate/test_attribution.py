@@ -37,8 +37,8 @@ def clf() -> StyleClassifier:
 
 
 def test_window_vectors_are_per_window_and_skip_near_empty_windows():
-    assert window_vectors(_melody(0, beats=32), 8.0).shape == (4, 12)  # 32 beats = 4 windows
-    assert window_vectors(_melody(0)[:3], 8.0).shape == (0, 12)  # 3 notes: too little to judge
+    assert window_vectors(_melody(0, beats=32), 8.0).shape == (4, 10)  # 32 beats = 4 windows
+    assert window_vectors(_melody(0)[:3], 8.0).shape == (0, 10)  # 3 notes: too little to judge
 
 
 def test_held_out_pieces_are_attributed_to_their_style(clf):
