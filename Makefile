@@ -44,16 +44,18 @@ sysdeps:
 	  else echo "warning: missing$$missing (need root + apt); falling back where possible"; fi; \
 	fi
 
-# A held-out piece of the demo player plays "the human": cut into phrases with rests, the champion answers each
-# (call-and-response); then the whole piece, which the champion accompanies (continuous).
-DEMO_PIECE = $$($(BIN)/python -c "import json; s = json.load(open('data/split/split.json')); \
-	print('data/clean/style/' + sorted(s['style']['test'])[0] + '.mid')")
+# A held-out piece of each demo player plays "the human": a classical one cut into phrases with rests, which the
+# champion's classical adapter answers (call-and-response); then a folk tune, which its folk adapter accompanies
+# (continuous). $(call piece,STYLE): the first test piece of STYLE.
+piece = $$($(BIN)/python -c "import json; s = json.load(open('data/split/split.json'))['styles']['$(1)']; \
+	print('data/clean/style/' + sorted(s['test'])[0] + '.mid')")
 
 demo: venv sysdeps
 	$(BIN)/jam run
-	$(BIN)/jam phrases "$(DEMO_PIECE)" out/demo-phrases.mid
-	$(BIN)/jam play --input out/demo-phrases.mid --record out/demo-jam.mid --seed 0
-	$(BIN)/jam play --input "$(DEMO_PIECE)" --mode continuous --record out/demo-accompany.mid --duration-s 15 --seed 0
+	$(BIN)/jam phrases "$(call piece,classical)" out/demo-phrases.mid
+	$(BIN)/jam play --input out/demo-phrases.mid -a classical --record out/demo-jam.mid --seed 0
+	$(BIN)/jam play --input "$(call piece,folk)" -a folk --mode continuous --record out/demo-accompany.mid \
+	  --duration-s 15 --seed 0
 	$(BIN)/jam show out/demo-jam.mid
 	@if command -v fluidsynth >/dev/null && [ -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then \
 	  fluidsynth -ni -q -F out/demo-jam.wav -r 44100 /usr/share/sounds/sf2/FluidR3_GM.sf2 out/demo-jam.mid >/dev/null \

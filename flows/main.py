@@ -16,10 +16,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
+from pipeline import datasync
 from pipeline.core import graph
-from pipeline.core.config import Config
+from pipeline.core.config import Config, load_config
 from pipeline.core.constants import EXIT_PREEMPTED
 from pipeline.core.items import StageReport, raise_if_all_failed
+from pipeline.core.profile import export_env
+from pipeline.services import check_reachable
 
 
 class TrainingPreempted(RuntimeError):
@@ -134,6 +137,39 @@ def dvc_commit_outputs(repo: Path = Path(".")) -> None:
         get_run_logger().warning("dvc commit failed (outputs are fine, dvc.lock not updated): %s", proc.stderr.strip())
 
 
+def _sync_pull(cfg: Config) -> None:
+    """With a DVC remote: this machine's remote config, then what the remote has of the stages it lacks."""
+    if not datasync.enabled(cfg):
+        return
+    datasync.configure(cfg)
+    pulled = datasync.pull(cfg, [node.name for node in graph.STAGES if node.dvc])
+    get_run_logger().info("pulled from %s: %s", cfg.services.dvc_remote, ", ".join(pulled) or "nothing")
+
+
+def _run_graph(cfg: Config, params_path: str, overrides: list[str], dvc_commit: bool, until: str | None) -> str:
+    reports: dict[str, StageReport] = {}
+    promoted = ""
+    _sync_pull(cfg)
+    for node in graph.until(until):
+        if not node.enabled(cfg):
+            continue
+        result = stage_task(node, cfg)(node.name, cfg)
+        if isinstance(result, StageReport):
+            reports[node.name] = result
+        else:
+            promoted = result
+        if node.dvc and datasync.enabled(cfg):  # a machine reclaimed after this loses nothing of this stage
+            task(datasync.push, name=f"push-{node.name}", cache_policy=NONE)(cfg, node.name)
+
+    table = summary_markdown(reports)
+    create_markdown_artifact(
+        key="jam-partner-summary", markdown=f"# jam-partner run\n\n{headline(reports)}\n\n{table}\n\n{promoted}"
+    )
+    if dvc_commit and not overrides and Path(params_path).name == "params.yaml":
+        dvc_commit_outputs()  # dvc.lock records params.yaml; outputs made with overrides would not match it
+    return "\n\n".join(part for part in (headline(reports), table, promoted) if part)
+
+
 @flow(name="jam-partner", log_prints=True)
 def jam_flow(
     cfg: Config,
@@ -143,21 +179,19 @@ def jam_flow(
     until: str | None = None,
 ) -> str:
     """Every enabled stage of the graph in order (sources -> corpus -> models -> champion); `until` stops early."""
-    reports: dict[str, StageReport] = {}
-    promoted = ""
-    for node in graph.until(until):
-        if not node.enabled(cfg):
-            continue
-        result = stage_task(node, cfg)(node.name, cfg)
-        if isinstance(result, StageReport):
-            reports[node.name] = result
-        else:
-            promoted = result
+    return _run_graph(cfg, params_path, list(overrides or []), dvc_commit, until)
 
-    table = summary_markdown(reports)
-    create_markdown_artifact(
-        key="jam-partner-summary", markdown=f"# jam-partner run\n\n{headline(reports)}\n\n{table}\n\n{promoted}"
-    )
-    if dvc_commit and not overrides and Path(params_path).name == "params.yaml":
-        dvc_commit_outputs()  # dvc.lock records params.yaml; outputs made with overrides would not match it
-    return "\n\n".join(part for part in (headline(reports), table, promoted) if part)
+
+@flow(name="jam-pipeline", log_prints=True)
+def jam_pipeline(params: str = "params.yaml", overrides: list[str] | None = None, until: str | None = None) -> str:
+    """The deployment's flow (`jam deploy`): the params file is read on the worker, in its own checkout.
+
+    Args:
+        params: params file relative to the worker's checkout (e.g. params-spot.yaml).
+        overrides: `dotted.key=value` overrides, as `jam run --set`.
+        until: stop after this stage.
+    """
+    cfg = load_config(params, overrides)
+    export_env(cfg.services)
+    check_reachable(cfg)  # a clear error naming the service, before any work
+    return _run_graph(cfg, params, list(overrides or []), True, until)

@@ -180,6 +180,42 @@ def write_bundle(
     return dest / BUNDLE_FILE
 
 
+def _base_digest(bundle: Path, meta: dict[str, Any]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((bundle / meta["base"]).glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def combine_bundles(dest: Path, bundles: dict[str, Path], **meta: Any) -> Path:
+    """One bundle holding the adapter of each of `bundles` (name -> a one-style bundle on the same base).
+
+    The first name is the default adapter. bundle.json's `styles` keeps, per name, the source bundle's run id, step
+    and metrics; the rest (tempo, context, note limit, config) comes from the first bundle, overridden by `meta`.
+
+    Raises:
+        BundleError: a source is not a bundle, lacks its adapter, or sits on different base weights.
+    """
+    infos = {name: read_bundle(path) for name, path in bundles.items()}
+    first_name = next(iter(bundles))
+    first, digest = infos[first_name], _base_digest(bundles[first_name], infos[first_name])
+    adapters = {}
+    for name, info in infos.items():
+        if name not in info["adapters"]:
+            raise BundleError(f"{bundles[name]}: no adapter {name!r} (has {sorted(info['adapters'])})")
+        if name != first_name and _base_digest(bundles[name], info) != digest:
+            raise BundleError(f"{bundles[name]}: base weights differ from {first_name}'s: adapters cannot be combined")
+        adapters[name] = bundles[name] / info["adapters"][name]
+    styles = {n: {k: i.get(k) for k in ("source_run_id", "step", "metrics")} for n, i in infos.items()}
+    layout = ("format", "tokenizer", "base", "adapters", "default_adapter", "step", "metrics", "style")
+    keep = {k: v for k, v in first.items() if k not in layout}  # step and metrics are per style, under `styles`
+    base, tokenizer = bundles[first_name] / first["base"], bundles[first_name] / first["tokenizer"]
+    keep.update(styles=styles, source_run_id="", **meta)
+    return write_bundle(dest, base, tokenizer, adapters, **keep)
+
+
 def _save(src: Any, staged: Path) -> None:
     """Put `src` at `staged`: copy a path (even one that already is the bundle's entry), save an object."""
     import miditok

@@ -193,7 +193,8 @@ class Engine:
         self._ensure_logits(state)
         pending = state.decoder.pending_pitch is not None
         overdue, budget, fresh = ([], None, []) if pending else self._note_budget(state)
-        self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh)
+        sounding = state.model_open[-1] if state.model_open else {}
+        self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh, sounding)
         return sample_token(state.logits, self.processors, self.generator), bool(overdue)
 
     # ------------------------------------------------------------ stream edits

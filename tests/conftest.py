@@ -7,6 +7,7 @@ import functools
 import http.server
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.config import Config, config_from_dict
 from pipeline.core.constants import OFFLINE_ENV
+from pipeline.core.profile import client_env
 
 for _key, _value in {**OFFLINE_ENV, "TQDM_DISABLE": "1"}.items():
     os.environ.setdefault(_key, _value)
@@ -109,3 +112,60 @@ def http_server(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- the spot profile's services (tests/pipeline/test_services.py, tests/flows/test_deploy.py) ---
+
+BUCKET = "jam-spot-test"
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def spot_cfg(tmp: Path, ports: list[int], **project) -> Config:
+    s3, mlflow, prefect = ports
+    return config_from_dict({
+        "project": {"data_dir": str(tmp / "data"), "mlflow_uri": f"http://127.0.0.1:{mlflow}", **project},
+        "checkpoint": {"dir": f"s3://{BUCKET}/checkpoints"},
+        "services": {
+            "prefect_api_url": f"http://127.0.0.1:{prefect}/api",
+            "mlflow_artifact_root": f"s3://{BUCKET}/mlflow",
+            "dvc_remote": f"s3://{BUCKET}/dvc",
+            "s3_endpoint_url": f"http://127.0.0.1:{s3}",
+            "state_dir": str(tmp / "services"),
+        },
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def spot_stack(tmp_path_factory):
+    """The spot profile's three real servers on free loopback ports, for the session (~12 s to start on 2 cores)."""
+    from pipeline.services import down, up
+
+    tmp = tmp_path_factory.mktemp("spot")
+    cfg = spot_cfg(tmp, free_ports(3))
+    with pytest.MonkeyPatch.context() as mp:  # the servers inherit the AWS variables; the session does not keep them
+        for key, value in AWS_ENV.items():
+            mp.setenv(key, value)
+        state = up(cfg)
+    try:
+        yield cfg, state
+    finally:
+        down(cfg.services.state_dir)
+
+
+@pytest.fixture
+def spot_services(spot_stack, monkeypatch):
+    """(cfg, state) of the running servers, with this test's environment pointed at them as `jam` would."""
+    cfg, state = spot_stack
+    for key, value in {**AWS_ENV, **client_env(cfg.services)}.items():
+        monkeypatch.setenv(key, value)
+    return cfg, state

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.cli import data, jam, registry, train
+from pipeline.cli import data, jam, registry, services, train
 
 app = typer.Typer(
     help="Turn recordings of one pianist into a real-time MIDI jam partner.",
@@ -15,7 +15,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for group in (data.commands, train.commands, registry.commands, jam.commands):
+for group in (data.commands, train.commands, registry.commands, services.commands, jam.commands):
     app.registered_commands.extend(group.registered_commands)
     app.registered_groups.extend(group.registered_groups)
 

@@ -12,6 +12,7 @@ import typer
 
 from pipeline.core import constants as C
 from pipeline.core.config import Config, ConfigError, load_config
+from pipeline.core.profile import export_env
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file (YAML).")]
 SetOpt = Annotated[
@@ -29,9 +30,11 @@ def load(params: Path, overrides: list[str] | None) -> Config:
     # is deliberately not installed) and warns on every import; its built-in CPU path is what we use.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        return load_config(params, overrides or [])
+        cfg = load_config(params, overrides or [])
     except ConfigError as err:
         fail(str(err), 2)
+    export_env(cfg.services)  # Prefect's API URL and the S3 endpoint, for this process and every child
+    return cfg
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

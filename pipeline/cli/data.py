@@ -52,6 +52,9 @@ def run(
     if until is not None:
         guarded(lambda: graph.stage(until), (graph.UnknownStage,))
     cfg = load(params, set_)
+    from pipeline.services import ServicesError, check_reachable
+
+    guarded(lambda: check_reachable(cfg), (ServicesError,))  # the profile's services, before any work
     from flows.main import jam_flow
 
     try:
@@ -61,6 +64,20 @@ def run(
     except Exception as err:  # the flow already logged the traceback; the user needs the one line
         fail(f"flow failed: {err}")
     typer.echo(summary)
+
+
+@commands.command()
+def pull(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
+    """Fetch from `services.dvc_remote` the stage outputs this machine lacks (what a fresh spot VM does first)."""
+    cfg = load(params, set_)
+    from pipeline import datasync
+
+    if not datasync.enabled(cfg):
+        fail(f"{params}: services.dvc_remote is not set", 2)
+    guarded(lambda: datasync.configure(cfg), (datasync.DataSyncError,))
+    stages = [node.name for node in graph.STAGES if node.dvc]
+    pulled = guarded(lambda: datasync.pull(cfg, stages), (datasync.DataSyncError,))
+    typer.echo(f"pulled: {', '.join(pulled)}" if pulled else "nothing to pull (all present, or the remote is empty)")
 
 
 @commands.command("config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,6 +16,11 @@ commands = typer.Typer()
 def evaluate(
     run_id: Annotated[str | None, typer.Option("--run", help="Evaluate only this MLflow run id.")] = None,
     force: Annotated[bool, typer.Option(help="Re-evaluate runs already evaluated with these params.")] = False,
+    blend: Annotated[
+        str | None,
+        typer.Option(help="A,B: attribution to style A of blends {A: w, B: 1-w} of --model, w = 0 .. 1 (no MLflow)."),
+    ] = None,
+    model: Annotated[Path, typer.Option(help="Bundle for --blend.")] = Path("data/finetune/bundle"),
     params: ParamsOpt = DEFAULT_PARAMS,
     set_: SetOpt = None,
 ) -> None:
@@ -22,11 +28,34 @@ def evaluate(
     cfg = load(params, set_)
     from pipeline.core.graph import run_stage
     from pipeline.core.items import AllItemsFailed
-    from pipeline.evaluate.stage import EvaluateError
+    from pipeline.evaluate.testset import EvaluateError
     from pipeline.registry.runs import RunsError
+    from realtime.bundle_format import BundleError
 
+    if blend:
+        echo_blend(guarded(lambda: _blend(cfg, blend, model), (EvaluateError, BundleError)))
+        return
     call = lambda: run_stage("evaluate", cfg, run_id=run_id, force=force)  # noqa: E731
     echo_report(guarded(call, (EvaluateError, RunsError, AllItemsFailed)))
+
+
+def _blend(cfg, spec: str, bundle: Path) -> tuple[str, str, list[dict]]:
+    from pipeline.core.graph import io
+    from pipeline.evaluate.blend import blend_curve
+    from pipeline.evaluate.testset import EvaluateError, load_eval_data
+
+    a, sep, b = spec.partition(",")
+    if not sep or not a or not b or a == b:
+        raise EvaluateError(f"--blend wants two different styles A,B; got {spec!r}")
+    inputs, out_dir = io(cfg, "evaluate")
+    return a, b, blend_curve(bundle, a, b, load_eval_data(cfg, inputs), cfg, out_dir / "blend")
+
+
+def echo_blend(result: tuple[str, str, list[dict]]) -> None:
+    a, b, rows = result
+    typer.echo(f"weight on {a} (rest on {b})  ->  share attributed to {a} [95 % CI]")
+    for row in rows:
+        typer.echo(f"  {row['weight']:.2f}  ->  {row['share']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]")
 
 
 @commands.command()

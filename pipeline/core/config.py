@@ -8,6 +8,7 @@ default.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core import constants as C
+from pipeline.core.profile import ServicesConfig
 from realtime.settings import RealtimeSettings
 
 
@@ -35,26 +37,56 @@ class ProjectConfig(Section):
     workers: int = Field(2, ge=1)  # processes for per-item CPU work (transcription)
 
 
+class DemoPlayer(Section):
+    """One demo "player": music21 corpus works in one style, rendered as piano."""
+
+    composers: list[str] = Field(min_length=1)  # music21 corpus names (`corpus.getComposer`), one work each in turn
+    max_pieces: int = Field(15, ge=1)
+    # add a simple left hand (bass on the first beat, chord on the others; I/IV/V chosen per bar from the melody):
+    # for single-line tunes, which a pianist would not play bare
+    accompany: bool = False
+
+
+# Two demo players whose styles differ clearly: Classical keyboard and quartet movements (several voices, wide
+# range, varied rhythm) against fiddle tunes (one running melody of even notes) over an oom-pah left hand.
+DEFAULT_PLAYERS = {
+    "classical": DemoPlayer(
+        composers=["beethoven", "chopin", "cpebach", "haydn", "joplin", "mozart", "schumann_clara", "schumann_robert"]
+    ),
+    "folk": DemoPlayer(composers=["ryansMammoth"], accompany=True),
+}
+
+
 class DemoConfig(Section):
     """Offline demo sources: public-domain scores rendered to piano audio, held out of the base corpus."""
 
     enabled: bool = True
-    # music21 corpus composer names (`corpus.getComposer`), disjoint from base.composers. Works are taken one per
-    # composer in turn, smallest file first (parse time): ~30 pieces in ~40 s on 2 cores.
-    composers: list[str] = [
-        "beethoven", "chopin", "cpebach", "haydn", "joplin", "mozart", "schumann_clara", "schumann_robert",
-    ]  # fmt: skip
-    max_pieces: int = Field(30, ge=1)
+    # player name -> its works; audio lands in data/demo/audio/<player>/ (list it under `styles` to learn from it)
+    players: dict[str, DemoPlayer] = Field(DEFAULT_PLAYERS, min_length=1)
     excerpt_s: float = Field(30.0, gt=0)  # seconds rendered per piece; transcription time grows with it
     soundfont: Path = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
     sample_rate: int = Field(22050, ge=8000)  # Hz; Basic Pitch resamples to 22050 anyway
     program: int = Field(0, ge=0, le=127)  # GM Acoustic Grand Piano
 
+    @property
+    def composers(self) -> list[str]:
+        return sorted({c for p in self.players.values() for c in p.composers})
+
+
+STYLE_NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"  # a style names folders, MLflow runs and the bundle's adapter
+
+
+class StyleConfig(Section):
+    """One player (or style) to learn: its own sources, its own adapter on the shared base."""
+
+    # YouTube video/playlist URLs (anything yt-dlp supports), audio/MIDI files or folders
+    sources: list[str] = Field(min_length=1)
+
+
+DEFAULT_STYLES = {name: StyleConfig(sources=[f"data/demo/audio/{name}"]) for name in DEFAULT_PLAYERS}
+
 
 class AcquireConfig(Section):
-    sources: list[str] = [
-        "data/demo/audio"
-    ]  # YouTube video/playlist URLs (anything yt-dlp supports), audio/MIDI files or folders
     max_duration_s: float = Field(1800.0, gt=0)  # longer uploads are skipped (likely not a single performance)
     retries: int = Field(3, ge=0)
     backoff_s: float = Field(2.0, ge=0)  # first retry delay, doubled each time
@@ -191,10 +223,10 @@ class EvaluateConfig(Section):
 
     max_windows: int = Field(0, ge=0)  # test windows scored for NLL; 0 = all (bounds time on big test sets)
     batch_size: int = Field(8, ge=1)  # windows per forward pass
-    n_prompts: int = Field(8, ge=1)  # test pieces (sorted ids) whose opening prompts a continuation
+    n_prompts: int = Field(4, ge=1)  # held-out pieces per style (test, then valid) whose openings are prompts
     prompt_tokens: int = Field(32, ge=1)  # tokens of each piece's opening given as prompt (after BOS)
-    # one sample per prompt per seed, fixed so runs compare on equal footing; 8 x 3 = 24 samples per model keep the
-    # style_score CI ~0.04 wide on the demo (8 samples: validity moved by 1/8 per sample) at ~1 s per sample
+    # one sample per prompt per seed, fixed so runs compare on equal footing; 2 styles x 4 x 3 = 24 samples per
+    # model keep the style_score CI ~0.04 wide on the demo (8 samples: validity moved by 1/8 per sample)
     seeds: list[int] = Field([0, 1, 2], min_length=1)
     n_tokens: int = Field(256, ge=1)  # new tokens sampled per continuation
     # sampling controls and note limit: the runner's own (`realtime.temperature/top_p/top_k/max_note_beats`)
@@ -294,7 +326,6 @@ class FinetuneConfig(LoopConfig):
     # Llama attention projections
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     train_embeddings: bool = True  # token embedding (tied output layer) trained too, stored in the adapter
-    adapter_name: str = "style"  # bundle adapters/<name>; also the bundle's default adapter
     tempo_bpm: float = Field(120.0, gt=0)  # written to bundle.json: the runner's default tempo
 
 
@@ -313,6 +344,8 @@ class CheckpointConfig(Section):
 class Config(Section):
     project: ProjectConfig = ProjectConfig()
     demo: DemoConfig = DemoConfig()
+    # style name -> its sources, in order: the first is the bundle's default adapter
+    styles: dict[str, StyleConfig] = Field(DEFAULT_STYLES, min_length=1)
     acquire: AcquireConfig = AcquireConfig()
     transcribe: TranscribeConfig = TranscribeConfig()
     clean: CleanConfig = CleanConfig()
@@ -326,7 +359,16 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    services: ServicesConfig = ServicesConfig()  # pipeline/core/profile.py: shared services across machines
     realtime: RealtimeSettings = RealtimeSettings()  # defined in realtime/settings.py: the runner stands alone
+
+    @field_validator("styles")
+    @classmethod
+    def _style_names(cls, v: dict[str, StyleConfig]) -> dict[str, StyleConfig]:
+        bad = [name for name in v if not re.match(STYLE_NAME_RE, name)]
+        if bad:
+            raise ValueError(f"style names must be lower-case letters, digits, '-' or '_' (they name folders): {bad}")
+        return v
 
     @model_validator(mode="after")
     def _demo_held_out(self) -> Config:

@@ -92,3 +92,8 @@ def slug(text: str, max_len: int = 40) -> str:
 def piece_id(item_id: str) -> str:
     """The source piece an item came from: strips segment and augmentation suffixes."""
     return item_id.split(C.AUG_SEP)[0].split(C.SEGMENT_SEP)[0]
+
+
+def windows_dir(tok_dir: Path, style: str | None = None) -> Path:
+    """Where the tokenize stage writes a corpus's `{train,valid,test}.npy`: `base/`, or `style/<style>/`."""
+    return tok_dir / C.BASE if style is None else tok_dir / C.STYLE / style

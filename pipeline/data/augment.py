@@ -1,6 +1,6 @@
 """Augment the style TRAIN pieces: miditok pitch/velocity/duration offsets, plus our own time stretch.
 
-Only items listed under `split.json["style"]["train"]` are read (from `data/clean/style/`), so no copy of a held-out
+Only the train items of every style in split.json are read (from `data/clean/style/`), so no copy of a held-out
 piece reaches training. Every copy is `data/augment/midi/<id>__a<tag>.mid`; the tag names what changed, e.g.
 `p+2`, `v-8`, `d+0.25`, `p+2_t1.10`, `t0.90`; the original is `<id>__a0`.
 """
@@ -14,7 +14,7 @@ from symusic import Score
 
 from pipeline.core import constants as C
 from pipeline.core.config import AugmentConfig, Config, section_json
-from pipeline.core.files import atomic_path, read_json, sha256_file, sha256_text
+from pipeline.core.files import atomic_path, sha256_file, sha256_text
 from pipeline.core.items import (
     ItemResult,
     Job,
@@ -24,7 +24,7 @@ from pipeline.core.items import (
     summed_stats,
 )
 from pipeline.core.midi import MidiError
-from pipeline.data.split import SPLIT_FILE
+from pipeline.data.split import load_split, style_items
 
 STAGE_VERSION = "augment-1"  # bump when augmentation changes, so every item is rebuilt
 ORIGINAL_TAG = "0"
@@ -110,12 +110,9 @@ def augment_file(src: Path, item_id: str, cfg: AugmentConfig, out_dir: Path) -> 
     return ItemResult(outputs=rels, stats={"copies": len(rels)})
 
 
-def train_ids(split_path: Path) -> list[str]:
-    """Style train item ids from split.json (raises FileNotFoundError when the split stage has not run)."""
-    split = read_json(split_path)
-    if split is None:
-        raise FileNotFoundError(f"augment: {split_path} not found; run the split stage first")
-    return sorted(split.get(C.STYLE, {}).get("train", []))
+def train_ids(split_dir: Path) -> list[str]:
+    """Train item ids of every style from split.json (raises FileNotFoundError when the split stage has not run)."""
+    return style_items(load_split(split_dir, "augment"), "train")
 
 
 def run_augment(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
@@ -124,7 +121,7 @@ def run_augment(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRep
     report = StageReport(stage="augment")
     params = section_json(cfg.augment)
     jobs = []
-    for item_id in train_ids(inputs["split"] / SPLIT_FILE):
+    for item_id in train_ids(inputs["split"]):
         src = clean_dir / f"{item_id}.mid"
         if not src.is_file():
             report.items_in += 1

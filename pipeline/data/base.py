@@ -42,9 +42,10 @@ from pipeline.core.midi import (
 
 STAGE_VERSION = "base-1"  # bump when the export changes, so every item is rebuilt
 ID_MAX_LEN = 64  # characters of an item id (slug of the corpus path)
-# Score formats we read, best first: when a work exists as .mxl and .krn, the .mxl wins. .abc/.rntxt are opus
-# collections or harmonic analyses, not playable single pieces.
-SCORE_SUFFIXES = (".mxl", ".musicxml", ".xml", ".krn", ".mid", ".midi")
+# Score formats we read, best first: when a work exists as .mxl and .krn, the .mxl wins. .rntxt files are harmonic
+# analyses, not playable pieces.
+# .abc last: a fiddle-tune file holds one tune, an .abc collection (Opus) gives its first.
+SCORE_SUFFIXES = (".mxl", ".musicxml", ".xml", ".krn", ".mid", ".midi", ".abc")
 # Velocity from a written dynamic: VELOCITY_FLOOR + music21 volumeScalar (0..1) * VELOCITY_SPAN; mf -> 75.
 VELOCITY_FLOOR = 20
 VELOCITY_SPAN = 100
@@ -202,14 +203,19 @@ def score_notes(
     return fix_overlaps(notes), 60.0 / tmap[2][0]
 
 
+def load_corpus_score(rel_path: str) -> stream.Score:
+    """A corpus work parsed by music21 (an Opus gives its first score)."""
+    with warnings.catch_warnings():  # music21 warns about every overfull measure; the notes are still right
+        warnings.simplefilter("ignore")
+        score = corpus.parse(rel_path, forceSource=True)
+    return score.scores[0] if isinstance(score, stream.Opus) else score
+
+
 def parse_corpus_piece(
     rel_path: str, max_s: float = float("inf"), follow_tempo: bool = True
 ) -> tuple[list[pretty_midi.Note], float]:
     """Parse a corpus work and return `score_notes` of it (seeded by its path)."""
-    with warnings.catch_warnings():  # music21 warns about every overfull measure; the notes are still right
-        warnings.simplefilter("ignore")
-        score = corpus.parse(rel_path, forceSource=True)
-    return score_notes(score, max_s=max_s, follow_tempo=follow_tempo, seed_text=rel_path)
+    return score_notes(load_corpus_score(rel_path), max_s=max_s, follow_tempo=follow_tempo, seed_text=rel_path)
 
 
 def export_corpus_piece(rel_path: str, dest: Path) -> ItemResult:

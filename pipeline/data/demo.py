@@ -1,9 +1,10 @@
-"""Offline demo style corpus: music21 scores by a few composers, rendered to piano audio.
+"""Offline demo players: music21 scores in two clearly different styles, rendered to piano audio.
 
-Stands in for "recordings of one pianist" when there is no internet: each piece's first `excerpt_s` seconds become
-`data/demo/scores/<id>.mid` (the exact notes played: ground truth for transcription onset F1) and
-`data/demo/audio/<id>.wav` (mono, rendered by fluidsynth, or by a small additive synth when fluidsynth or the
-soundfont is missing).
+They stand in for "recordings of a pianist" when there is no internet: for each player (`demo.players`) each piece's
+first `excerpt_s` seconds become `data/demo/scores/<player>/<id>.mid` (the exact notes played: ground truth for
+transcription onset F1) and `data/demo/audio/<player>/<id>.wav` (mono, rendered by fluidsynth, or by a small
+additive synth when fluidsynth or the soundfont is missing). A player with `accompany` gets a simple left hand
+under its tunes (`pipeline.data.accompany`).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import soundfile as sf
 
 from pipeline.core import constants as C
 from pipeline.core.audio import fluidsynth_missing, render_fluidsynth
-from pipeline.core.config import Config, DemoConfig, section_json
+from pipeline.core.config import Config, DemoConfig, DemoPlayer, section_json
 from pipeline.core.files import atomic_path, sha256_file, sha256_text
 from pipeline.core.items import ItemResult, Job, StageReport, finish_stage, run_item_stage
 from pipeline.core.midi import MidiError, load_midi, note_totals, notes_to_midi
 from pipeline.core.midi import save_midi as save_midi_file
-from pipeline.data.base import corpus_item_id, corpus_root, list_corpus_pieces, parse_corpus_piece
+from pipeline.data.accompany import Meter, accompany
+from pipeline.data.base import corpus_item_id, corpus_root, list_corpus_pieces, load_corpus_score, score_notes
 
-STAGE_VERSION = "demo-1"  # bump when rendering changes, so every item is rebuilt
+STAGE_VERSION = "demo-2"  # bump when rendering changes, so every item is rebuilt
 TAIL_S = 1.0  # seconds of release/reverb kept after the excerpt's last note
 PEAK_DBFS = -1.0  # rendered audio is peak-normalised to this level
 MIN_DEMO_NOTES = 8  # fewer notes in the excerpt: not worth rendering (e.g. a long rest at the start)
@@ -49,17 +51,37 @@ def renderer_for(soundfont: Path) -> str:
     return "additive"
 
 
-def excerpt_midi(rel_path: str, section: DemoConfig) -> pretty_midi.PrettyMIDI:
-    """The first `excerpt_s` seconds of a corpus work as one piano track (program `section.program`).
+def excerpt_midi(rel_path: str, section: DemoConfig, player: DemoPlayer) -> pretty_midi.PrettyMIDI:
+    """The first `excerpt_s` seconds of a corpus work as one piano track (program `section.program`), with the
+    player's left hand added when it accompanies.
 
     Raises:
         MidiError: when the excerpt holds fewer than MIN_DEMO_NOTES notes.
     """
-    notes, bpm = parse_corpus_piece(rel_path, max_s=section.excerpt_s, follow_tempo=True)
+    score = load_corpus_score(rel_path)
+    notes, bpm = score_notes(score, max_s=section.excerpt_s, follow_tempo=True, seed_text=rel_path)
+    if player.accompany:
+        key = score.analyze("key")
+        notes = notes + accompany(notes, key.tonic.pitchClass, key.mode == "minor", score_meter(score, bpm))
     pm = notes_to_midi(notes, tempo_bpm=bpm, program=section.program)
     if len(pm.instruments[0].notes) < MIN_DEMO_NOTES:
         raise MidiError(f"{rel_path}: only {len(pm.instruments[0].notes)} notes in the first {section.excerpt_s} s")
     return pm
+
+
+def score_meter(score, bpm: float) -> Meter:
+    """The score's first time signature as a Meter at `bpm`; a pickup bar moves bar 1 to its end."""
+    from music21 import meter
+
+    seconds_per_quarter = 60.0 / bpm
+    found = score.recurse().getElementsByClass(meter.TimeSignature)
+    ts = found[0] if found else meter.TimeSignature("4/4")
+    measures = (score.parts[0] if score.parts else score).getElementsByClass("Measure")
+    first = float(measures[0].duration.quarterLength) if measures else 0.0
+    bar_q = float(ts.barDuration.quarterLength)
+    start_q = first if 0 < first < bar_q else 0.0
+    return Meter(int(ts.beatCount), float(ts.beatDuration.quarterLength) * seconds_per_quarter,
+                 start_q * seconds_per_quarter)  # fmt: skip
 
 
 def additive_synth(notes: list[pretty_midi.Note], sample_rate: int, duration_s: float) -> np.ndarray:
@@ -108,9 +130,12 @@ def render_audio(pm: pretty_midi.PrettyMIDI, midi_path: Path, section: DemoConfi
     return _normalise(audio)
 
 
-def make_demo_item(rel_path: str, item_id: str, section: DemoConfig, renderer: str, out_dir: Path) -> ItemResult:
-    """Build one demo item: scores/<id>.mid then audio/<id>.wav rendered from exactly those notes."""
-    pm = excerpt_midi(rel_path, section)
+def make_demo_item(
+    rel_path: str, item_id: str, section: DemoConfig, player: DemoPlayer, renderer: str, out_dir: Path
+) -> ItemResult:
+    """Build one demo item: scores/<id>.mid then audio/<id>.wav rendered from exactly those notes (`item_id` holds
+    the player's folder: "folk/acacia-reel")."""
+    pm = excerpt_midi(rel_path, section, player)
     midi_rel, wav_rel = f"scores/{item_id}.mid", f"audio/{item_id}.wav"
     save_midi_file(pm, out_dir / midi_rel)
     audio = render_audio(pm, out_dir / midi_rel, section, renderer)
@@ -121,30 +146,39 @@ def make_demo_item(rel_path: str, item_id: str, section: DemoConfig, renderer: s
     return ItemResult(outputs=[midi_rel, wav_rel], stats=stats)
 
 
-def _item_params(section: DemoConfig, renderer: str) -> str:
-    """What an item's files depend on: not the composer list or max_pieces (they only choose items)."""
-    keep = section.model_dump(mode="json", exclude={"enabled", "composers", "max_pieces"})
-    return json.dumps({**keep, "renderer": renderer}, sort_keys=True)
+def _item_params(section: DemoConfig, player: DemoPlayer, renderer: str) -> str:
+    """What an item's files depend on: not the composer lists or max_pieces (they only choose items)."""
+    keep = section.model_dump(mode="json", exclude={"enabled", "players"})
+    return json.dumps({**keep, "accompany": player.accompany, "renderer": renderer}, sort_keys=True)
+
+
+def _jobs(section: DemoConfig, renderer: str, out_dir: Path) -> list[Job]:
+    jobs = []
+    for name, player in section.players.items():
+        params = _item_params(section, player, renderer)
+        for rel in list_corpus_pieces(player.composers, player.max_pieces, smallest_first=True):
+            item_id = f"{name}/{corpus_item_id(rel)}"
+            key = sha256_text(sha256_file(corpus_root() / rel), params, STAGE_VERSION)
+            jobs.append(Job(item_id, key, make_demo_item, (rel, item_id, section, player, renderer, out_dir)))
+    return jobs
 
 
 def run_demo(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
-    """Render the demo corpus into `data/demo/` (incremental: unchanged pieces are not re-rendered)."""
+    """Render every demo player's pieces into `data/demo/` (incremental: unchanged pieces are not re-rendered)."""
     section = cfg.demo
     report = StageReport(stage="demo")
     if not section.enabled:
         report.stats["enabled"] = False
         return report.finish(out_dir, section_json(section))
     renderer = renderer_for(section.soundfont)
-    params = _item_params(section, renderer)
-    jobs = []
-    for rel in list_corpus_pieces(section.composers, section.max_pieces, smallest_first=True):
-        item_id = corpus_item_id(rel)
-        key = sha256_text(sha256_file(corpus_root() / rel), params, STAGE_VERSION)
-        jobs.append(Job(item_id, key, make_demo_item, (rel, item_id, section, renderer, out_dir)))
-    ids = [j.item_id for j in jobs]
+    jobs = _jobs(section, renderer, out_dir)
     index = run_item_stage(jobs, out_dir, report, cfg.project.workers)
-    audio_s = sum(index.entries.get(i, {}).get("stats", {}).get("audio_s", 0.0) for i in ids)
-    report.stats.update(renderer=renderer, pieces=len(ids) - len(report.failed), audio_s=round(audio_s, 1))
+    for name in section.players:
+        ids = [j.item_id for j in jobs if j.item_id.startswith(f"{name}/")]
+        audio_s = sum(index.entries.get(i, {}).get("stats", {}).get("audio_s", 0.0) for i in ids)
+        failed = sum(1 for i in ids if i in report.failed)
+        report.stats[name] = {"pieces": len(ids) - failed, "audio_s": round(audio_s, 1)}
+    report.stats["renderer"] = renderer
     return finish_stage(report, out_dir, section_json(section))
 
 

@@ -1,4 +1,7 @@
-"""Train/valid/test split of the clean corpora, by piece, before augmentation.
+"""Train/valid/test split of the clean corpora, by piece, before augmentation, and of each style on its own.
+
+`split.json` is `{"base": {split: ids}, "styles": {style: {split: ids}}}`: a style's pieces are those whose acquired
+item (`data/acquire/manifest.jsonl`) came from that style's sources, so every style has its own held-out pieces.
 
 Each piece (`files.piece_id`: all segments of a performance together) gets a seeded hash in [0, 1); the hash alone
 decides its split (test below `test_fraction`, valid below `test_fraction + valid_fraction`, else train). Adding a
@@ -15,8 +18,10 @@ from pipeline.core import constants as C
 from pipeline.core.config import Config, SplitConfig, section_json
 from pipeline.core.files import piece_id, read_json, write_json
 from pipeline.core.items import StageReport
+from pipeline.data.acquire.manifest import read_manifest
 
 SPLIT_FILE = "split.json"
+STYLES_KEY = "styles"
 HASH_SCALE = float(1 << 64)  # first 8 bytes of a sha256 as a fraction of this: uniform in [0, 1)
 MIN_PIECES_TO_HOLD_OUT = 3  # fewer pieces: all train (one piece cannot be both learned and held out)
 
@@ -80,19 +85,55 @@ def clean_ids(clean_dir: Path, corpus: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.mid") if not p.name.startswith("."))  # ".x.tmp.mid": unfinished
 
 
+def style_splits(split: dict) -> dict[str, dict[str, list[str]]]:
+    """style -> {split -> item ids} from a loaded split.json."""
+    return split.get(STYLES_KEY) or {}
+
+
+def style_items(split: dict, which: str) -> list[str]:
+    """Item ids of one split (train, valid, test) over every style, sorted."""
+    return sorted(i for parts in style_splits(split).values() for i in parts.get(which, []))
+
+
+def load_split(split_dir: Path, stage: str) -> dict:
+    """split.json, or FileNotFoundError naming `stage` as the one that needs it."""
+    split = read_json(split_dir / SPLIT_FILE)
+    if split is None:
+        raise FileNotFoundError(f"{stage}: {split_dir / SPLIT_FILE} not found; run the split stage first")
+    return split
+
+
+def _by_style(ids: list[str], manifest: dict[str, dict], styles: list[str], report: StageReport) -> dict:
+    """Clean style ids grouped by their acquired item's style; ids without one are reported as dropped."""
+    grouped: dict[str, list[str]] = {name: [] for name in styles}
+    for item in ids:
+        style = (manifest.get(piece_id(item)) or {}).get("style")
+        if style in grouped:
+            grouped[style].append(item)
+        else:
+            report.dropped[item] = f"no configured style (manifest style {style!r}); re-run acquire"
+    return grouped
+
+
+def _split_corpus(ids: list[str], cfg: SplitConfig) -> tuple[dict[str, list[str]], dict]:
+    split = split_items(ids, cfg)
+    stats: dict = {s: {"items": len(v), "pieces": len({piece_id(i) for i in v})} for s, v in split.items()}
+    if 0 < len({piece_id(i) for i in ids}) < MIN_PIECES_TO_HOLD_OUT:
+        stats["warning"] = f"fewer than {MIN_PIECES_TO_HOLD_OUT} pieces: nothing held out"
+    return split, stats
+
+
 def run_split(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
     """Write `data/split/split.json`; rewritten only when the assignment changes."""
     report = StageReport(stage="split")
-    split: dict[str, dict[str, list[str]]] = {}
-    for corpus in (C.STYLE, C.BASE):
-        ids = clean_ids(inputs["clean"], corpus)
-        report.items_in += len(ids)
-        split[corpus] = split_items(ids, cfg.split)
-        report.stats[corpus] = {
-            s: {"items": len(v), "pieces": len({piece_id(i) for i in v})} for s, v in split[corpus].items()
-        }
-        if 0 < len({piece_id(i) for i in ids}) < MIN_PIECES_TO_HOLD_OUT:
-            report.stats[corpus]["warning"] = f"fewer than {MIN_PIECES_TO_HOLD_OUT} pieces: nothing held out"
+    style_ids, base_ids = clean_ids(inputs["clean"], C.STYLE), clean_ids(inputs["clean"], C.BASE)
+    report.items_in = len(style_ids) + len(base_ids)
+    base, report.stats[C.BASE] = _split_corpus(base_ids, cfg.split)
+    grouped = _by_style(style_ids, read_manifest(inputs["acquire"]), list(cfg.styles), report)
+    styles = {}
+    for name, ids in grouped.items():
+        styles[name], report.stats[name] = _split_corpus(ids, cfg.split)
+    split = {C.BASE: base, STYLES_KEY: styles}
     dest = out_dir / SPLIT_FILE
     if read_json(dest) == split:
         report.cached.append(SPLIT_FILE)

@@ -9,10 +9,10 @@ Outputs under `data/tokenize/`:
   tokenizer.json          miditok params with the trained BPE model (`load_tokenizer` reads it back)
   vocab.json              hash of the params that define the vocabulary, BPE training files and seconds
   cache/<corpus>/<id>.npy int32 ids of one piece (no BOS/EOS), keyed by MIDI sha256 + tokenizer.json sha256
-  <corpus>/<split>.npy    int32 (n_windows, max_seq_len): BOS + ids + EOS per piece, cut into overlapping
-                          windows, the last one padded with PAD; a piece's windows are contiguous
-BPE is trained once on base train + style train, so the base model and every fine-tune share one vocabulary; it is
-retrained only when the vocabulary params change (a retrain invalidates trained models), never for new pieces.
+  base/<split>.npy        int32 (n_windows, max_seq_len): BOS + ids + EOS per piece, cut into overlapping
+  style/<name>/<split>.npy  windows, the last one padded with PAD; a piece's windows are contiguous
+BPE is trained once on base train + every style's train, so the base model and every fine-tune share one vocabulary;
+it is retrained only when the vocabulary params change (a retrain invalidates trained models), never for new pieces.
 """
 
 from __future__ import annotations
@@ -29,10 +29,19 @@ from symusic import Score, Track
 
 from pipeline.core import constants as C
 from pipeline.core.config import Config, TokenizeConfig, section_json
-from pipeline.core.files import atomic_path, piece_id, read_json, sha256_file, sha256_text, write_json
+from pipeline.core.files import (
+    atomic_path,
+    piece_id,
+    read_json,
+    sha256_file,
+    sha256_text,
+    windows_dir,
+    write_json,
+)
 from pipeline.core.items import ItemIndex, ItemResult, Job, StageReport, raise_if_all_failed, run_jobs
 from pipeline.data.note_lengths import length_counts, length_stats, merge_counts
 from pipeline.data.roundtrip import roundtrip_counts
+from pipeline.data.split import load_split, style_splits
 from realtime.bundle_format import SPECIAL_TOKENS, load_tokenizer, special_ids  # one loader, one id convention
 
 STAGE_VERSION = "2"  # bump when the per-piece encoding changes, to invalidate the cache
@@ -50,12 +59,13 @@ TOKENIZER_KINDS = {
 
 @dataclass(frozen=True)
 class Item:
-    """One MIDI file feeding one (corpus, split)."""
+    """One MIDI file feeding one (corpus, split); a style corpus item names its style."""
 
     corpus: str
     split: str
     item_id: str
     path: Path
+    style: str | None = None
 
     @property
     def key(self) -> str:
@@ -242,27 +252,27 @@ def window_ids(ids: np.ndarray, max_seq_len: int, overlap: int, pad_id: int) -> 
 
 
 def collect_items(inputs: dict[str, Path]) -> list[Item]:
-    """Every (corpus, split) input file named by split.json. Style train = augmented copies (clean if none).
+    """Every input file named by split.json, per corpus and split. A style's train = its augmented copies (clean
+    where a piece has none).
 
     Raises:
         FileNotFoundError: split.json is missing.
-        ValueError: the style train split is empty.
+        ValueError: a style's train split is empty.
     """
-    split_path = inputs["split"] / "split.json"
-    if not split_path.exists():
-        raise FileNotFoundError(f"tokenize: {split_path} not found; run the split stage first")
-    splits = read_json(split_path)
-    if not splits.get(C.STYLE, {}).get("train"):
-        raise ValueError(f"tokenize: style train split is empty in {split_path}; nothing to fine-tune on")
+    splits = load_split(inputs["split"], "tokenize")
+    empty = [name for name, parts in style_splits(splits).items() if not parts.get("train")]
+    if empty or not style_splits(splits):
+        raise ValueError(f"tokenize: no train pieces for style(s) {empty or 'any'} in split.json; nothing to fine-tune")
+    groups = [(C.BASE, None, splits.get(C.BASE, {}))] + [(C.STYLE, n, p) for n, p in style_splits(splits).items()]
     items = []
-    for corpus in (C.STYLE, C.BASE):
+    for corpus, style, parts in groups:
         clean = sorted((inputs["clean"] / corpus).glob("*.mid"))
         for split in C.SPLITS:
-            pieces = {piece_id(i) for i in splits.get(corpus, {}).get(split, [])}
+            pieces = {piece_id(i) for i in parts.get(split, [])}
             chosen = [p for p in clean if piece_id(p.stem) in pieces]
             if corpus == C.STYLE and split == "train":
                 chosen = _with_augmented(inputs["augment"], chosen, pieces)
-            items += [Item(corpus, split, p.stem, p) for p in chosen]
+            items += [Item(corpus, split, p.stem, p, style) for p in chosen]
     return items
 
 
@@ -313,20 +323,22 @@ def _save_npy(dest: Path, array: np.ndarray) -> None:
 
 
 def write_windows(items: list[Item], done: dict, out_dir: Path, tc: TokenizeConfig, ids: dict[str, int]) -> dict:
-    """Write `<corpus>/<split>.npy` for every corpus and split (empty ones too). Returns per-split counts."""
+    """Write every corpus's `<split>.npy` (base, and each style's; empty ones too). Returns per-split counts."""
     counts = {}
-    for corpus in (C.STYLE, C.BASE):
+    for style in dict.fromkeys([None, *(i.style for i in items if i.style)]):
+        folder = windows_dir(out_dir, style)
         for split in C.SPLITS:
             parts = [np.zeros((0, tc.max_seq_len), dtype=np.int32)]
             n_tokens = 0
             for item in items:
-                if item.corpus == corpus and item.split == split and item.key in done:
+                if item.style == style and item.split == split and item.key in done:
                     seq = np.load(out_dir / done[item.key]["outputs"][0])
                     parts.append(window_ids(_framed(seq, ids), tc.max_seq_len, tc.overlap, ids["pad_id"]))
                     n_tokens += len(seq) + 2
             windows = np.concatenate(parts)
-            _save_npy(out_dir / corpus / f"{split}.npy", windows)
-            counts[f"{corpus}/{split}"] = {"pieces": len(parts) - 1, "tokens": n_tokens, "windows": len(windows)}
+            _save_npy(folder / f"{split}.npy", windows)
+            rel = folder.relative_to(out_dir).as_posix()
+            counts[f"{rel}/{split}"] = {"pieces": len(parts) - 1, "tokens": n_tokens, "windows": len(windows)}
     return counts
 
 
@@ -338,7 +350,7 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     """Train (once) the shared BPE tokenizer, encode new pieces, and write every split's training windows.
 
     Raises:
-        ValueError: the style train split is empty, or none of its pieces could be encoded.
+        ValueError: a style's train split is empty, or none of its pieces could be encoded.
         AllItemsFailed: every input file failed to encode.
     """
     report = StageReport(stage="tokenize")
@@ -355,8 +367,10 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     report.stats["tokenizer_sha256"] = sha256_file(out_dir / TOKENIZER_NAME)  # logged by training runs
     report.finish(out_dir, section_json(cfg.tokenize))
     raise_if_all_failed(report)
-    if counts[f"{C.STYLE}/train"]["windows"] == 0:
-        raise ValueError("tokenize: no style train piece could be encoded; see tokenize report.json")
+    train = {k: v for k, v in counts.items() if k.startswith(f"{C.STYLE}/") and k.endswith("/train")}
+    unusable = [k for k, v in train.items() if not v["windows"]]
+    if unusable:
+        raise ValueError(f"tokenize: no train piece of {unusable} could be encoded; see tokenize report.json")
     return report
 
 

@@ -102,7 +102,7 @@ def polyphony(notes: Sequence[Note]) -> np.ndarray:
     return (started - ended).astype(float)
 
 
-def _windows(notes: Sequence[Note], window_beats: float) -> list[tuple[list[Note], float]]:
+def note_windows(notes: Sequence[Note], window_beats: float) -> list[tuple[list[Note], float]]:
     """Notes grouped by the window their onset falls in, with each window's length in beats.
 
     The last window is as long as the music lasts; one shorter than a quarter window is left out unless it is
@@ -124,13 +124,13 @@ def _windows(notes: Sequence[Note], window_beats: float) -> list[tuple[list[Note
 def pitch_ranges(notes: Sequence[Note], window_beats: float) -> np.ndarray:
     """Highest minus lowest pitch in each window that has notes."""
     return np.array(
-        [max(n.pitch for n in g) - min(n.pitch for n in g) for g, _ in _windows(notes, window_beats) if g], float
+        [max(n.pitch for n in g) - min(n.pitch for n in g) for g, _ in note_windows(notes, window_beats) if g], float
     )
 
 
 def note_density(notes: Sequence[Note], window_beats: float) -> np.ndarray:
     """Distinct onsets per beat in each window."""
-    return np.array([len(_onsets(g)) / length for g, length in _windows(notes, window_beats)], float)
+    return np.array([len(_onsets(g)) / length for g, length in note_windows(notes, window_beats)], float)
 
 
 def feature_values(notes: Sequence[Note], window_beats: float = 8.0) -> dict[str, np.ndarray]:

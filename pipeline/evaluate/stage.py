@@ -1,11 +1,13 @@
-"""Evaluate trained runs on the held-out style test split and log the results to their MLflow runs.
+"""Evaluate trained runs on their style's held-out test split and log the results to their MLflow runs.
 
-Per fine-tune run (and once for its base run): mean token NLL and perplexity on `data/tokenize/style/test.npy`;
-continuations of test-piece openings sampled at fixed seeds, their validity rate, and per-feature overlapping areas
-(`pipeline.evaluate.features`) against the real test pieces. Models load as the jam runner loads them
-(`realtime.bundle.load_model`): the fine-tune with its adapter folded in, its base from the same bundle without, so
-`base_*` metrics describe exactly the weights the adapter sits on. A tag `jam.eval_key` (hash of the
-eval params and test data) makes a second `jam evaluate` skip runs already evaluated with the same settings.
+Per fine-tune run (style from its `jam.style` tag; its base run once per style): mean token NLL and perplexity on
+`data/tokenize/style/<style>/test.npy`; continuations of the shared prompts (`pipeline.evaluate.testset`) through the
+runner's engine at fixed seeds, their validity rate, per-feature overlapping areas (`pipeline.evaluate.features`)
+against the style's real test pieces, and `style_attribution`: the share of its continuations the style classifier
+(`pipeline.evaluate.attribution`) attributes to its own style, beside the base's on the same prompts. Models load as
+the jam runner loads them (`realtime.bundle.load_model`): the fine-tune with its adapter folded in, its base from the
+same bundle without, so `base_*` metrics describe exactly the weights the adapter sits on. A tag `jam.eval_key` (hash
+of the eval params and test data) makes a second `jam evaluate` skip runs already evaluated with the same settings.
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core import constants as C
-from pipeline.core.config import Config, EvaluateConfig, section_json
-from pipeline.core.files import read_json, sha256_file, sha256_text, write_json
+from pipeline.core.config import Config, section_json
+from pipeline.core.files import sha256_text, write_json
 from pipeline.core.items import StageReport, raise_if_all_failed
 from pipeline.evaluate import confidence as CI
 from pipeline.evaluate import features as F
 from pipeline.evaluate import plots
 from pipeline.evaluate import samples as S
+from pipeline.evaluate.attribution import attribution
+from pipeline.evaluate.testset import EvalData, EvaluateError, load_eval_data
 from pipeline.registry.client import RunsError, mlflow_client
 from pipeline.registry.runs import (
-    BASE_RUN_TAG,
     EVAL_KEY_TAG,
     RunSummary,
     download_bundle,
@@ -38,118 +40,45 @@ from pipeline.registry.runs import (
     list_runs,
     same_vocab,
 )
-from realtime.bundle_format import TOKENIZER_FILE, BundleError, load_tokenizer, read_bundle, special_ids
+from pipeline.registry.tracking import BASE_RUN_TAG, STYLE_TAG
+from realtime.bundle_format import BundleError, load_tokenizer, read_bundle
 
 STAGE = "evaluate"
-EVAL_VERSION = "2"  # bump when a metric changes, to re-evaluate every run (2: runner engine, CIs, base corpus)
+EVAL_VERSION = "3"  # bump when a metric changes, to re-evaluate every run (3: styles, shared prompts, attribution)
 
-
-class EvaluateError(RuntimeError):
-    """Nothing can be evaluated (no test data, bad bundle); the message says what to do."""
+__all__ = ["EvaluateError", "run_evaluate"]
 
 
 @dataclass
-class TestSet:
-    """The held-out style test split, ready for every model."""
+class Generations:
+    """One model's continuations of the shared prompts: a row per sample and its notes (None: undecodable)."""
 
-    windows: np.ndarray  # (n_windows, max_seq_len) int32, PAD-padded
-    pad_id: int
-    pieces: dict[str, list[F.Note]]  # item id -> notes in beats (sorted ids)
-    paths: dict[str, Path]  # item id -> clean MIDI
-    real_values: dict[str, np.ndarray]  # pooled feature values of all pieces
-    tokenizer_path: Path
-    base_windows: np.ndarray | None = None  # base corpus test windows: forgetting is measured on them
-    key: str = ""  # hash of the data (eval params are added by `eval_key`)
+    samples: list[dict[str, Any]]
+    notes: list[list[F.Note] | None]
+    out_dir: Path
+
+    @property
+    def pieces(self) -> list[list[F.Note]]:
+        return [n for n in self.notes if n is not None]
 
 
 @dataclass
 class ModelEval:
-    """One model's results: metrics without prefix, samples and their feature values."""
+    """One model's results on one style: metrics without prefix, its generations and their feature values."""
 
     metrics: dict[str, float]
     values: dict[str, np.ndarray]
-    samples: list[dict[str, Any]] = field(default_factory=list)
+    gens: Generations
     nll_sums: np.ndarray | None = None  # (n_windows,) nats per test window, for paired bootstrap CIs
     nll_counts: np.ndarray | None = None  # (n_windows,) tokens scored per test window
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------- data
-
-
-def _piece_paths(clean_dir: Path, ids: list[str]) -> dict[str, Path]:
-    """Clean MIDI of each test id: `<id>.mid`, or its segments `<id>__s*.mid` when the split lists pieces."""
-    found: dict[str, Path] = {}
-    for item in sorted(ids):
-        path = clean_dir / f"{item}.mid"
-        segments = [path] if path.exists() else sorted(clean_dir.glob(f"{item}{C.SEGMENT_SEP}*.mid"))
-        found.update({p.stem: p for p in segments})
-    return found
-
-
-def _even_subset(windows: np.ndarray, limit: int) -> np.ndarray:
-    if not limit or len(windows) <= limit:
-        return windows
-    return windows[np.linspace(0, len(windows) - 1, limit).round().astype(int)]
-
-
-def _read_pieces(paths: dict[str, Path]) -> dict[str, list[F.Note]]:
-    """Notes of each readable, non-empty piece (a broken test file is left out, not fatal)."""
-    pieces = {}
-    for item, path in sorted(paths.items()):
-        try:
-            notes = F.load_notes(path)
-        except Exception:  # symusic raises RuntimeError/ValueError on corrupt files
-            continue
-        if notes:
-            pieces[item] = notes
-    return pieces
-
-
-def load_test_set(cfg: Config, inputs: dict[str, Path]) -> TestSet:
-    """Test windows, test pieces and their features.
-
-    Raises:
-        EvaluateError: a missing or empty test split (with the stage to run).
-    """
-    tok_dir, clean_dir = inputs["tokenize"], inputs["clean"] / C.STYLE
-    npy, tok_path = tok_dir / C.STYLE / "test.npy", tok_dir / TOKENIZER_FILE
-    ids = (read_json(inputs["split"] / "split.json", {}) or {}).get(C.STYLE, {}).get("test", [])
-    if not ids:
-        raise EvaluateError("empty test split: data/split/split.json lists no style test pieces (`jam stage split`)")
-    if not npy.exists() or not tok_path.exists():
-        raise EvaluateError(f"{npy} or {tok_path} missing: run `jam stage tokenize` first")
-    windows = np.load(npy)
-    if windows.ndim != 2 or len(windows) == 0:
-        raise EvaluateError(f"empty test split: {npy} has no token windows")
-    paths = _piece_paths(clean_dir, ids)
-    pieces = _read_pieces(paths)
-    if not pieces:
-        raise EvaluateError(f"empty test split: no readable test piece with notes under {clean_dir}")
-    pad_id = (read_json(tok_dir / C.REPORT_NAME, {}) or {}).get("stats", {}).get("pad_id")
-    if pad_id is None:
-        pad_id = special_ids(load_tokenizer(tok_path))["pad_id"]
-    return TestSet(
-        windows=_even_subset(windows, cfg.evaluate.max_windows),
-        pad_id=int(pad_id),
-        pieces=pieces,
-        paths={k: paths[k] for k in pieces},
-        real_values=F.pooled_values(pieces.values(), cfg.evaluate.window_beats),
-        tokenizer_path=tok_path,
-        base_windows=_base_windows(tok_dir / C.BASE / "test.npy", cfg.evaluate.max_windows),
-        key=sha256_text(sha256_file(npy), sha256_file(tok_path), json.dumps(sorted(pieces))),
-    )
-
-
-def _base_windows(npy: Path, limit: int) -> np.ndarray | None:
-    windows = np.load(npy) if npy.exists() else None
-    return _even_subset(windows, limit) if windows is not None and windows.ndim == 2 and len(windows) else None
-
-
-def eval_key(cfg: Config, test: TestSet) -> str:
+def eval_key(cfg: Config, data: EvalData) -> str:
     """Hash of everything an evaluation depends on besides the model: params (the runner's sampling controls and
     note limit included), test data, metric code version."""
     rt = cfg.realtime.model_dump(include={"temperature", "top_p", "top_k", "max_note_beats"})
-    return sha256_text(section_json(cfg.evaluate), json.dumps(rt, sort_keys=True), test.key, EVAL_VERSION)[:16]
+    return sha256_text(section_json(cfg.evaluate), json.dumps(rt, sort_keys=True), data.key, EVAL_VERSION)[:16]
 
 
 # ---------------------------------------------------------------- model
@@ -184,60 +113,72 @@ def mean_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> float:
 # ---------------------------------------------------------------- one model
 
 
-def evaluate_model(model, tokenizer, test: TestSet, cfg: Config, out_dir: Path, meta: dict) -> ModelEval:
-    """Likelihood, samples (through the runner's engine), validity and style OAs of one model, with bootstrap CIs;
-    sample MIDI, piano rolls and WAVs go to `out_dir`."""
+def generate(model, tokenizer, data: EvalData, cfg: Config, out_dir: Path, meta: dict) -> Generations:
+    """Continue every shared prompt at every seed through the runner's engine; MIDI, piano rolls, WAVs to
+    `out_dir`."""
     ec = cfg.evaluate
-    sums, counts = window_nll(model, test.windows, test.pad_id, ec.batch_size)
-    nll = float(sums.sum() / counts.sum())
     try:
-        items, prompts = S.make_prompts(tokenizer, test.paths, ec)
+        items, prompts = S.make_prompts(tokenizer, data.prompt_paths, ec.prompt_tokens)
     except S.NoPrompts as err:
         raise EvaluateError(str(err)) from None
     max_len = int(meta.get("max_seq_len") or cfg.tokenize.max_seq_len)
     engine = S.make_engine(model, tokenizer, cfg, meta, max_len)
     tempo = float(meta.get("tempo_bpm") or cfg.finetune.tempo_bpm)
     continuations = S.sample_continuations(engine, prompts, ec.seeds, ec.n_tokens, tempo)
-    samples, pieces = [], []
+    gens = Generations([], [], out_dir)
     for i, ids in enumerate(continuations):
-        sample, notes = _one_sample(
-            tokenizer, ids, ec.seeds[i // len(items)], items[i % len(items)], i, test, cfg, out_dir, tempo
-        )
-        samples.append(sample)
-        if notes is not None:
-            pieces.append(notes)
-    values = F.pooled_values(pieces, ec.window_beats)
+        item = items[i % len(items)]
+        sample, notes = _one_sample(tokenizer, ids, ec.seeds[i // len(items)], item, i, data, cfg, out_dir, tempo)
+        sample["prompt_style"] = data.prompt_style.get(item)
+        if data.classifier is not None and notes is not None:
+            sample["attributed"] = data.classifier.predict(notes)
+        gens.samples.append(sample)
+        gens.notes.append(notes)
+    return gens
+
+
+def score(model, gens: Generations, data: EvalData, style: str, cfg: Config) -> ModelEval:
+    """Likelihood on `style`'s test windows, and its generations judged against `style`, with bootstrap CIs."""
+    ec, test = cfg.evaluate, data.styles[style]
+    sums, counts = window_nll(model, test.windows, data.pad_id, ec.batch_size)
+    nll = float(sums.sum() / counts.sum())
+    values = F.pooled_values(gens.pieces, ec.window_beats)
     oa = F.compare_sets(values, test.real_values, ec.oa_method)
-    lo, hi = CI.style_score_ci(pieces, test.real_values, ec.window_beats, ec.oa_method, ec.bootstrap, cfg.project.seed)
+    n_boot, seed = ec.bootstrap, cfg.project.seed
+    lo, hi = CI.style_score_ci(gens.pieces, test.real_values, ec.window_beats, ec.oa_method, n_boot, seed)
     metrics = {
         "test_nll": nll,
         "test_ppl": math.exp(min(nll, 50.0)),  # capped: an untrained model must not log inf
-        "validity_rate": sum(s["valid"] for s in samples) / len(samples),
+        "validity_rate": sum(s["valid"] for s in gens.samples) / len(gens.samples),
         "style_score": F.style_score(oa),
         "style_score_ci_low": lo,
         "style_score_ci_high": hi,
         **{f"oa_{k}": v for k, v in oa.items()},
     }
-    if test.base_windows is not None:
-        metrics["base_corpus_nll"] = mean_nll(model, test.base_windows, test.pad_id, ec.batch_size)
-    return ModelEval(metrics=metrics, values=values, samples=samples, nll_sums=sums, nll_counts=counts)
+    if data.classifier is not None:  # every sample counts: an undecodable one is attributed to no style
+        att = attribution(data.classifier, [n or [] for n in gens.notes], style, n_boot, seed)
+        metrics.update(style_attribution=att["share"], style_attribution_ci_low=att["ci_low"],
+                       style_attribution_ci_high=att["ci_high"])  # fmt: skip
+    if data.base_windows is not None:
+        metrics["base_corpus_nll"] = mean_nll(model, data.base_windows, data.pad_id, ec.batch_size)
+    return ModelEval(metrics=metrics, values=values, gens=gens, nll_sums=sums, nll_counts=counts)
 
 
-def _one_sample(tokenizer, ids, seed, item, i, test: TestSet, cfg: Config, out_dir: Path, tempo: float):
+def _one_sample(tokenizer, ids, seed, item, i, data: EvalData, cfg: Config, out_dir: Path, tempo: float):
     """Check, save, plot and (for the first `evaluate.audio`) render one sample. Returns (its row, notes or None)."""
     ec = cfg.evaluate
-    score, problems = F.check_sample(tokenizer, ids, ec.max_open_beats)
-    notes = F.notes_from_score(score) if score is not None else []
+    score_, problems = F.check_sample(tokenizer, ids, ec.max_open_beats)
+    notes = F.notes_from_score(score_) if score_ is not None else []
     name = f"{item}_seed{seed}"
     row = {"piece": item, "seed": seed, "tokens": len(ids), "notes": len(notes), "valid": not problems,
            "problems": problems}  # fmt: skip
-    if score is None:
+    if score_ is None:
         return row, None
     midi = _mkdir(out_dir / "samples") / f"{name}.mid"
-    score.dump_midi(str(midi))
-    if i < ec.plots:
+    score_.dump_midi(str(midi))
+    if i < ec.plots and item in data.pieces:
         plots.piano_roll_png(
-            notes, test.pieces[item], out_dir / f"pianoroll_{name}.png", (f"sample (seed {seed})", f"real: {item}")
+            notes, data.pieces[item], out_dir / f"pianoroll_{name}.png", (f"sample (seed {seed})", f"real: {item}")
         )
     if i < ec.audio and notes:
         length_s = max(n.end for n in notes) * 60.0 / tempo
@@ -250,11 +191,11 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _write_outputs(out_dir: Path, ev: ModelEval, base: ModelEval | None, test: TestSet, ec: EvaluateConfig) -> None:
+def _write_outputs(out_dir: Path, ev: ModelEval, base: ModelEval | None, data: EvalData, style: str, ec) -> None:
     plots.feature_comparison_png(_oa(ev), _oa(base) if base else None, out_dir / "features_oa.png")
-    sets = {"real": test.real_values, "model": ev.values, **({"base": base.values} if base else {})}
+    sets = {"real": data.styles[style].real_values, "model": ev.values, **({"base": base.values} if base else {})}
     plots.feature_histograms_png(sets, out_dir / "features_hist.png")
-    write_json(out_dir / "samples.json", ev.samples)
+    write_json(out_dir / "samples.json", ev.gens.samples)
     write_json(out_dir / "metrics.json", ev.metrics)
     write_json(out_dir / "eval_config.json", json.loads(section_json(ec)))
 
@@ -275,44 +216,78 @@ def _log(client, run_id: str, metrics: dict[str, float], out_dir: Path, key: str
 # ---------------------------------------------------------------- runs
 
 
-def evaluate_run(
-    cfg: Config,
-    run: RunSummary,
-    test: TestSet,
-    key: str,
-    client,
-    base_done: dict[str, bool],
-    root: Path,
-    force: bool = False,
-) -> dict:
-    """Evaluate one run's bundle, log to it (and, once, to its base run). Returns the metrics logged.
+@dataclass
+class Session:
+    """What one `jam evaluate` shares between runs: the data, and each base's generations (the same prompts and
+    seeds for every style, so a base is sampled once however many adapters sit on it)."""
 
-    `base_done` maps base run ids handled in this session to whether they were logged (False: already current).
+    cfg: Config
+    data: EvalData
+    key: str
+    client: Any
+    root: Path
+    force: bool = False
+    base_gens: dict[str, Generations] = field(default_factory=dict)
+    base_logs: dict[str, bool] = field(default_factory=dict)  # base run id -> log to it (it was not current)
+
+
+def _run_style(session: Session, run: RunSummary) -> str:
+    style = run.tags.get(STYLE_TAG)
+    if not style:
+        raise EvaluateError(f"run has no {STYLE_TAG} tag (trained before styles existed): retrain with `jam run`")
+    if style not in session.data.styles:
+        raise EvaluateError(f"style {style!r} is not under params.yaml's styles {sorted(session.data.styles)}")
+    return style
+
+
+def evaluate_run(session: Session, run: RunSummary) -> dict:
+    """Evaluate one run's bundle, log to it (and, for a fine-tune, to its base run). Returns the metrics logged.
+
+    A fine-tune is judged on its style, beside its base on the same prompts; a base run alone (`--run-id`) on every
+    style, its metrics logged as `<style>/<metric>`.
     """
     from realtime.bundle import load_model
 
-    bundle = download_bundle(cfg, run.run_id, root / "bundles")
+    cfg, data = session.cfg, session.data
+    bundle = download_bundle(cfg, run.run_id, session.root / "bundles")
     info = read_bundle(bundle)
-    tokenizer, adapter = load_tokenizer(bundle / info["tokenizer"]), info["default_adapter"]
-    if not same_vocab(tokenizer, load_tokenizer(test.tokenizer_path)):
+    tokenizer = load_tokenizer(bundle / info["tokenizer"])
+    if not same_vocab(tokenizer, load_tokenizer(data.tokenizer_path)):
         raise EvaluateError("the run's tokenizer differs from data/tokenize/tokenizer.json: re-tokenize or retrain")
-    if run.role == "finetune" and not adapter:
+    out = _fresh_dir(session.root / "runs" / run.run_id)
+    if run.role != "finetune":
+        return _evaluate_base_alone(session, run, load_model(bundle, adapters={}), tokenizer, info, out)
+    style = _run_style(session, run)
+    if not info["default_adapter"]:
         raise EvaluateError("fine-tune bundle has no default adapter to evaluate")
-    out = _fresh_dir(root / "runs" / run.run_id)
-    ev = evaluate_model(load_model(bundle), tokenizer, test, cfg, out, info)  # as the jam runner plays it
-    base = None
-    if adapter:
-        base_id = run.tags.get(BASE_RUN_TAG)
-        base_out = _fresh_dir(root / "runs" / (base_id or f"{run.run_id}_base"))
-        base = evaluate_model(load_model(bundle, adapters={}), tokenizer, test, cfg, base_out, info)
-        _write_outputs(base_out, base, None, test, cfg.evaluate)
-        if base_id and base_id not in base_done:
-            base_done[base_id] = _log_base_run(cfg, client, base_id, base, base_out, key, force)
-    metrics = dict(ev.metrics)
-    if base:
-        metrics.update(_against_base(ev, base, cfg))
-    _write_outputs(out, ev, base, test, cfg.evaluate)
-    _log(client, run.run_id, metrics, out, key)
+    model = load_model(bundle)  # as the jam runner plays it
+    ev = score(model, generate(model, tokenizer, data, cfg, out, info), data, style, cfg)
+    base_model = load_model(bundle, adapters={})
+    base_id = run.tags.get(BASE_RUN_TAG) or f"{run.run_id}_base"
+    if base_id not in session.base_gens:
+        base_out = _fresh_dir(session.root / "runs" / base_id)
+        session.base_gens[base_id] = generate(base_model, tokenizer, data, cfg, base_out, info)
+    base = score(base_model, session.base_gens[base_id], data, style, cfg)
+    _write_outputs(_mkdir(base.gens.out_dir / style), base, None, data, style, cfg.evaluate)
+    if run.tags.get(BASE_RUN_TAG):
+        _log_base_run(session, base_id, base, style)
+    metrics = {**ev.metrics, **_against_base(ev, base, cfg)}
+    if data.classifier is not None:
+        metrics["attribution_classifier_accuracy"] = data.classifier_accuracy
+    _write_outputs(out, ev, base, data, style, cfg.evaluate)
+    _log(session.client, run.run_id, metrics, out, session.key)
+    return metrics
+
+
+def _evaluate_base_alone(session: Session, run: RunSummary, model, tokenizer, info: dict, out: Path) -> dict:
+    cfg, data = session.cfg, session.data
+    gens = generate(model, tokenizer, data, cfg, out, info)
+    metrics = {}
+    for style in data.styles:
+        ev = score(model, gens, data, style, cfg)
+        _write_outputs(_mkdir(out / style), ev, None, data, style, cfg.evaluate)
+        metrics.update({f"{style}/{k}": v for k, v in ev.metrics.items()})
+    _log(session.client, run.run_id, metrics, out, session.key)
     return metrics
 
 
@@ -329,12 +304,15 @@ def _against_base(ev: ModelEval, base: ModelEval, cfg: Config) -> dict[str, floa
     return out
 
 
-def _log_base_run(cfg: Config, client, base_id: str, base: ModelEval, out: Path, key: str, force: bool) -> bool:
-    """Log base metrics to the base run unless it already carries this eval key. Returns whether it logged."""
-    if not force and get_run(cfg, base_id, client).tags.get(EVAL_KEY_TAG) == key:
-        return False
-    _log(client, base_id, base.metrics, out, key)
-    return True
+def _log_base_run(session: Session, base_id: str, base: ModelEval, style: str) -> None:
+    """Log the base's metrics on `style` as `<style>/<metric>` to the base run, unless it was already evaluated with
+    this eval key before this session began."""
+    if base_id not in session.base_logs:
+        current = get_run(session.cfg, base_id, session.client).tags.get(EVAL_KEY_TAG) == session.key
+        session.base_logs[base_id] = session.force or not current
+    if session.base_logs[base_id]:
+        metrics = {f"{style}/{k}": v for k, v in base.metrics.items()}
+        _log(session.client, base_id, metrics, base.gens.out_dir, session.key)
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -355,7 +333,7 @@ def run_evaluate(
 
     Args:
         cfg: project config; `cfg.evaluate` holds the eval params.
-        run_id: evaluate only this run (fine-tune or base).
+        run_id: evaluate only this fine-tune run.
         force: re-evaluate even runs tagged with the current eval key.
 
     Returns:
@@ -367,29 +345,28 @@ def run_evaluate(
     import torch
 
     report = StageReport(stage=STAGE)
-    test = load_test_set(cfg, inputs)
-    key = eval_key(cfg, test)
-    client = mlflow_client(cfg)
-    targets = _targets(cfg, run_id, client)
-    report.items_in, base_done = len(targets), {}
+    data = load_eval_data(cfg, inputs)
+    session = Session(cfg, data, eval_key(cfg, data), mlflow_client(cfg), out_dir, force)
+    targets = _targets(cfg, run_id, session.client)
+    report.items_in = len(targets)
     torch.manual_seed(cfg.project.seed)
     # The runner's thread count (as `jam play` sets it); an explicit call also matters with the same number: torch's
     # implicit default was measured 10x slower per token here (2-core container, OpenMP pool sized from the host).
     torch.set_num_threads(cfg.realtime.threads or torch.get_num_threads())
     for run in targets:
-        if not force and run.tags.get(EVAL_KEY_TAG) == key:
+        if not force and run.tags.get(EVAL_KEY_TAG) == session.key:
             report.cached.append(run.run_id)
             continue
         try:
-            report.stats[run.run_id] = evaluate_run(cfg, run, test, key, client, base_done, out_dir, force)
+            report.stats[run.run_id] = evaluate_run(session, run)
             report.processed.append(run.run_id)
         except (EvaluateError, RunsError, BundleError) as err:
             report.failed[run.run_id] = str(err)
         except Exception as err:  # one broken run must not stop the others
             report.failed[run.run_id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    logged_bases = sorted(b for b, logged in base_done.items() if logged)
+    logged_bases = sorted(b for b, logged in session.base_logs.items() if logged)
     report.outputs = len(report.processed) + len(logged_bases)
-    report.stats.update({"eval_key": key, "base_runs_logged": logged_bases})
+    report.stats.update(eval_key=session.key, base_runs_logged=logged_bases, attribution=data.classifier_note)
     report.finish(_mkdir(out_dir), section_json(cfg.evaluate))
     raise_if_all_failed(report)
     return report

@@ -42,7 +42,8 @@ def mlflow_client(cfg: Config, create: bool = False):
 
 
 def experiment_id(client, cfg: Config, create: bool = False) -> str:
-    """Id of the experiment named `project.name`; with `create`, made (artifacts under `project.artifact_dir`).
+    """Id of the experiment named `project.name`; with `create`, made (artifacts under `project.artifact_dir`, or
+    the tracking server's artifact store when `project.mlflow_uri` is http).
 
     Raises:
         RunsError: `create` is False and there is no such experiment.
@@ -52,5 +53,8 @@ def experiment_id(client, cfg: Config, create: bool = False) -> str:
         return exp.experiment_id
     if not create:
         raise RunsError(f"no MLflow experiment {cfg.project.name!r} in {cfg.project.mlflow_uri}: train a model first")
-    location = Path(cfg.project.artifact_dir).resolve().as_uri()
+    # A tracking server stores artifacts where it was told to (`mlflow server --artifacts-destination s3://...`);
+    # a local path here would send every machine's artifacts to its own disk.
+    remote = cfg.project.mlflow_uri.startswith(("http://", "https://"))
+    location = None if remote else Path(cfg.project.artifact_dir).resolve().as_uri()
     return client.create_experiment(cfg.project.name, artifact_location=location)

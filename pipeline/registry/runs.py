@@ -15,10 +15,9 @@ from typing import Any
 
 from pipeline.core.config import Config
 from pipeline.registry.client import RunsError, experiment_id, mlflow_client
+from pipeline.registry.tracking import ROLE_TAG, STYLE_TAG
 from realtime.bundle_format import BUNDLE_ARTIFACT, BUNDLE_FILE
 
-ROLE_TAG = "jam.role"
-BASE_RUN_TAG = "jam.base_run_id"
 EVAL_KEY_TAG = "jam.eval_key"
 ALIASES = ("champion", "previous")
 
@@ -27,7 +26,8 @@ PARAM_COLUMNS = {"lora_r": ("lora_r", "lora.r", "r"), "steps": ("max_steps", "st
 # Training logs the whole resolved config flattened ("finetune.lora_r"); a run's own section holds its values.
 ROLE_SECTIONS = {"finetune": "finetune", "base": "pretrain"}
 # Metrics with a logged bootstrap CI (`<name>_ci_low/_high`) show it beside the value.
-METRIC_COLUMNS = ("test_nll", "nll_ratio", "validity_rate", "style_score", "base_style_score", "base_corpus_nll_change")
+METRIC_COLUMNS = ("test_nll", "nll_ratio", "validity_rate", "style_score", "style_attribution",
+                  "base_style_attribution", "base_corpus_nll_change")  # fmt: skip
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _fmt_metric(metrics: dict[str, float], name: str) -> str:
 
 def table_rows(runs: list[RunSummary], aliases: dict[str, list[str]]) -> list[list[str]]:
     """Header plus one row per run: id, role, start, key params, eval metrics, registry aliases."""
-    header = ["run", "role", "started", *PARAM_COLUMNS, *METRIC_COLUMNS, "alias"]
+    header = ["run", "role", "style", "started", *PARAM_COLUMNS, *METRIC_COLUMNS, "alias"]
     rows = [header]
     for r in runs:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.start_time / 1000)) if r.start_time else ""
@@ -181,6 +181,7 @@ def table_rows(runs: list[RunSummary], aliases: dict[str, list[str]]) -> list[li
             [
                 r.short_id,
                 r.role or "-",
+                r.tags.get(STYLE_TAG, ""),
                 started,
                 *(_param(r.params, names, r.role) for names in PARAM_COLUMNS.values()),
                 *(_fmt_metric(r.metrics, m) for m in METRIC_COLUMNS),

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ROLE_TAG = "jam.role"
 BASE_RUN_TAG = "jam.base_run_id"
 BASE_PATH_TAG = "jam.base_path"
+STYLE_TAG = "jam.style"  # the style (player) a fine-tune learned; its adapter's name
 RESUMED_FROM_TAG = "jam.resumed_from_run_id"
 LOSS_PLOT = "loss.png"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pipeline.core import constants as C
 from pipeline.core.config import Config, ConfigError, load_config
 from pipeline.core.graph import names, run_stage
+from pipeline.core.profile import export_env
 
 TRAIN_STAGES = names("train")
 
@@ -86,4 +87,5 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    export_env(cfg.services)  # the S3 endpoint of checkpoint.dir, when the profile names one
     return train_stages(cfg, which, args.fresh, print, lambda m: print(f"error: {m}", file=sys.stderr))

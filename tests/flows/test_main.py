@@ -25,8 +25,12 @@ def prefect_server():
 def tiny_cfg(data: Path, sources: list[str] | None = None, **extra):
     tree = {
         "project": {"data_dir": str(data), "workers": 1, "mlflow_uri": f"sqlite:///{data}/mlflow.db"},
-        "demo": {"max_pieces": 4, "excerpt_s": 6.0},
-        "acquire": {"sources": sources or [str(data / "demo" / "audio")], "retries": 0, "backoff_s": 0},
+        "demo": {
+            "players": {"solo": {"composers": ["chopin", "joplin", "mozart", "haydn"], "max_pieces": 4}},
+            "excerpt_s": 6.0,
+        },
+        "styles": {"solo": {"sources": sources or [str(data / "demo" / "audio" / "solo")]}},
+        "acquire": {"retries": 0, "backoff_s": 0},
         "clean": {"min_notes": 4, "min_duration_s": 1.0},
         "base": {"max_pieces": 6, "composers": ["bach"]},
         "tokenize": {"vocab_size": 300, "max_seq_len": 64, "overlap": 16},
@@ -53,7 +57,7 @@ def test_data_flow_end_to_end_and_incremental(tmp_path):
     assert len(transcribe["processed"]) == 4 and not transcribe["failed"]
 
     split = read_json(data / "split" / "split.json")
-    style = split["style"]
+    style = split["styles"]["solo"]
     pieces = {name: {piece_id(i) for i in ids} for name, ids in style.items()}
     assert pieces["train"] and pieces["valid"] and pieces["test"]
     assert not (pieces["train"] & pieces["test"]) and not (pieces["train"] & pieces["valid"])
@@ -63,7 +67,7 @@ def test_data_flow_end_to_end_and_incremental(tmp_path):
     aug = read_json(data / "augment" / "report.json")
     assert aug["outputs"] >= 10 * len(style["train"])
 
-    windows = np.load(data / "tokenize" / "style" / "train.npy")
+    windows = np.load(data / "tokenize" / "style" / "solo" / "train.npy")
     assert windows.ndim == 2 and windows.shape[1] == 64 and len(windows) > 0
 
     # nothing changed: no stage does any work
@@ -75,9 +79,9 @@ def test_data_flow_end_to_end_and_incremental(tmp_path):
     # one more source: only that one is acquired and transcribed
     extra = tmp_path / "extra"
     extra.mkdir()
-    first = sorted((data / "demo" / "audio").glob("*.wav"))[0]
+    first = sorted((data / "demo" / "audio" / "solo").glob("*.wav"))[0]
     (extra / "another-take.wav").write_bytes(first.read_bytes())
-    cfg2 = tiny_cfg(data, sources=[str(data / "demo" / "audio"), str(extra)])
+    cfg2 = tiny_cfg(data, sources=[str(data / "demo" / "audio" / "solo"), str(extra)])
     run(cfg2)
     assert len(read_json(data / "acquire" / "report.json")["processed"]) == 1
     assert len(read_json(data / "transcribe" / "report.json")["processed"]) == 1
@@ -90,7 +94,7 @@ def test_bad_items_are_recorded_and_the_rest_go_on(tmp_path):
     bad.mkdir()
     (bad / "not-audio.wav").write_text("this is not audio")
     (bad / "empty.mp3").write_bytes(b"")
-    cfg = tiny_cfg(data, sources=[str(data / "demo" / "audio"), str(bad)])
+    cfg = tiny_cfg(data, sources=[str(data / "demo" / "audio" / "solo"), str(bad)])
     run(cfg)
     acquire = read_json(data / "acquire" / "report.json")
     assert len(acquire["failed"]) == 2
@@ -134,7 +138,7 @@ def test_train_evaluate_promote_and_a_poor_run_does_not_displace(tmp_path):
     client = mlflow_client(cfg)
     champion = client.get_model_version_by_alias(cfg.project.name, "champion")
     (finetune,) = list_runs(cfg, role="finetune", client=client)
-    assert champion.run_id == finetune.run_id
+    assert json.loads(champion.tags["jam.sources"]) == {"solo": finetune.run_id}
     assert finetune.metrics["test_nll"] < finetune.metrics["base_test_nll"]  # the fine-tune learned the style
 
     # a deliberately poor run: one step. It is trained, evaluated, compared, and does not become champion.
@@ -142,7 +146,7 @@ def test_train_evaluate_promote_and_a_poor_run_does_not_displace(tmp_path):
     summary = jam_flow(cfg=poor, dvc_commit=False, until="promote")
     assert "promote: unchanged" in summary
     assert len(list_runs(poor, role="finetune", client=client)) == 2
-    assert client.get_model_version_by_alias(cfg.project.name, "champion").run_id == finetune.run_id
+    assert client.get_model_version_by_alias(cfg.project.name, "champion").version == champion.version
 
 
 def _fake_training(monkeypatch, codes: list[int]):

@@ -44,10 +44,13 @@ def tune() -> Callable[..., list[NoteSpec]]:
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., Config]:
-    """Config whose data_dir is tmp_path/data, one worker; keyword args are sections (dicts)."""
+    """Config whose data_dir is tmp_path/data, one worker; keyword args are sections (dicts), and `sources` is a
+    shorthand for one style named "solo" with those sources."""
 
-    def make(**sections: Any) -> Config:
+    def make(sources: list[str] | None = None, **sections: Any) -> Config:
         project = {"data_dir": str(tmp_path / "data"), "workers": 1, **sections.pop("project", {})}
+        if sources is not None:
+            sections["styles"] = {"solo": {"sources": sources}}
         return config_from_dict({"project": project, **sections})
 
     return make

@@ -56,13 +56,22 @@ def test_warpers_equal_transformers(sampling):
 def test_grammar_masks():
     g = grammar()
     g.prepare(pending_velocity=False, leading=False, allow_eos=False)
-    assert allowed(g) == {3, 4, 5, 6, 7}  # no PAD/BOS/EOS, nor the padded embedding row 8
+    # no PAD/BOS/EOS, nor the padded embedding row 8; no stray Velocity, no NoteOff while no model note sounds
+    assert allowed(g) == {3, 5}
     g.prepare(pending_velocity=False, leading=False, allow_eos=True)
-    assert allowed(g) == {2, 3, 4, 5, 6, 7}
+    assert allowed(g) == {2, 3, 5}
     g.prepare(pending_velocity=True, leading=False, allow_eos=True)
     assert allowed(g) == {4}  # a NoteOn is followed by its Velocity
     g.prepare(pending_velocity=False, leading=True, allow_eos=True)
     assert allowed(g) == {3}  # an answer opens with a NoteOn
+
+
+def test_only_sounding_notes_end_and_a_held_key_is_not_struck_again():
+    g = grammar()
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, sounding=[62])
+    assert allowed(g) == {3, 5, 7}  # NoteOff_62 (id 7) now ends something; NoteOff_60 still does not
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, sounding=[60])
+    assert allowed(g) == {5, 6}  # 60 is held: its NoteOff may come, its NoteOn may not (one key sounds once)
 
 
 def test_overdue_note_forces_its_note_off():
@@ -72,7 +81,7 @@ def test_overdue_note_forces_its_note_off():
     g.prepare(pending_velocity=False, leading=False, allow_eos=True, overdue=[60, 62])
     assert allowed(g) == {6, 7}
     g.prepare(pending_velocity=False, leading=False, allow_eos=True, overdue=[99])  # no NoteOff id: no forcing
-    assert allowed(g) == {2, 3, 4, 5, 6, 7}
+    assert allowed(g) == {2, 3, 5}
     g.prepare(pending_velocity=True, leading=False, allow_eos=True, overdue=[60])  # the Velocity comes first
     assert allowed(g) == {4}
 
@@ -80,5 +89,5 @@ def test_overdue_note_forces_its_note_off():
 def test_no_note_ends_at_its_onset():
     ops = [*OPS, (("on", 64), ("vel", 80), ("off", 64)), (("on", 64), ("vel", 80), ("shift", 0.5), ("off", 64))]
     g = GrammarProcessor(ops, pad_id=0, bos_id=1, eos_id=2, model_vocab=len(ops))
-    g.prepare(pending_velocity=False, leading=False, allow_eos=False, just_started=[60])
-    assert allowed(g) == {3, 4, 5, 7, 9}  # NoteOff_60 right after its NoteOn, and the id 8 holding an empty note
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, just_started=[60], sounding=[60, 62])
+    assert allowed(g) == {5, 7, 9}  # NoteOff_60 right after its NoteOn, and the id 8 holding an empty note

@@ -1,4 +1,4 @@
-"""What acquire reads: `acquire.sources` expanded into `Source`s, one adapter per kind behind `make_adapter`.
+"""What acquire reads: every style's `sources` expanded into `Source`s, one adapter per kind behind `make_adapter`.
 
 An adapter is `fetch(source, cfg, out_dir) -> list[row]`: it stores the source's items under `out_dir` and returns
 one manifest row per item (a playlist yields several). A row with an `error` key is a failed item, one with a
@@ -35,15 +35,19 @@ class AcquireError(ItemError):
 
 @dataclass
 class Source:
-    """One entry of `acquire.sources` after folder expansion.
+    """One entry of a style's `sources` after folder expansion.
 
     Attributes:
         kind: "url", "audio", "midi", or "invalid" (a missing path or an unsupported file type).
         location: the URL, or the file path as given (relative to the CWD).
+        style: the style (player) whose sources list it; its items carry it into the manifest.
+        problem: why an "invalid" source is unusable, when that is not the file itself (listed by two styles).
     """
 
     kind: str
     location: str
+    style: str = ""
+    problem: str = ""
 
     @property
     def path(self) -> Path:
@@ -64,37 +68,44 @@ class Source:
         return f"{slug(self.path.stem)}-{self.sha256[:8]}"
 
 
-def _file_source(path: Path) -> Source:
+def _file_source(path: Path, style: str) -> Source:
     suffix = path.suffix.lower()
     kind = "audio" if suffix in C.AUDIO_EXTENSIONS else "midi" if suffix in C.MIDI_EXTENSIONS else "invalid"
-    return Source(kind if path.is_file() else "invalid", str(path))
+    return Source(kind if path.is_file() else "invalid", str(path), style)
+
+
+def _expand(text: str, style: str) -> list[Source]:
+    if URL_RE.match(text):
+        return [Source("url", text, style)]
+    if Path(text).is_dir():
+        exts = (*C.AUDIO_EXTENSIONS, *C.MIDI_EXTENSIONS)
+        return [_file_source(p, style) for p in sorted(Path(text).rglob("*")) if p.suffix.lower() in exts]
+    return [_file_source(Path(text), style)]
 
 
 def expand_sources(cfg: Config) -> list[Source]:
-    """`acquire.sources` as a flat, de-duplicated list; folders expand to their audio/MIDI files, sorted.
+    """Every style's sources as one flat, de-duplicated list; folders expand to their audio/MIDI files, sorted.
+
+    A source listed by two styles belongs to neither: it comes back once as "invalid" with the reason (a piece is
+    one player's), so the report names it and the other sources go on.
 
     Args:
         cfg: the project config; paths are relative to the CWD.
 
     Returns:
-        Sources in the order given (folder contents sorted).
+        Sources in the order given (styles in order, folder contents sorted).
     """
-    out: list[Source] = []
-    seen: set[str] = set()
-    for text in cfg.acquire.sources:
-        if URL_RE.match(text):
-            found = [Source("url", text)]
-        elif Path(text).is_dir():
-            exts = (*C.AUDIO_EXTENSIONS, *C.MIDI_EXTENSIONS)
-            found = [_file_source(p) for p in sorted(Path(text).rglob("*")) if p.suffix.lower() in exts]
-        else:
-            found = [_file_source(Path(text))]
-        for source in found:
-            key = source.location if source.kind == "url" else str(Path(source.location).resolve())
-            if key not in seen:
-                seen.add(key)
-                out.append(source)
-    return out
+    out: dict[str, Source] = {}
+    for style, section in cfg.styles.items():
+        for text in section.sources:
+            for source in _expand(text, style):
+                key = source.location if source.kind == "url" else str(Path(source.location).resolve())
+                if key not in out:
+                    out[key] = source
+                elif out[key].style != style and out[key].kind != "invalid":
+                    first = out[key].style
+                    out[key] = Source("invalid", source.location, first, f"listed by styles {first} and {style}")
+    return list(out.values())
 
 
 def source_key(source: Source, cfg: Config) -> str:
@@ -105,6 +116,8 @@ def source_key(source: Source, cfg: Config) -> str:
 
 def _invalid(source: Source, cfg: Config, out_dir: Path) -> list[Row]:
     path = source.path
+    if source.problem:
+        raise AcquireError(source.problem)
     raise AcquireError("no such file" if not path.exists() else f"unsupported file type '{path.suffix}'")
 
 

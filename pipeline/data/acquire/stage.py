@@ -78,16 +78,18 @@ def _job(source: Source, cfg: Config, out_dir: Path) -> Job:
 
 
 def _stored_rows(sources: list[Source], index: ItemIndex, out_dir: Path, report: StageReport) -> list[Row]:
-    """The good rows every source holds now; a URL that failed this run keeps last run's (reported cached)."""
+    """The good rows every source holds now, each with its source's style (the config's today, not the cached
+    one's: moving a folder to another style re-labels its items without fetching them again); a URL that failed
+    this run keeps last run's rows (reported cached)."""
     rows = []
     for source in sources:
         entry = index.entries.get(source.item_id) or {}
-        if not all((out_dir / o).exists() for o in entry.get("outputs", [])):
+        if source.kind == "invalid" or not all((out_dir / o).exists() for o in entry.get("outputs", [])):
             continue
         good = good_rows(entry.get("rows", []))
         if source.kind == "url" and source.location in report.failed:
             report.cached.extend(r["id"] for r in good)
-        rows.extend(good)
+        rows.extend({**r, "style": source.style} for r in good)
     return rows
 
 
@@ -101,7 +103,7 @@ def _prune(index: ItemIndex, keep: set[str], out_dir: Path) -> list[str]:
 
 
 def run_acquire(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
-    """Acquire every source in `acquire.sources` into `data/acquire/`; incremental per source.
+    """Acquire every style's sources into `data/acquire/`; incremental per source. Manifest rows name their style.
 
     Files are decoded on `project.workers` processes, URLs downloaded one at a time.
 
@@ -126,6 +128,7 @@ def run_acquire(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRep
     report.outputs = len({r["id"] for r in rows})
     report.stats = {
         "sources": len(sources),
+        "styles": {name: sum(1 for r in rows if r["style"] == name) for name in cfg.styles},
         "pruned_sources": pruned,
         "audio_s": round(sum(r.get("duration_s") or 0 for r in rows if r["kind"] == "audio"), 1),
     }

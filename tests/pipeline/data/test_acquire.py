@@ -45,7 +45,7 @@ def _good_midi(tmp_path: Path) -> Path:
 
 
 def _run_with_bad(make_cfg, tmp_path: Path, bad: Path | str) -> tuple[dict, object]:
-    cfg = make_cfg(acquire={"sources": [str(_good_midi(tmp_path)), str(bad)]})
+    cfg = make_cfg(sources=[str(_good_midi(tmp_path)), str(bad)])
     report = run_stage("acquire", cfg)
     assert len(report.processed) == 1 and len(report.failed) == 1, report
     assert _no_temp_files(cfg)
@@ -57,7 +57,7 @@ def test_local_audio_and_midi_then_cached_then_pruned(tmp_path, make_cfg):
     wav = sine_wav(folder / "My Take #1.wav", seconds=1.0, sr=44100, channels=2)
     mid = make_midi([(60, 0.0, 0.5), (67, 0.5, 1.0)], folder / "sub" / "tune.mid")
     (folder / "notes.txt").write_text("not a source")
-    cfg = make_cfg(acquire={"sources": [str(folder)]})
+    cfg = make_cfg(sources=[str(folder)])
     assert [s.kind for s in expand_sources(cfg)] == ["audio", "midi"]
 
     report = run_stage("acquire", cfg)
@@ -85,7 +85,7 @@ def test_url_download_from_loopback_then_no_network(tmp_path, make_cfg, http_ser
     root, base, requests = http_server
     sine_wav(root / "take.wav", seconds=1.5)
     url = f"{base}/take.wav"
-    cfg = make_cfg(acquire={"sources": [url], **FAST_NET})
+    cfg = make_cfg(sources=[url], acquire=FAST_NET)
 
     report = run_stage("acquire", cfg)
     (row,) = _manifest(cfg).values()
@@ -110,7 +110,7 @@ def test_too_long_download_is_dropped(tmp_path, make_cfg, http_server):
     root, base, _ = http_server
     sine_wav(root / "long.wav", seconds=3.0)
     sources = [f"{base}/long.wav", str(_good_midi(tmp_path))]
-    cfg = make_cfg(acquire={"sources": sources, "max_duration_s": 2.0, **FAST_NET})
+    cfg = make_cfg(sources=sources, acquire={"max_duration_s": 2.0, **FAST_NET})
     report = run_stage("acquire", cfg)
     assert next(iter(report.dropped.values())).startswith("longer than acquire.max_duration_s")
     assert not list((cfg.stage_dir("acquire") / "audio").glob("*.wav"))
@@ -135,7 +135,7 @@ def test_playlist_entries_fail_drop_and_succeed_independently(tmp_path, make_cfg
     (root / "bad.wav").write_text("not audio\n" * 50)
     items = [("one", "one.wav", 1), ("long", "long.wav", 999), ("bad", "bad.wav", None)]
     (root / "feed.xml").write_text(_feed(base, items))
-    cfg = make_cfg(acquire={"sources": [f"{base}/feed.xml"], "max_duration_s": 60, **FAST_NET})
+    cfg = make_cfg(sources=[f"{base}/feed.xml"], acquire={"max_duration_s": 60, **FAST_NET})
 
     report = run_stage("acquire", cfg)
     assert len(report.processed) == 1 and len(report.dropped) == 1 and len(report.failed) == 1, report
@@ -215,7 +215,7 @@ def test_unreachable_url_fails_fast(tmp_path, make_cfg):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/take.wav"
-    cfg = make_cfg(acquire={"sources": [url, str(_good_midi(tmp_path))], "retries": 3, "backoff_s": 5.0})
+    cfg = make_cfg(sources=[url, str(_good_midi(tmp_path))], acquire={"retries": 3, "backoff_s": 5.0})
     t0 = time.perf_counter()
     report = run_stage("acquire", cfg)
     assert time.perf_counter() - t0 < 5.0  # connection refused is not retried
@@ -225,7 +225,7 @@ def test_unreachable_url_fails_fast(tmp_path, make_cfg):
 def test_url_serving_non_audio_fails_and_cleans_up(tmp_path, make_cfg, http_server):
     root, base, _ = http_server
     (root / "fake.mp3").write_text("not audio at all\n" * 50)
-    cfg = make_cfg(acquire={"sources": [f"{base}/fake.mp3", str(_good_midi(tmp_path))], **FAST_NET})
+    cfg = make_cfg(sources=[f"{base}/fake.mp3", str(_good_midi(tmp_path))], acquire=FAST_NET)
     report = run_stage("acquire", cfg)
     assert next(iter(report.failed.values())).startswith("cannot decode audio")
     assert not (cfg.stage_dir("acquire") / ARCHIVE_NAME).read_text()  # never archived: retried next run
@@ -235,7 +235,7 @@ def test_url_serving_non_audio_fails_and_cleans_up(tmp_path, make_cfg, http_serv
 def test_missing_and_unsupported_paths(tmp_path, make_cfg):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "doc.pdf").write_bytes(b"%PDF")
-    cfg = make_cfg(acquire={"sources": [str(tmp_path / "nope.wav"), str(tmp_path / "in" / "doc.pdf")]})
+    cfg = make_cfg(sources=[str(tmp_path / "nope.wav"), str(tmp_path / "in" / "doc.pdf")])
     with pytest.raises(AllItemsFailed):
         run_stage("acquire", cfg)
     report = json.loads((cfg.stage_dir("acquire") / "report.json").read_text())
@@ -253,3 +253,22 @@ def test_yt_dlp_does_the_retrying_with_doubling_backoff(tmp_path, make_cfg):
     opts = _ydl_options(make_cfg(acquire={"retries": 4, "backoff_s": 0.5}), tmp_path)
     assert opts["retries"] == opts["fragment_retries"] == opts["extractor_retries"] == 4
     assert [opts["retry_sleep_functions"]["http"](n) for n in range(3)] == [0.5, 1.0, 2.0]
+
+
+def test_rows_carry_their_style_and_a_source_listed_by_two_styles_belongs_to_neither(tmp_path, make_cfg):
+    a, b = (make_midi([(p, 0.0, 0.5), (p + 4, 0.5, 1.0)], tmp_path / f"{n}.mid") for p, n in ((60, "a"), (62, "b")))
+    both = tmp_path / "both"
+    shared = make_midi([(67, 0.0, 0.5), (71, 0.5, 1.0)], both / "shared.mid")
+    styles = {"jazz": {"sources": [str(a), str(shared)]}, "folk": {"sources": [str(b), str(both)]}}
+    cfg = make_cfg(styles=styles)
+    report = run_stage("acquire", cfg)
+    assert {r["style"] for r in _manifest(cfg).values()} == {"jazz", "folk"}
+    assert {r["source"]: r["style"] for r in _manifest(cfg).values()} == {str(a): "jazz", str(b): "folk"}
+    assert list(report.failed.values()) == ["listed by styles jazz and folk"]
+    assert report.stats["styles"] == {"jazz": 1, "folk": 1}
+    # moving a source to the other style re-labels its item without acquiring it again
+    moved = make_cfg(styles={"jazz": {"sources": [str(a), str(b)]}, "folk": {"sources": [str(shared)]}})
+    again = run_stage("acquire", moved)
+    assert {r["source"]: r["style"] for r in _manifest(moved).values()} == {str(a): "jazz", str(b): "jazz",
+                                                                             str(shared): "folk"}  # fmt: skip
+    assert len(again.processed) == 1  # only the shared file, no longer in two styles

@@ -61,7 +61,8 @@ def test_run_augment_fifty_train_pieces_give_at_least_500(make_cfg, midi_file, t
     for item in [*train, "held-out"]:
         midi_file(clean / f"{item}.mid", tune(12, low=48 + len(item) % 12))
     (clean / "broken.mid").write_bytes(b"MThd junk")
-    write_json(cfg.stage_dir("split") / "split.json", {"style": {"train": [*train, "broken"], "valid": ["held-out"]}})
+    split = {"a": {"train": [*train[:30], "broken"], "valid": ["held-out"]}, "b": {"train": train[30:]}}
+    write_json(cfg.stage_dir("split") / "split.json", {"styles": split})  # every style's train pieces
 
     report = run_stage("augment", cfg)
     out = sorted(p.stem for p in (cfg.stage_dir("augment") / "midi").glob("*.mid"))

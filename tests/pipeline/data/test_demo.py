@@ -12,14 +12,19 @@ from pipeline.core.graph import run_stage
 from pipeline.core.midi import load_midi
 from pipeline.data.demo import additive_synth, renderer_for
 
-SMALL = {"composers": ["chopin", "joplin"], "max_pieces": 2, "excerpt_s": 4.0, "sample_rate": 16000}
-IDS = ["chopin-mazurka06-2", "joplin-maple-leaf-rag"]
+PLAYERS = {
+    "keys": {"composers": ["chopin", "joplin"], "max_pieces": 2},
+    "fiddle": {"composers": ["ryansMammoth"], "max_pieces": 1, "accompany": True},
+}
+SMALL = {"players": PLAYERS, "excerpt_s": 4.0, "sample_rate": 16000}
+IDS = ["fiddle/ryansmammoth-paddymilesfricasseereel", "keys/chopin-mazurka06-2", "keys/joplin-maple-leaf-rag"]
 
 
 def test_demo_and_base_composers_must_differ():
+    players = {"a": {"composers": ["chopin"]}, "b": {"composers": ["bach"]}}
     with pytest.raises(ConfigError, match=r"demo\.composers and base\.composers"):
-        config_from_dict({"demo": {"composers": ["bach", "chopin"]}})
-    config_from_dict({"demo": {"composers": ["bach"], "enabled": False}})  # no demo: no clash
+        config_from_dict({"demo": {"players": players}})
+    config_from_dict({"demo": {"players": players, "enabled": False}})  # no demo: no clash
 
 
 def test_missing_soundfont_falls_back_with_warning(tmp_path):
@@ -55,11 +60,45 @@ def test_run_demo_fallback_synth_and_pruning(make_cfg, tmp_path):
     with pytest.warns(UserWarning, match="soundfont"):
         report = run_stage("demo", cfg)
     assert report.stats["renderer"] == "additive" and sorted(report.processed) == IDS
-    fewer = cfg.model_copy(update={"demo": cfg.demo.model_copy(update={"max_pieces": 1})})
+    fewer = cfg.model_copy(update={"demo": config_from_dict({"demo": {**SMALL, "soundfont": str(tmp_path / "nope.sf2"),
+        "players": {"keys": {**PLAYERS["keys"], "max_pieces": 1}}}}).demo})  # fmt: skip
     with pytest.warns(UserWarning):
         report = run_stage("demo", fewer)
-    assert report.cached == ["chopin-mazurka06-2"] and report.outputs == 2
-    assert not (cfg.stage_dir("demo") / "audio/joplin-maple-leaf-rag.wav").exists()
+    assert report.cached == ["keys/chopin-mazurka06-2"] and report.outputs == 2
+    assert not (cfg.stage_dir("demo") / "audio/keys/joplin-maple-leaf-rag.wav").exists()
+    assert not (cfg.stage_dir("demo") / "audio/fiddle").exists() or not any(
+        (cfg.stage_dir("demo") / "audio/fiddle").iterdir()
+    )
+
+
+def test_the_accompanied_player_gets_a_left_hand_under_the_tune(make_cfg):
+    from pipeline.data.base import list_corpus_pieces, parse_corpus_piece
+    from pipeline.data.demo import excerpt_midi
+
+    cfg = make_cfg(demo={**SMALL, "excerpt_s": 10.0})
+    rel = list_corpus_pieces(["ryansMammoth"], 1, smallest_first=True)[0]
+    tune, _ = parse_corpus_piece(rel, max_s=10.0)
+    bare = excerpt_midi(rel, cfg.demo, cfg.demo.players["keys"]).instruments[0].notes
+    played = excerpt_midi(rel, cfg.demo, cfg.demo.players["fiddle"]).instruments[0].notes
+    assert len(bare) == len(tune)
+    left = [n for n in played if n.pitch < min(t.pitch for t in tune)]
+    assert len(played) > len(bare) and len(left) >= 5  # a bass note per bar at least
+    assert max(n.velocity for n in left) < max(n.velocity for n in tune)  # softer than the tune
+
+
+def test_chord_choice_follows_the_melody():
+    from pipeline.data.accompany import Meter, accompany, choose_chord
+
+    def line(*pitches: int) -> list[pretty_midi.Note]:
+        return [pretty_midi.Note(80, p, i * 0.5, i * 0.5 + 0.5) for i, p in enumerate(pitches)]
+
+    assert choose_chord(line(60, 64, 67), tonic=0, minor=False) == (0, 4)  # C E G: I
+    assert choose_chord(line(65, 69, 72), tonic=0, minor=False) == (5, 4)  # F A C: IV
+    assert choose_chord(line(67, 71, 74), tonic=0, minor=False) == (7, 4)  # G B D: V
+    assert choose_chord(line(57, 60, 64), tonic=9, minor=True) == (9, 3)  # A C E in A minor: i
+    notes = accompany(line(60, 64, 67, 72), tonic=0, minor=False, meter=Meter(beats=2, beat_s=0.5))
+    bass = [n for n in notes if n.pitch < 53]
+    assert [n.start for n in bass] == [0.0, 1.0] and {n.pitch % 12 for n in bass} == {0}
 
 
 def test_phrase_file_leaves_rests_for_the_partner(tmp_path):

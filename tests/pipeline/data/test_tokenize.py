@@ -66,7 +66,7 @@ def make_corpus(data: Path) -> None:
                 for k, shift in enumerate(AUG_SHIFTS):
                     shifted = range(pitches.start + shift, pitches.stop + shift)
                     write_piece(data / "augment" / "midi" / f"{pid}__a{k}.mid", shifted, seed=seed)
-    write_split(data, split)
+    write_split(data, {"base": split["base"], "styles": {"solo": split["style"]}})
 
 
 def write_split(data: Path, split: dict) -> None:
@@ -173,13 +173,13 @@ def test_run_writes_windows_and_report(built):
     assert 0 < lengths["p50_beats"] <= lengths["max_note_beats"] <= lengths["longest_beats"]
     base_vocab = len(make_tokenizer(cfg.tokenize))
     assert base_vocab < stats["vocab_size"] <= 420
-    for corpus in ("style", "base"):
+    for corpus in ("style/solo", "base"):
         for split in ("train", "valid", "test"):
             arr = np.load(out / corpus / f"{split}.npy")
             assert arr.dtype == np.int32 and arr.shape[1] == 32 and len(arr) >= 1
             assert arr.shape[0] == stats["splits"][f"{corpus}/{split}"]["windows"]
             assert arr[0, 0] == stats["bos_id"] and arr.max() < stats["vocab_size"]
-    assert stats["splits"]["style/train"]["pieces"] == 2 * len(AUG_SHIFTS)  # augmented copies, not clean files
+    assert stats["splits"]["style/solo/train"]["pieces"] == 2 * len(AUG_SHIFTS)  # augmented copies, not clean files
     assert json.loads((out / "report.json").read_text())["stats"]["vocab_size"] == stats["vocab_size"]
 
 
@@ -188,9 +188,9 @@ def test_splits_do_not_leak(built):
     out, stats = cfg.stage_dir("tokenize"), report.stats
     tok = load_tokenizer(out / TOKENIZER_NAME)
     specials = {stats["pad_id"], stats["bos_id"], stats["eos_id"]}
-    train = pitches_in(tok, np.load(out / "style" / "train.npy"), specials)
+    train = pitches_in(tok, np.load(out / "style" / "solo" / "train.npy"), specials)
     assert train <= set(range(39, 47)) | set(range(49, 57))  # alpha/beta and their +-1 copies only
-    assert pitches_in(tok, np.load(out / "style" / "test.npy"), specials) <= set(range(80, 85))
+    assert pitches_in(tok, np.load(out / "style" / "solo" / "test.npy"), specials) <= set(range(80, 85))
     assert pitches_in(tok, np.load(out / "base" / "train.npy"), specials) <= set(range(60, 68))
 
 
@@ -259,9 +259,9 @@ def test_empty_style_train_is_a_clear_error(tmp_path):
     data = tmp_path / "data"
     make_corpus(data)
     split = json.loads((data / "split" / "split.json").read_text())
-    split["style"]["train"] = []
+    split["styles"]["solo"]["train"] = []
     write_split(data, split)
-    with pytest.raises(ValueError, match="style train split is empty"):
+    with pytest.raises(ValueError, match=r"no train pieces for style\(s\) \['solo'\]"):
         run_stage("tokenize", tiny_config(data))
 
 
@@ -269,7 +269,7 @@ def test_no_train_data_for_bpe_is_a_clear_error(tmp_path):
     data = tmp_path / "data"
     (data / "clean" / "style").mkdir(parents=True)
     (data / "clean" / "style" / "x.mid").write_bytes(b"garbage")
-    write_split(data, {"style": {"train": ["x"], "valid": [], "test": []}, "base": {}})
+    write_split(data, {"styles": {"solo": {"train": ["x"], "valid": [], "test": []}}, "base": {}})
     with pytest.raises(ValueError, match=r"gave tokens to learn BPE from.*unreadable MIDI"):
         run_stage("tokenize", tiny_config(data))
     assert not (data / "tokenize" / TOKENIZER_NAME).exists()  # nothing learned from nothing is kept
@@ -287,3 +287,19 @@ def test_every_item_failing_raises(tmp_path):
     with pytest.raises(AllItemsFailed, match="unreadable MIDI"):
         run_stage("tokenize", cfg)  # the tokenizer is kept (same vocabulary params); every piece fails
     assert np.load(data / "tokenize" / "base" / "test.npy").shape == (0, 32)  # emptied, not left stale
+
+
+def test_each_style_gets_its_own_windows(tmp_path):
+    data = tmp_path / "data"
+    make_corpus(data)
+    split = json.loads((data / "split" / "split.json").read_text())
+    solo = split["styles"].pop("solo")
+    split["styles"] = {"low": {**solo, "train": ["alpha"]}, "high": {"train": ["beta"], "valid": [], "test": []}}
+    write_split(data, split)
+    report = run_stage("tokenize", tiny_config(data))
+    out, stats = data / "tokenize", report.stats
+    tok = load_tokenizer(out / TOKENIZER_NAME)
+    specials = {stats["pad_id"], stats["bos_id"], stats["eos_id"]}
+    assert pitches_in(tok, np.load(out / "style" / "low" / "train.npy"), specials) <= set(range(39, 47))
+    assert pitches_in(tok, np.load(out / "style" / "high" / "train.npy"), specials) <= set(range(49, 57))
+    assert stats["splits"]["style/high/test"]["windows"] == 0 and stats["splits"]["style/low/test"]["windows"] > 0

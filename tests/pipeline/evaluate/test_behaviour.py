@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.files import sha256_file, write_json
+from pipeline.core.files import sha256_file, windows_dir, write_json
 from pipeline.core.graph import run_stage
 from pipeline.evaluate import features as F
 from pipeline.evaluate import samples as S
@@ -104,9 +104,10 @@ def world(tmp_path_factory):
              "note_lengths": {"max_note_beats": 2.0}}  # fmt: skip
     write_json(tok_dir / "report.json", {"stage": "tokenize", "stats": stats})
     for corpus, splits in corpora.items():
-        (tok_dir / corpus).mkdir()
+        folder = windows_dir(tok_dir, None if corpus == "base" else "style")  # tiny_cfg's one style is "style"
+        folder.mkdir(parents=True)
         for split, paths in splits.items():
-            np.save(tok_dir / corpus / f"{split}.npy", _windows(tok, paths))
+            np.save(folder / f"{split}.npy", _windows(tok, paths))
     import torch
 
     threads = torch.get_num_threads()
@@ -195,7 +196,7 @@ def test_fine_tuning_learns_the_style_without_forgetting_the_base(world):
 
     cfg, _, bundle, _ = world
     tok_dir = cfg.stage_dir("tokenize")
-    style, base = np.load(tok_dir / "style" / "test.npy"), np.load(tok_dir / "base" / "test.npy")
+    style, base = np.load(windows_dir(tok_dir, "style") / "test.npy"), np.load(windows_dir(tok_dir) / "test.npy")
     tuned, plain = load_model(bundle), load_model(bundle, adapters={})
     nll = {
         name: (mean_nll(plain, w, 0, 16), mean_nll(tuned, w, 0, 16)) for name, w in (("style", style), ("base", base))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,22 +16,23 @@ from pipeline.core.graph import io as graph_io
 from pipeline.core.graph import run_stage
 from pipeline.core.items import AllItemsFailed
 from pipeline.evaluate import features as F
-from pipeline.evaluate.stage import EvaluateError, load_test_set, mean_nll
+from pipeline.evaluate.stage import mean_nll
+from pipeline.evaluate.testset import EvaluateError, load_eval_data
 from pipeline.registry.client import mlflow_client
 from tests.pipeline.registry.test_promote import fake_run, make_store
 
 L = 48  # tokens per test window
 
 
-def _piece(path: Path, seed: int, n: int = 40) -> Path:
+def _piece(path: Path, seed: int, n: int = 40, low: int = 55, steps: tuple[int, ...] = (0, 240, 480)) -> Path:
     from symusic import Note, Score, Tempo, Track
 
     rng = np.random.default_rng(seed)
     score, track, tick = Score(480), Track(program=0), 0
     for _ in range(n):
         dur = int(rng.choice([120, 240, 480]))
-        track.notes.append(Note(tick, dur, int(rng.integers(55, 80)), int(rng.integers(50, 100))))
-        tick += int(rng.choice([0, 240, 480]))
+        track.notes.append(Note(tick, dur, int(rng.integers(low, low + 25)), int(rng.integers(50, 100))))
+        tick += int(rng.choice(steps))
     score.tracks.append(track)
     score.tempos.append(Tempo(0, 100.0))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,25 +108,38 @@ def _bundles(root: Path, tok_file: Path, vocab: int) -> tuple[Path, Path]:
     return base, ft
 
 
+# Two styles that a listener tells apart: "low" plays low, long and in chords, "high" runs high and even.
+STYLES = {"low": {"low": 40, "steps": (0, 0, 480, 960)}, "high": {"low": 70, "steps": (120, 240)}}
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> tuple[Config, dict[str, str]]:
-    """Tiny data tree (clean test pieces, split, tokenizer, test windows) and a store with base/fine-tune runs."""
+    """Tiny data tree (clean pieces of two styles, split, tokenizer, test windows) and a store with base and
+    fine-tune runs (one per style)."""
     root = tmp_path_factory.mktemp("evaluate")
     cfg = make_store(root, "jam-eval")
     data = root / "data"
-    pieces = [_piece(data / "clean" / "style" / f"p{i}.mid", i) for i in range(2)]
-    tok = _tokenizer(pieces)
+    split, pieces = {}, {}
+    for k, (style, shape) in enumerate(STYLES.items()):
+        ids = [f"{style}{i}" for i in range(6)]
+        pieces[style] = [_piece(data / "clean" / "style" / f"{i}.mid", 10 * k + j, **shape) for j, i in enumerate(ids)]
+        split[style] = {"train": ids[:4], "valid": [], "test": ids[4:]}
+    tok = _tokenizer([p for ps in pieces.values() for p in ps])
     tok_file = data / "tokenize" / "tokenizer.json"
     tok.save(tok_file)
-    (data / "tokenize" / "style").mkdir(parents=True)
-    np.save(data / "tokenize" / "style" / "test.npy", _windows(tok, pieces))
+    for style, paths in pieces.items():
+        (data / "tokenize" / "style" / style).mkdir(parents=True)
+        np.save(data / "tokenize" / "style" / style / "test.npy", _windows(tok, paths[4:]))
     write_json(data / "tokenize" / "report.json", {"stats": {"pad_id": 0, "bos_id": 1, "eos_id": 2}})
-    write_json(data / "split" / "split.json", {"style": {"train": [], "valid": [], "test": ["p0", "p1"]}})
+    write_json(data / "split" / "split.json", {"base": {}, "styles": split})
     base_bundle, ft_bundle = _bundles(root, tok_file, len(tok))
     runs = {"base": fake_run(cfg, "base", bundle=base_bundle)}
-    runs["ft"] = fake_run(cfg, "finetune", base_run_id=runs["base"], bundle=ft_bundle, params={"finetune.lora_r": "2"})
-    runs["broken"] = fake_run(cfg, "finetune", base_run_id=runs["base"], bundle=False)
+    for style in STYLES:
+        runs[style] = fake_run(cfg, "finetune", base_run_id=runs["base"], bundle=ft_bundle,
+                               params={"finetune.lora_r": "2"}, tags={"jam.style": style})  # fmt: skip
+    runs["broken"] = fake_run(cfg, "finetune", base_run_id=runs["base"], bundle=False, tags={"jam.style": "low"})
     tree = cfg.model_dump(mode="json")
+    tree["styles"] = {style: {"sources": [f"in/{style}"]} for style in STYLES}
     tree["evaluate"] = {
         "n_prompts": 2,
         "prompt_tokens": 8,
@@ -140,12 +155,13 @@ def world(tmp_path_factory) -> tuple[Config, dict[str, str]]:
 def test_evaluate_end_to_end(world):
     cfg, runs = world
     report = run_stage("evaluate", cfg)
-    assert report.processed == [runs["ft"]]
+    assert sorted(report.processed) == sorted([runs["low"], runs["high"]])
     assert "no 'bundle' artifact" in report.failed[runs["broken"]]
     assert report.stats["base_runs_logged"] == [runs["base"]]
+    assert report.stats["attribution"].startswith("held-out test pieces attributed correctly: 1.00")
 
     client = mlflow_client(cfg)
-    ft = client.get_run(runs["ft"]).data
+    ft = client.get_run(runs["low"]).data
     for name in (
         "test_nll",
         "test_ppl",
@@ -155,6 +171,11 @@ def test_evaluate_end_to_end(world):
         "style_score",
         "base_style_score",
         "base_validity_rate",
+        "style_attribution",
+        "style_attribution_ci_low",
+        "style_attribution_ci_high",
+        "base_style_attribution",
+        "attribution_classifier_accuracy",
         *(f"oa_{f}" for f in F.FEATURES),
         *(f"base_oa_{f}" for f in F.FEATURES),
     ):
@@ -163,29 +184,43 @@ def test_evaluate_end_to_end(world):
     assert m["test_ppl"] == pytest.approx(math.exp(m["test_nll"]), rel=1e-6)
     assert m["nll_ratio"] == pytest.approx(m["test_nll"] / m["base_test_nll"], rel=1e-6)
     assert 0.0 <= m["validity_rate"] <= 1.0 and 0.0 <= m["style_score"] <= 1.0
+    assert m["style_attribution_ci_low"] <= m["style_attribution"] <= m["style_attribution_ci_high"]
     assert m["test_nll"] != m["base_test_nll"]  # the adapter changes the model
     assert ft.tags["jam.eval_key"] == report.stats["eval_key"]
+    high = client.get_run(runs["high"]).data.metrics  # same bundle, other style: other test set, same samples
+    assert high["test_nll"] != m["test_nll"] and high["validity_rate"] == m["validity_rate"]
+    # every sample goes to one style or none: the two styles' shares of one model's samples add up to at most 1
+    assert m["style_attribution"] + high["style_attribution"] <= 1.0 + 1e-9
 
-    files = {a.path for a in client.list_artifacts(runs["ft"], "eval")}
+    files = {a.path for a in client.list_artifacts(runs["low"], "eval")}
     assert {"eval/features_oa.png", "eval/features_hist.png", "eval/samples.json", "eval/metrics.json"} <= files
     assert sum(f.startswith("eval/pianoroll_") for f in files) == 1
-    samples = json.loads(Path(client.download_artifacts(runs["ft"], "eval/samples.json")).read_text())
-    assert len(samples) == 4 and {s["seed"] for s in samples} == {0, 1}
+    samples = json.loads(Path(client.download_artifacts(runs["low"], "eval/samples.json")).read_text())
+    assert len(samples) == 8 and {s["seed"] for s in samples} == {0, 1}  # 2 prompts x 2 styles x 2 seeds
+    assert [s["prompt_style"] for s in samples[:4]] == ["low", "high", "low", "high"]  # drawn equally, interleaved
     if any(s["notes"] for s in samples):
-        assert client.list_artifacts(runs["ft"], "eval/samples")
+        assert client.list_artifacts(runs["low"], "eval/samples")
 
     base = client.get_run(runs["base"]).data
-    assert base.metrics["test_nll"] == pytest.approx(m["base_test_nll"])
-    assert "nll_ratio" not in base.metrics
+    assert base.metrics["low/test_nll"] == pytest.approx(m["base_test_nll"])
+    assert base.metrics["high/test_nll"] == pytest.approx(high["base_test_nll"])
+    assert "nll_ratio" not in base.metrics and "low/nll_ratio" not in base.metrics
 
     again = run_stage("evaluate", cfg)  # same params: evaluated runs are skipped, the broken one still reported
-    assert again.cached == [runs["ft"]] and not again.processed
+    assert sorted(again.cached) == sorted([runs["low"], runs["high"]]) and not again.processed
     assert list(again.failed) == [runs["broken"]]
 
-    base_only = run_stage("evaluate", cfg, run_id=runs["base"], force=True)  # a base run alone: its own metrics
+    base_only = run_stage("evaluate", cfg, run_id=runs["base"], force=True)  # a base run alone: every style
     assert base_only.processed == [runs["base"]]
-    assert base_only.stats[runs["base"]]["test_nll"] == pytest.approx(m["base_test_nll"])
+    assert base_only.stats[runs["base"]]["low/test_nll"] == pytest.approx(m["base_test_nll"])
     assert "nll_ratio" not in base_only.stats[runs["base"]]
+
+
+def test_a_run_of_a_style_no_longer_configured_fails_clearly(world):
+    cfg, runs = world
+    only_low = cfg.model_copy(update={"styles": {"low": cfg.styles["low"]}})
+    with pytest.raises(AllItemsFailed, match=r"style 'high' is not under params\.yaml's styles \['low'\]"):
+        run_stage("evaluate", only_low, run_id=runs["high"], force=True)
 
 
 def test_evaluate_a_run_without_bundle_fails_clearly(world):
@@ -203,7 +238,7 @@ def test_cli_evaluate_reports_missing_data(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"project": {"data_dir": str(tmp_path / "data")}}))
     result = CliRunner().invoke(app, ["evaluate", "-p", str(params)])
-    assert result.exit_code == 1 and "empty test split" in result.output
+    assert result.exit_code == 1 and "run `jam stage tokenize` first" in result.output
 
 
 def test_empty_test_split_is_a_clear_error(world, tmp_path):
@@ -211,12 +246,20 @@ def test_empty_test_split_is_a_clear_error(world, tmp_path):
     tree = cfg.model_dump(mode="json")
     tree["project"]["data_dir"] = str(tmp_path / "data")
     empty = config_from_dict(tree)
-    write_json(tmp_path / "data" / "split" / "split.json", {"style": {"train": ["a"], "valid": [], "test": []}})
-    with pytest.raises(EvaluateError, match="empty test split"):
+    (tmp_path / "data" / "tokenize").mkdir(parents=True)
+    shutil.copy(cfg.stage_dir("tokenize") / "tokenizer.json", tmp_path / "data" / "tokenize" / "tokenizer.json")
+    split = {"low": {"train": ["a"], "valid": [], "test": []}, "high": {"test": ["b"]}}
+    write_json(tmp_path / "data" / "split" / "split.json", {"styles": split})
+    with pytest.raises(EvaluateError, match=r"empty test split: split\.json lists no test pieces of style 'low'"):
         run_stage("evaluate", empty)
-    write_json(tmp_path / "data" / "split" / "split.json", {"style": {"test": ["a"]}})
+    write_json(
+        tmp_path / "data" / "split" / "split.json", {"styles": {"low": {"test": ["a"]}, "high": {"test": ["b"]}}}
+    )
     with pytest.raises(EvaluateError, match="jam stage tokenize"):
-        load_test_set(empty, graph_io(empty, "evaluate")[0])
+        load_eval_data(empty, graph_io(empty, "evaluate")[0])
+    write_json(tmp_path / "data" / "split" / "split.json", {"styles": {"low": {"test": ["a"]}}})
+    with pytest.raises(EvaluateError, match=r"split.json has no style \['high'\]"):
+        load_eval_data(empty, graph_io(empty, "evaluate")[0])
 
 
 def test_mean_nll_of_uniform_model_is_log_vocab():

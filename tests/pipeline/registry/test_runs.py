@@ -7,14 +7,16 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.core.config import config_from_dict
 from pipeline.core.graph import run_stage
 from pipeline.registry.client import RunsError, mlflow_client
 from pipeline.registry.runs import download_bundle, list_runs, runs_table, ui_command
-from tests.pipeline.registry.test_promote import GOOD, fake_run, make_store
+from tests.pipeline.registry.test_promote import GOOD, _style_bundle, fake_run, make_store
 
 
 def test_jam_runs_lists_both_runs_with_aliases(tmp_path):
     cfg = make_store(tmp_path / "store", "jam-runs")
+    cfg = cfg.model_copy(update={"styles": config_from_dict({"styles": {"solo": {"sources": ["x"]}}}).styles})
     # Training logs the whole config flattened: both sections appear in every run.
     flat = {
         "pretrain.max_steps": "300",
@@ -25,18 +27,22 @@ def test_jam_runs_lists_both_runs_with_aliases(tmp_path):
     }
     base = fake_run(cfg, "base", {"test_nll": 2.5}, params=flat)
     ci = {"style_score_ci_low": 0.55, "style_score_ci_high": 0.66}
-    ft = fake_run(cfg, "finetune", {"test_nll": 2.0, "style_score": 0.61, **ci, **GOOD}, base, params=flat)
-    assert run_stage("promote", cfg).action == "promoted"
+    metrics = {"test_nll": 2.0, "style_score": 0.61, **ci, **GOOD}
+    ft = fake_run(cfg, "finetune", metrics, base, _style_bundle("solo"), params=flat, tags={"jam.style": "solo"})
+    promoted = run_stage("promote", cfg)
+    assert promoted.action == "promoted"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"project": cfg.project.model_dump(mode="json")}))
 
     result = CliRunner().invoke(app, ["runs", "--params", str(params)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split()[:6] == ["run", "role", "started", "lora_r", "steps", "lr"]
+    assert lines[0].split()[:7] == ["run", "role", "style", "started", "lora_r", "steps", "lr"]
     ft_line = next(line for line in lines if line.startswith(ft[:8]))
     base_line = next(line for line in lines if line.startswith(base[:8]))
-    assert "finetune" in ft_line and "champion" in ft_line and " 8 " in ft_line and "0.0002" in ft_line
+    release_line = next(line for line in lines if line.startswith(promoted.run_id[:8]))
+    assert "finetune  solo" in ft_line and " 8 " in ft_line and "0.0002" in ft_line
+    assert "release" in release_line and release_line.endswith("champion") and "champion" not in ft_line
     assert "0.61 [0.55, 0.66]" in ft_line and "0.9" in ft_line  # style_score with its CI; validity
     assert "base" in base_line and "300" in base_line and "0.001" in base_line and "champion" not in base_line
     assert " 8 " not in base_line  # a base run has no LoRA rank

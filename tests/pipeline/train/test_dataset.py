@@ -64,8 +64,8 @@ def test_dataset_info_from_a_real_run(tmp_path):
     info = dataset_info(data / "tokenize")
     assert info["max_seq_len"] == 32 and info["pad_id"] == 0 and info["kind"] == "MIDILike"
     assert info["tokenizer_path"].endswith("tokenizer.json")
-    ds = TokenWindows(data / "tokenize" / "style" / "train.npy", pad_id=info["pad_id"])
-    assert len(ds) == info["splits"]["style/train"]["windows"] and ds.seq_len == info["max_seq_len"]
+    ds = TokenWindows(data / "tokenize" / "style" / "solo" / "train.npy", pad_id=info["pad_id"])
+    assert len(ds) == info["splits"]["style/solo/train"]["windows"] and ds.seq_len == info["max_seq_len"]
     assert int(ds[0]["input_ids"].max()) < info["vocab_size"] and ds[0]["input_ids"][0] == info["bos_id"]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.config import ConfigError
+from pipeline.core.config import ConfigError, config_from_dict
 from pipeline.core.graph import run_stage
 from pipeline.registry.client import mlflow_client
 from pipeline.registry.tracking import BASE_PATH_TAG, BASE_RUN_TAG, ROLE_TAG
@@ -34,7 +34,7 @@ def test_pretrain_then_finetune_bundle_in_mlflow(tmp_path):
     base_report = run_stage("pretrain", cfg)
     assert (cfg.stage_dir("pretrain") / "base" / "config.json").is_file()
     report = run_stage("finetune", cfg)
-    assert report.stats["steps"] == cfg.finetune.max_steps and report.processed == ["style"]
+    assert report.stats["style"]["steps"] == cfg.finetune.max_steps and report.processed == ["style"]
 
     (base_run,) = _runs(cfg, "base")
     (run,) = _runs(cfg, "finetune")
@@ -54,7 +54,7 @@ def test_pretrain_then_finetune_bundle_in_mlflow(tmp_path):
     assert info["config"]["finetune"]["lora_r"] == 4 and info["config"] == cfg.model_dump(mode="json")
     tok_report = json.loads((cfg.stage_dir("tokenize") / "report.json").read_text())
     assert info["max_note_beats"] == tok_report["stats"]["note_lengths"]["max_note_beats"] > 0  # for the runner
-    fingerprints = base_report.stats["fingerprint"][:8], report.stats["fingerprint"][:8]
+    fingerprints = base_report.stats["fingerprint"][:8], report.stats["style"]["fingerprint"][:8]
     assert base_run.info.run_name == f"pretrain-{fingerprints[0]}"
     assert run.info.run_name == f"finetune-style-r4-{fingerprints[1]}"
     ids = torch.from_numpy(token_windows(2, 5, 3)).long()
@@ -66,9 +66,32 @@ def test_pretrain_then_finetune_bundle_in_mlflow(tmp_path):
     assert (logged - base).abs().max() > 0  # the adapter moved
 
     again = run_stage("finetune", cfg)  # up to date: nothing trained, no new run
-    assert again.cached == ["finetune"] and len(_runs(cfg, "finetune")) == 1
+    assert again.cached == ["style"] and len(_runs(cfg, "finetune")) == 1
     fresh = run_stage("finetune", tiny_cfg(tmp_path, finetune={"max_steps": 3}), fresh=True)
-    assert fresh.stats["run_id"] != run.info.run_id and len(_runs(cfg, "finetune")) == 2
+    assert fresh.stats["style"]["run_id"] != run.info.run_id and len(_runs(cfg, "finetune")) == 2
+
+
+def test_one_adapter_per_style_then_one_bundle_holding_them_all(tmp_path):
+    styles = config_from_dict({"styles": {"jazz": {"sources": ["a"]}, "folk": {"sources": ["b"]}}}).styles
+    cfg = tiny_cfg(tmp_path, finetune={"max_steps": 4}).model_copy(update={"styles": styles})
+    write_token_data(cfg.project.data_dir, styles=("jazz", "folk"))
+    run_stage("pretrain", cfg)
+    report = run_stage("finetune", cfg)
+    assert report.processed == ["jazz", "folk"]
+    runs = {r.data.tags["jam.style"]: r for r in _runs(cfg, "finetune")}
+    assert sorted(runs) == ["folk", "jazz"] and runs["jazz"].info.run_name.startswith("finetune-jazz-r4-")
+    assert runs["jazz"].data.tags[BASE_RUN_TAG] == runs["folk"].data.tags[BASE_RUN_TAG]
+    info = json.loads((cfg.stage_dir("finetune") / "bundle" / "bundle.json").read_text())
+    assert info["adapters"] == {"jazz": "adapters/jazz", "folk": "adapters/folk"} and info["default_adapter"] == "jazz"
+    assert {s: v["source_run_id"] for s, v in info["styles"].items()} == {s: r.info.run_id for s, r in runs.items()}
+    ids = torch.from_numpy(token_windows(2, 5, 3)).long()
+    with torch.no_grad():
+        combined = cfg.stage_dir("finetune") / "bundle"
+        for style in ("jazz", "folk"):  # each adapter in the combined bundle is exactly its own run's
+            alone = load_model(cfg.stage_dir("finetune") / style / "bundle")(input_ids=ids).logits
+            torch.testing.assert_close(load_model(combined, adapters={style: 1.0})(input_ids=ids).logits, alone)
+    again = run_stage("finetune", cfg)
+    assert again.cached == ["jazz", "folk"] and len(_runs(cfg, "finetune")) == 2
 
 
 def test_base_from_a_local_folder(tmp_path):
@@ -86,13 +109,13 @@ def test_base_from_a_local_folder(tmp_path):
 
 
 def _empty_style(cfg):
-    np.save(cfg.stage_dir("tokenize") / "style" / "train.npy", np.zeros((0, SEQ), np.int32))
+    np.save(cfg.stage_dir("tokenize") / "style" / "style" / "train.npy", np.zeros((0, SEQ), np.int32))
 
 
 def _ids_out_of_vocab(cfg):
     windows = token_windows(8, 5, 0)
     windows[3, 4] = VOCAB.size + 7
-    np.save(cfg.stage_dir("tokenize") / "style" / "train.npy", windows)
+    np.save(cfg.stage_dir("tokenize") / "style" / "style" / "train.npy", windows)
 
 
 def _other_vocab_base(cfg):
@@ -104,8 +127,8 @@ def _other_vocab_base(cfg):
 
 BAD = {
     "empty dataset": (_empty_style, {}, TrainInputError, "empty dataset"),
-    "missing dataset": (lambda c: (c.stage_dir("tokenize") / "style" / "train.npy").unlink(), {}, TrainInputError,
-                        "missing dataset"),
+    "missing dataset": (lambda c: (c.stage_dir("tokenize") / "style" / "style" / "train.npy").unlink(), {},
+                        TrainInputError, "missing dataset"),
     "ids out of vocab": (_ids_out_of_vocab, {}, TrainInputError, "outside the vocabulary"),
     "vocab mismatch": (_other_vocab_base, {}, VocabMismatch, "vocab_size 96 != tokenizer vocab_size 128"),
     "batch too large": (None, {"batch_size": 64}, TrainInputError, "larger than the 32 training windows"),

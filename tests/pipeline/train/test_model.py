@@ -30,6 +30,7 @@ SEQ = 32  # tokens per window in the synthetic data
 # A model small enough that a training step takes milliseconds on one CPU core.
 TINY = {
     "project": {"data_dir": "data", "mlflow_uri": "sqlite:///mlruns/mlflow.db", "artifact_dir": "mlruns/artifacts"},
+    "styles": {"style": {"sources": ["data/demo/audio"]}},  # one style named "style"; its windows come from tests
     "tokenize": {"max_seq_len": SEQ, "overlap": 8},
     "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
     "pretrain": {"batch_size": 4, "max_steps": 8, "warmup_steps": 2, "eval_every": 4, "system_metrics": False},
@@ -80,8 +81,11 @@ def token_windows(n: int, stride: int, seed: int, seq: int = SEQ, vocab: Vocab =
     return out
 
 
-def write_token_data(data_dir: Path, n_base: int = 32, n_style: int = 32, vocab: Vocab = VOCAB) -> Path:
-    """What the tokenize stage leaves in `data_dir/tokenize`: tokenizer.json, report.json, <corpus>/<split>.npy."""
+def write_token_data(
+    data_dir: Path, n_base: int = 32, n_style: int = 32, vocab: Vocab = VOCAB, styles: tuple[str, ...] = ("style",)
+) -> Path:
+    """What the tokenize stage leaves in `data_dir/tokenize`: tokenizer.json, report.json, base/<split>.npy and
+    style/<name>/<split>.npy for each of `styles` (each its own progression stride)."""
     tok = data_dir / "tokenize"
     tok.mkdir(parents=True, exist_ok=True)
     (tok / "tokenizer.json").write_text(json.dumps({"synthetic": True, "vocab_size": vocab.size}))
@@ -89,8 +93,9 @@ def write_token_data(data_dir: Path, n_base: int = 32, n_style: int = 32, vocab:
              "kind": "MIDILike", "max_seq_len": SEQ, "overlap": 8, "tokenizer_sha256": "0" * 64,
              "note_lengths": {"notes": 100, "quantile": 0.995, "max_note_beats": 6.0}}  # fmt: skip
     (tok / "report.json").write_text(json.dumps({"stage": "tokenize", "stats": stats}))
-    for corpus, n, stride, seed in (("base", n_base, 3, 0), ("style", n_style, 5, 1)):
-        (tok / corpus).mkdir(exist_ok=True)
+    corpora = [("base", n_base, 3, 0)] + [(f"style/{name}", n_style, 5 + 2 * i, 1 + i) for i, name in enumerate(styles)]
+    for corpus, n, stride, seed in corpora:
+        (tok / corpus).mkdir(parents=True, exist_ok=True)
         np.save(tok / corpus / "train.npy", token_windows(n, stride, seed))
         np.save(tok / corpus / "valid.npy", token_windows(max(4, n // 8), stride, seed + 10))
     return tok
