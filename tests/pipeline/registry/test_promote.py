@@ -126,12 +126,12 @@ def test_gate_reasons_per_gate():
 
 
 def test_forgetting_gate_blocks_a_run_that_forgot_its_base_corpus():
-    pc, limit = Config().promote, Config().evaluate.max_forgetting  # 0.35: the demo measured +30 %
+    pc, limit = Config().promote, Config().evaluate.max_forgetting  # 0.40: the demo measured +23 % and +35 %
     ok = _summary("a", 1, **GOOD, base_corpus_nll_change=limit)
     assert gate_reasons(ok, pc, limit) == []
     forgot = _summary("b", 1, **GOOD, base_corpus_nll_change=limit + 0.01)
     (reason,) = gate_reasons(forgot, pc, limit)
-    assert reason.startswith("forgetting gate: base_corpus_nll_change +36.0% > +35.0%")
+    assert reason.startswith("forgetting gate: base_corpus_nll_change +41.0% > +40.0%")
     assert gate_reasons(forgot, pc) == []  # no margin given: no gate
     assert gate_reasons(_summary("c", 1, **GOOD), pc, limit) == []  # not logged (no base corpus test split): skipped
 
