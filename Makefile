@@ -56,6 +56,7 @@ demo: venv sysdeps
 	$(BIN)/jam play --input out/demo-phrases.mid -a classical --record out/demo-jam.mid --seed 0
 	$(BIN)/jam play --input "$(call piece,folk)" -a folk --mode continuous --record out/demo-accompany.mid \
 	  --duration-s 15 --seed 0
+	$(BIN)/jam evaluate --blend classical,folk --check
 	$(BIN)/jam show out/demo-jam.mid
 	@if command -v fluidsynth >/dev/null && [ -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then \
 	  fluidsynth -ni -q -F out/demo-jam.wav -r 44100 /usr/share/sounds/sf2/FluidR3_GM.sf2 out/demo-jam.mid >/dev/null \

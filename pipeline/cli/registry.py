@@ -21,6 +21,7 @@ def evaluate(
         typer.Option(help="A,B: attribution to style A of blends {A: w, B: 1-w} of --model, w = 0 .. 1 (no MLflow)."),
     ] = None,
     model: Annotated[Path, typer.Option(help="Bundle for --blend.")] = Path("data/finetune/bundle"),
+    check: Annotated[bool, typer.Option(help="--blend: exit 1 unless attribution rises with the weight.")] = False,
     params: ParamsOpt = DEFAULT_PARAMS,
     set_: SetOpt = None,
 ) -> None:
@@ -33,7 +34,14 @@ def evaluate(
     from realtime.bundle_format import BundleError
 
     if blend:
-        echo_blend(guarded(lambda: _blend(cfg, blend, model), (EvaluateError, BundleError)))
+        from pipeline.evaluate.blend import blend_problem
+
+        a, b, rows = guarded(lambda: _blend(cfg, blend, model), (EvaluateError, BundleError))
+        echo_blend(a, b, rows)
+        problem = blend_problem(rows)
+        if check and problem:
+            typer.echo(f"error: blending {a} and {b}: {problem}", err=True)
+            raise typer.Exit(1)
         return
     call = lambda: run_stage("evaluate", cfg, run_id=run_id, force=force)  # noqa: E731
     echo_report(guarded(call, (EvaluateError, RunsError, AllItemsFailed)))
@@ -51,8 +59,7 @@ def _blend(cfg, spec: str, bundle: Path) -> tuple[str, str, list[dict]]:
     return a, b, blend_curve(bundle, a, b, load_eval_data(cfg, inputs), cfg, out_dir / "blend")
 
 
-def echo_blend(result: tuple[str, str, list[dict]]) -> None:
-    a, b, rows = result
+def echo_blend(a: str, b: str, rows: list[dict]) -> None:
     typer.echo(f"weight on {a} (rest on {b})  ->  share attributed to {a} [95 % CI]")
     for row in rows:
         typer.echo(f"  {row['weight']:.2f}  ->  {row['share']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]")

@@ -7,6 +7,7 @@ moves that share from B's end to A's as w goes from 0 to 1.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from pipeline.core.config import Config
@@ -17,6 +18,19 @@ from pipeline.evaluate.testset import EvalData, EvaluateError
 from realtime.bundle_format import load_tokenizer, read_bundle
 
 DEFAULT_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MIN_SPAN = 0.5  # share attributed to A at weight 1 minus at weight 0, at least, for a blend that works
+
+
+def blend_problem(rows: list[dict[str, float]]) -> str | None:
+    """Why a blend curve does not move with its weight (None: it does): the share attributed to A must not fall as
+    the weight on A rises, and must rise by at least MIN_SPAN from one end to the other."""
+    shares = [r["share"] for r in sorted(rows, key=lambda r: r["weight"])]
+    falls = [f"{a:.2f} -> {b:.2f}" for a, b in itertools.pairwise(shares) if b < a]
+    if falls:
+        return f"attribution falls as the weight rises ({', '.join(falls)})"
+    if shares[-1] - shares[0] < MIN_SPAN:
+        return f"attribution moves {shares[-1] - shares[0]:.2f} from one end to the other (< {MIN_SPAN})"
+    return None
 
 
 def blend_plan(a: str, b: str, weight: float) -> dict[str, float]:

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.evaluate import features as F
 from pipeline.evaluate.attribution import AttributionError, StyleClassifier, attribution, window_vectors
-from pipeline.evaluate.blend import blend_plan
+from pipeline.evaluate.blend import blend_plan, blend_problem
 
 
 def _melody(seed: int, beats: int = 32) -> list[F.Note]:
@@ -65,3 +65,12 @@ def test_a_classifier_needs_two_styles_with_windows():
 def test_blend_plan_ends_play_one_adapter():
     assert blend_plan("a", "b", 1.0) == {"a": 1.0} and blend_plan("a", "b", 0.0) == {"b": 1.0}
     assert blend_plan("a", "b", 0.25) == {"a": 0.25, "b": 0.75}
+
+
+def test_a_blend_must_move_attribution_with_its_weight():
+    def rows(*shares: float) -> list[dict[str, float]]:
+        return [{"weight": i / (len(shares) - 1), "share": s} for i, s in enumerate(shares)]
+
+    assert blend_problem(rows(0.0, 0.12, 0.67, 0.79, 0.92)) is None  # the demo model, measured
+    assert "falls as the weight rises (0.67 -> 0.60)" in blend_problem(rows(0.0, 0.67, 0.6, 0.9))
+    assert "moves 0.30 from one end" in blend_problem(rows(0.4, 0.5, 0.7))  # the prompt, not the weight, decides
