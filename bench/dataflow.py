@@ -39,8 +39,10 @@ def main() -> None:
     ap.add_argument("--until", default="tokenize", help="last stage (promote: the whole flow, ~7 min)")
     args = ap.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="jam-bench-"))
-    sources = [f"{data_dir}/demo/audio"]
-    src = f"acquire.sources={json.dumps(sources)}"
+    from pipeline.core.config import DEFAULT_PLAYERS
+
+    styles = {name: {"sources": [f"{data_dir}/demo/audio/{name}"]} for name in DEFAULT_PLAYERS}
+    src = f"styles={json.dumps(styles)}"
     first = jam_run(data_dir, [src], args.until)
     second = jam_run(data_dir, [src], args.until)
     report = json.loads((data_dir / "transcribe" / "report.json").read_text())

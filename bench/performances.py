@@ -60,11 +60,12 @@ def build(folder: Path, pieces: int, seconds: float, seed: int = 0) -> Path:
     (folder / "scores").mkdir(parents=True, exist_ok=True)
     (folder / "audio").mkdir(parents=True, exist_ok=True)
     made = 0
-    for rel in list_corpus_pieces(demo.composers, 3 * pieces, smallest_first=True):
+    player = demo.players["classical"]  # keyboard and chamber works: the demo player a pianist would perform
+    for rel in list_corpus_pieces(player.composers, 3 * pieces, smallest_first=True):
         if made == pieces:
             break
         try:
-            pm = perform(excerpt_midi(rel, demo), rng)
+            pm = perform(excerpt_midi(rel, demo, player), rng)
         except Exception:  # a corpus work too sparse for an excerpt: take the next
             continue
         item = f"perf{made:02d}"

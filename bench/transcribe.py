@@ -43,7 +43,9 @@ PEDAL_FRAME_S = 0.01  # seconds per frame of the pedal-down accuracy
 
 def pairs(folder: Path, limit: int | None) -> list[tuple[str, Path, Path]]:
     """(id, wav, ground-truth mid) for every id with both files, sorted."""
-    found = [(w.stem, w, folder / "scores" / f"{w.stem}.mid") for w in sorted((folder / "audio").glob("*.wav"))]
+    audio = folder / "audio"  # the demo's: audio/<player>/<id>.wav beside scores/<player>/<id>.mid
+    rels = [w.relative_to(audio).with_suffix("") for w in sorted(audio.rglob("*.wav"))]
+    found = [(str(r).replace("/", "-"), audio / f"{r}.wav", folder / "scores" / f"{r}.mid") for r in rels]
     found = [p for p in found if p[2].exists()]
     return found[:limit] if limit else found
 
