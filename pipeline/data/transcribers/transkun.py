@@ -9,6 +9,7 @@ bounded by one segment whatever the recording's length, and a note held across a
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -42,6 +43,24 @@ class TranskunModel:
     device: str
 
 
+def _in_bfloat16(inner: Any, device: str) -> Any:
+    """`inner` (a Transkun sub-module: backbone, interval scorer) run under bfloat16 autocast, handing float32
+    back, so that the semi-CRF's Viterbi (sums of scores along ~700 frames) stays in float32."""
+    import torch
+
+    class Bfloat16(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = self.inner(*args, **kwargs)
+            return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    return Bfloat16()
+
+
 def _package_dir() -> Path:
     import importlib.util
 
@@ -53,7 +72,8 @@ def _package_dir() -> Path:
 
 def model_id(tcfg: TranscribeConfig) -> str:
     """Names the weights and decoding code: part of every cache key."""
-    return f"transkun=={importlib.metadata.version('transkun')}/{WEIGHTS}/q={tcfg.quantize}"
+    version = importlib.metadata.version("transkun")
+    return f"transkun=={version}/{WEIGHTS}/q={tcfg.quantize}" + ("/bf16" if tcfg.precision == "bfloat16" else "")
 
 
 def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunModel:
@@ -91,6 +111,8 @@ def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunMo
         # the positional-embedding builder reads its Linear's .weight directly: left in float
         names = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and "posEmbed" not in n}
         net = torch.ao.quantization.quantize_dynamic(net, names, dtype=torch.qint8)
+    if tcfg.precision == "bfloat16":
+        net.backbone, net.scorer = _in_bfloat16(net.backbone, device), _in_bfloat16(net.scorer, device)
     return TranskunModel(net.to(device), device)
 
 
@@ -106,6 +128,14 @@ def _blocks(path: Path, fs: int) -> Iterator[np.ndarray]:
             yield stream.resample_chunk(mono) if stream else mono
         if stream:
             yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
+def _samples(path: Path, fs: int) -> int:
+    """The file's length in samples at `fs` Hz."""
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    return math.ceil(info.frames * fs / info.samplerate)
 
 
 def _segments(blocks: Iterator[np.ndarray], pad: int, size: int, step: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -140,8 +170,48 @@ def _merge(by_pitch: dict[int, list[Any]], events: list[Any]) -> None:
             by_pitch[e.pitch].append(e)
 
 
+def _batches(segments: Iterator[tuple[int, np.ndarray]], n: int) -> Iterator[list[tuple[int, np.ndarray]]]:
+    batch: list[tuple[int, np.ndarray]] = []
+    for item in segments:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _forward(net: Any, frames: Any) -> list[tuple[Any, Any]]:
+    """`processFramesBatch` on a batch of segments (the backbone and scorer: ~90 % of the time), split back into
+    one (CRF, context) per segment: the Viterbi back-tracking must still run one segment at a time, since each
+    segment's forced start positions come from the one before."""
+    from transkun import CRF
+
+    crf, ctx = net.processFramesBatch(frames)  # scores (T, T, batch * symbols); ctx (batch, symbols, T, D)
+    n = len(net.targetMIDIPitch)
+    return [
+        (CRF.NeuralSemiCRFInterval(crf.score[..., k * n : (k + 1) * n], crf.noiseScore[..., k * n : (k + 1) * n]), c)
+        for k, c in enumerate(ctx.split(1))
+    ]
+
+
+def _decode_segment(net: Any, frames: Any, forward: tuple[Any, Any], **kw: Any) -> tuple[list[Any], list[int]]:
+    """Transkun's `transcribeFrames` (Viterbi, velocity, refined onsets/offsets) on an already computed forward:
+    its `processFramesBatch` is shadowed on the instance for the call, so its own decoding code runs unchanged."""
+    net.processFramesBatch = lambda _frames: forward
+    try:
+        events, last = net.transcribeFrames(frames, **kw)
+    finally:
+        del net.processFramesBatch
+    return events[0], last
+
+
 def decode(path: Path, model: TranskunModel, tcfg: TranscribeConfig, progress: bool = True) -> list[Any]:
-    """Transkun's note and pedal events for one file (transkun.Data.Note, times in seconds)."""
+    """Transkun's note and pedal events for one file (transkun.Data.Note, times in seconds).
+
+    `transcribe.batch_segments` segments go through the network in one forward; segments that hold only the
+    trailing padding (they start after the audio ends, so they see nothing) are skipped.
+    """
     import torch
     from transkun.Data import resolveOverlapping
     from transkun.Util import makeFrame
@@ -151,24 +221,31 @@ def decode(path: Path, model: TranskunModel, tcfg: TranscribeConfig, progress: b
     pad = math.ceil((tcfg.segment_s - tcfg.hop_s) * fs)  # samples of silence before (and after) the audio
     step = math.ceil(tcfg.hop_s * fs / hop) * hop
     size = math.ceil(tcfg.segment_s * fs)
+    audio_end = pad + _samples(path, fs)  # in padded samples
     start_pos = [math.floor(pad / hop)] * len(net.targetMIDIPitch)
     by_pitch: dict[int, list[Any]] = defaultdict(list)
-    segments = _segments(_blocks(path, fs), pad, size, step)
-    with torch.inference_mode():
-        for start, seg in tqdm(segments, desc=path.stem, unit="seg", disable=None if progress else True, leave=False):
-            frames = makeFrame(torch.from_numpy(seg).to(model.device)[None], hop, net.windowSize)  # (1, T, win)
-            events, last = net.transcribeFrames(
-                frames.unsqueeze(0),
-                forcedStartPos=start_pos,
-                velocityCriteron="hamming",
-                lastFrameIdx=round(size / hop),
-            )
-            start_pos = [max(k - step // hop, 0) for k in last]
-            begin = start / fs - pad / fs  # seconds: this segment's place in the recording
-            for e in events[0]:
-                e.start = max(e.start + begin, 0.0)
-                e.end = max(e.end + begin, e.start)
-            _merge(by_pitch, events[0])
+    segments = itertools.takewhile(lambda s: s[0] < audio_end, _segments(_blocks(path, fs), pad, size, step))
+    total = math.ceil(audio_end / step)
+    bar = tqdm(total=total, desc=path.stem, unit="seg", disable=None if progress else True, leave=False)
+    with torch.inference_mode(), bar:
+        for batch in _batches(segments, tcfg.batch_segments):
+            frames = [makeFrame(torch.from_numpy(seg).to(model.device)[None], hop, net.windowSize) for _, seg in batch]
+            for (start, _), one, forward in zip(batch, frames, _forward(net, torch.stack(frames)), strict=True):
+                events, last = _decode_segment(
+                    net,
+                    one.unsqueeze(0),  # (1, 1, T, win)
+                    forward,
+                    forcedStartPos=start_pos,
+                    velocityCriteron="hamming",
+                    lastFrameIdx=round(size / hop),
+                )
+                start_pos = [max(k - step // hop, 0) for k in last]
+                begin = start / fs - pad / fs  # seconds: this segment's place in the recording
+                for e in events:
+                    e.start = max(e.start + begin, 0.0)
+                    e.end = max(e.end + begin, e.start)
+                _merge(by_pitch, events)
+            bar.update(len(batch))
     for notes in by_pitch.values():
         if notes:
             notes[-1].hasOffset = True

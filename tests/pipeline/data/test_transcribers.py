@@ -46,10 +46,40 @@ def test_note_held_across_segment_boundaries_is_one_note(tmp_path, transkun):
     # segments (16 s every 8 s, 8 s of padding first) hand over at 8 s of audio: 48 is held across it
     held = [(48, 6.0, 10.5), (64, 1.0, 1.4), (67, 7.5, 7.9), (72, 9.0, 9.4)]
     wav = render_midi(make_midi(held, tmp_path / "held.mid"), tmp_path / "held.wav")
-    out = make_transcriber("transkun").transcribe(wav, transkun, TranscribeConfig(**FAST))
+    out = make_transcriber("transkun").transcribe(wav, transkun, TranscribeConfig(**FAST, hop_s=8.0))
     low = [n for n in out.notes if n.pitch == 48]
     assert len(low) == 1 and low[0].start == pytest.approx(6.0, abs=0.05) and low[0].end > 10.0, low
     assert _onset_f1(held, out.notes) >= 0.95
+
+
+def test_batched_segments_give_transkuns_own_notes(tmp_path):
+    # batch_segments=3 puts all of this clip's segments through one forward pass, and the segment that holds
+    # only trailing padding is skipped; Transkun's own loop (`TransKun.transcribe`) runs every segment one by one
+    import torch
+
+    from pipeline.data.transcribers import transkun as tk
+
+    tcfg = TranscribeConfig(**FAST, precision="float32", hop_s=8.0, batch_segments=3)  # Transkun's conf
+    transkun = tk.load_model(tcfg, None)
+    held = [(48, 6.0, 10.5), (64, 1.0, 1.4), (67, 7.5, 7.9), (72, 9.0, 9.4)]
+    wav = render_midi(make_midi(held, tmp_path / "held.mid"), tmp_path / "held.wav")
+    audio = torch.from_numpy(np.concatenate(list(tk._blocks(wav, transkun.net.fs))))[:, None]  # (samples, 1)
+    with torch.inference_mode():
+        theirs = transkun.net.transcribe(audio)
+    ours = tk.decode(wav, transkun, tcfg, progress=False)
+    ours, theirs = (sorted(events, key=lambda e: (e.pitch, e.start)) for events in (ours, theirs))
+    assert [(e.pitch, e.velocity) for e in ours] == [(e.pitch, e.velocity) for e in theirs]
+    for a, b in zip(ours, theirs, strict=True):  # seconds: batching changes float rounding, not the notes
+        assert a.start == pytest.approx(b.start, abs=1e-4) and a.end == pytest.approx(b.end, abs=1e-4)
+
+
+def test_bfloat16_keeps_the_notes_and_its_own_cache_key(piano_clip):
+    wav, _ = piano_clip
+    tcfg = TranscribeConfig(**FAST, precision="bfloat16", note_ends="key_release")
+    tk = make_transcriber("transkun")
+    assert tk.model_id(tcfg) != tk.model_id(TranscribeConfig(**FAST, precision="float32"))  # notes differ slightly
+    pm = T.transcribe_audio(wav, tk.load_model(tcfg, None), tcfg, tk)
+    assert _onset_f1(CLIP_NOTES, pm.instruments[0].notes) >= 0.95
 
 
 def test_sounding_ends_follow_the_pedal():
