@@ -6,7 +6,8 @@ rubato, dynamics, chord spreads and sustain pedal, rendered with fluidsynth); `-
 exact timing, no pedal), rendering synthetic pieces when the folder has none. Prints one JSON object.
 
     python bench/transcribe.py [--set expressive|scores] [--pieces 6] [--seconds 20] [--backends basic_pitch,transkun]
-        [--variant hop_s=12 --variant quantize=true ...]   # extra Transkun settings, each measured on its own
+        [--variant hop_s=12 --variant precision=bfloat16,batch_segments=4 --variant threads=1 ...]
+        # extra Transkun settings, each measured on its own in the same process (threads=N: torch threads)
 """
 
 from __future__ import annotations
@@ -142,59 +143,82 @@ def score_item(ref_pm: pretty_midi.PrettyMIDI, est_pm: pretty_midi.PrettyMIDI, s
     return row
 
 
-def _variant(base: TranscribeConfig, backend: str, extra: str | None) -> TranscribeConfig:
+def _variant(base: TranscribeConfig, backend: str, extra: str | None) -> tuple[TranscribeConfig, int | None]:
+    """`base` with `k=v[,k=v]` applied; `threads=N` (torch threads for this run, not a param) is returned apart."""
     updates: dict = {"backend": backend}
-    if extra:
-        for pair in extra.split(","):
-            key, value = pair.split("=")
-            updates[key] = json.loads(value) if value not in ("true", "false") else value == "true"
-    return base.model_copy(update=updates)
+    threads = None
+    for pair in extra.split(",") if extra else []:
+        key, value = pair.split("=")
+        if key == "threads":
+            threads = int(value)
+            continue
+        try:
+            updates[key] = json.loads(value)  # numbers, true/false
+        except ValueError:
+            updates[key] = value  # a word: precision=bfloat16
+    return base.model_copy(update=updates), threads
 
 
-def bench_one(found: list, tcfg: TranscribeConfig, label: str) -> dict:
-    """One transcriber setting over every pair: model load, a warm-up, then per-item speed and scores."""
-    transcriber = make_transcriber(tcfg.backend)
-    t0 = time.perf_counter()
-    model = transcriber.load_model(tcfg, None)
-    load_s = time.perf_counter() - t0
-    transcribe_audio(found[0][1], model, tcfg, transcriber)  # warm-up: one-off costs stay out of x-realtime
-    rows, audio_s, work_s = [], 0.0, 0.0
-    for item_id, wav, mid in found:
-        t0 = time.perf_counter()
-        est = transcribe_audio(wav, model, tcfg, transcriber)
-        seconds, duration = time.perf_counter() - t0, sf.info(str(wav)).duration
-        audio_s, work_s = audio_s + duration, work_s + seconds
-        row = {"id": item_id, "x_realtime": round(duration / seconds, 2)}
-        rows.append(row | score_item(pretty_midi.PrettyMIDI(str(mid)), est, duration))
+def _summary(label: str, model_id: str, load_s: float, rows: list[dict], audio_s: float, work_s: float) -> dict:
     means = {
         k: round(float(np.mean([r[k] for r in rows if r.get(k) is not None])), 3)
         for k in rows[0]
         if k not in ("id",) and any(r.get(k) is not None for r in rows)
     }
-    return (
-        {"label": label, "model": transcriber.model_id(tcfg), "model_load_s": round(load_s, 2)}
-        | means
-        | {
-            "x_realtime": round(audio_s / work_s, 2),
-            "audio_s": round(audio_s, 1),
-            "per_item": rows,
-        }
-    )
+    head = {"label": label, "model": model_id, "model_load_s": round(load_s, 2)}
+    return head | means | {"x_realtime": round(audio_s / work_s, 2), "audio_s": round(audio_s, 1), "per_item": rows}
+
+
+def bench_interleaved(found: list, settings: list[tuple[str, TranscribeConfig, int | None]]) -> list[dict]:
+    """Every setting on every pair, taking turns item by item, so that the load of a shared machine falls on all
+    alike: models loaded and warmed up first (one-off costs stay out of x-realtime), then per-item speed and scores.
+    Each setting's torch threads are set before each of its calls (threads=N; None: torch's default)."""
+    import torch
+
+    default_threads = torch.get_num_threads()
+    runs = []
+    for label, tcfg, threads in settings:
+        transcriber = make_transcriber(tcfg.backend)
+        t0 = time.perf_counter()
+        model = transcriber.load_model(tcfg, threads)
+        load_s = time.perf_counter() - t0
+        torch.set_num_threads(threads or default_threads)
+        transcribe_audio(found[0][1], model, tcfg, transcriber)  # warm-up
+        runs.append({"label": label, "tcfg": tcfg, "threads": threads, "transcriber": transcriber, "model": model,
+                     "load_s": load_s, "rows": [], "audio_s": 0.0, "work_s": 0.0})  # fmt: skip
+    for item_id, wav, mid in found:
+        duration = sf.info(str(wav)).duration
+        for run in runs:
+            torch.set_num_threads(run["threads"] or default_threads)
+            t0 = time.perf_counter()
+            est = transcribe_audio(wav, run["model"], run["tcfg"], run["transcriber"])
+            seconds = time.perf_counter() - t0
+            run["audio_s"], run["work_s"] = run["audio_s"] + duration, run["work_s"] + seconds
+            row = {"id": item_id, "x_realtime": round(duration / seconds, 2)}
+            run["rows"].append(row | score_item(pretty_midi.PrettyMIDI(str(mid)), est, duration))
+    torch.set_num_threads(default_threads)
+    return [
+        _summary(r["label"], r["transcriber"].model_id(r["tcfg"]), r["load_s"], r["rows"], r["audio_s"], r["work_s"])
+        for r in runs
+    ]
 
 
 def bench(folder: Path, args: argparse.Namespace, described: str) -> dict:
+    import torch
+
     base = load_config(args.params).transcribe
     found = pairs(folder, args.pieces)
     if not found:
         sys.exit(f"no <id>.wav + <id>.mid pairs under {folder}/audio and {folder}/scores")
-    runs = []
+    settings = []
     for backend in args.backends.split(","):
-        runs.append(bench_one(found, _variant(base, backend, None), backend))
+        settings.append((backend, *_variant(base, backend, None)))
         if backend == "transkun":
-            runs += [bench_one(found, _variant(base, backend, v), f"transkun {v}") for v in args.variant]
-    import torch
-
+            settings += [(f"transkun {v}", *_variant(base, backend, v)) for v in args.variant]
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    runs = bench_interleaved(found, settings)
     machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    machine["loadavg_1_5_15min"] = {"before": load_before, "after": Path("/proc/loadavg").read_text().split()[:3]}
     return {"set": described, "items": len(found), "machine": machine, "runs": runs}
 
 
