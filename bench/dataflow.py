@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--until", default="tokenize", help="last stage (promote: the whole flow, ~7 min)")
     args = ap.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="jam-bench-"))
-    from pipeline.core.config import DEFAULT_PLAYERS
+    from pipeline.core.styles import DEFAULT_PLAYERS
 
     styles = {name: {"sources": [f"{data_dir}/demo/audio/{name}"]} for name in DEFAULT_PLAYERS}
     src = f"styles={json.dumps(styles)}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pretty_midi
 
-from pipeline.core.config import DemoConfig
+from pipeline.core.styles import DemoConfig
 from pipeline.data.base import list_corpus_pieces
 from pipeline.data.demo import excerpt_midi
 

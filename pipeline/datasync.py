@@ -6,6 +6,9 @@ DVC's remote is content-addressed: what names a stage's files is its entry in dv
 that ran it. So each push also uploads dvc.lock beside DVC's objects (`<remote>/jam/dvc.lock`), and a fresh machine
 takes that lock before `dvc pull` of the stages it lacks. The stages' own per-item indexes travel inside their
 folders, so after a pull each driver finds its items fresh and does no work (no re-transcription).
+The stages' `report.json` files are in .dvcignore (their timings would make a no-op run change every output), yet
+later stages read them (the tokenizer's vocabulary; a training's fingerprint that lets a re-run skip it), so each push
+also uploads the stage's reports under `<remote>/jam/reports/`, and a pull fetches them back.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 import fsspec
 
 from pipeline.core.config import Config
+from pipeline.core.constants import REPORT_NAME
 
 REMOTE = "jam"  # the DVC remote's name in .dvc/config.local
 LOCK_KEY = "jam/dvc.lock"  # beside DVC's files/md5/... under the remote URL
+REPORTS_KEY = "jam/reports"  # + the report's path in the repository: data/<stage>/[<sub>/]report.json
 DVC_TIMEOUT_S = 900  # seconds for one dvc command (a big push on a slow link)
 
 
@@ -44,6 +49,10 @@ def _lock_url(cfg: Config) -> str:
     return f"{cfg.services.dvc_remote.rstrip('/')}/{LOCK_KEY}"
 
 
+def _reports_url(cfg: Config, stage: str) -> str:
+    return f"{cfg.services.dvc_remote.rstrip('/')}/{REPORTS_KEY}/{cfg.stage_dir(stage).as_posix()}"
+
+
 def configure(cfg: Config, repo: Path = Path(".")) -> None:
     """Point the local DVC remote `jam` at `services.dvc_remote`.
 
@@ -66,12 +75,25 @@ def pull(cfg: Config, stages: list[str], repo: Path = Path(".")) -> list[str]:
         return []
     fs.get_file(path, str(repo / "dvc.lock"))
     _dvc(repo, "pull", "--remote", REMOTE, "--allow-missing", *missing)
-    return [s for s in missing if (repo / cfg.stage_dir(s)).exists()]
+    pulled = [s for s in missing if (repo / cfg.stage_dir(s)).exists()]
+    for stage in pulled:
+        _, root = fsspec.core.url_to_fs(_reports_url(cfg, stage))
+        fs.invalidate_cache(root)  # another machine pushed since this process last looked
+        for key in fs.find(root):
+            dest = repo / cfg.stage_dir(stage) / key[len(root) + 1 :]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(key, str(dest))
+    return pulled
 
 
 def push(cfg: Config, stage: str, repo: Path = Path(".")) -> None:
-    """Record `stage`'s outputs in dvc.lock, push them, then upload dvc.lock (last: it names what was pushed)."""
+    """Record `stage`'s outputs in dvc.lock, push them and the stage's reports, then upload dvc.lock (last: it names
+    what was pushed)."""
     _dvc(repo, "commit", "--force", "--quiet", stage)
     _dvc(repo, "push", "--remote", REMOTE, "--quiet", stage)
+    fs, root = fsspec.core.url_to_fs(_reports_url(cfg, stage))
+    folder = repo / cfg.stage_dir(stage)
+    for report in sorted(folder.rglob(REPORT_NAME)):
+        fs.put_file(str(report), f"{root}/{report.relative_to(folder).as_posix()}")
     fs, path = fsspec.core.url_to_fs(_lock_url(cfg))
     fs.put_file(str(repo / "dvc.lock"), path)

@@ -66,6 +66,7 @@ class ChunkContext:
     drop_leading_rest: bool = False  # an answer starts at once: its first id is one that opens with a NoteOn
     should_stop: Callable[[], bool] | None = None  # checked between tokens (e.g. the human started playing)
     on_event: Callable[[NoteEvent, int], None] | None = None  # (event, serial) as soon as it is decoded
+    max_onsets: int | None = None  # note-ons this chunk may start (continuous mode's density cap); None: any
 
 
 @dataclass
@@ -188,13 +189,13 @@ class Engine:
         overdue = [p for p, beats in held.items() if beats >= self.max_note_beats - SHIFT_EPS]
         return overdue, max(0.0, self.max_note_beats - max(held.values())), fresh
 
-    def _sample(self, state: StreamState, allow_eos: bool, leading: bool = False) -> tuple[int, bool]:
-        """The next id and whether the note-ending rule forced it."""
+    def _sample(self, state: StreamState, allow_eos: bool, leading: bool = False, strikes: bool = True):
+        """The next id and whether the note-ending rule forced it (`strikes` False: no id may start a note)."""
         self._ensure_logits(state)
         pending = state.decoder.pending_pitch is not None
         overdue, budget, fresh = ([], None, []) if pending else self._note_budget(state)
         sounding = state.model_open[-1] if state.model_open else {}
-        self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh, sounding)
+        self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh, sounding, strikes)
         return sample_token(state.logits, self.processors, self.generator), bool(overdue)
 
     # ------------------------------------------------------------ stream edits
@@ -307,7 +308,8 @@ class Engine:
             if ctx.should_stop is not None and ctx.should_stop():
                 res.stopped = "interrupt"
                 break
-            token, forced = self._sample(state, ctx.allow_eos, leading)
+            strikes = ctx.max_onsets is None or sum(e.kind == "on" for e in res.events) < ctx.max_onsets
+            token, forced = self._sample(state, ctx.allow_eos, leading, strikes)
             res.forced_offs += forced
             if token == self.codec.eos_id:
                 res.stopped = "eos"

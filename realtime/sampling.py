@@ -112,6 +112,7 @@ class GrammarProcessor:
         self.empty_note = _empty_note(ops, size)  # ids that end a note at its onset: NoteOn_p Velocity NoteOff_p
         self.ends = _first_of(ops, size, "off", "on")  # pitch -> ids turning off a `pitch` they did not turn on
         self.strikes = _first_of(ops, size, "on", "off")  # pitch -> ids striking `pitch` before any NoteOff of it
+        self.any_strike = _any_op(ops, "on", size)  # ids that start a note
         self.any_end = torch.stack(list(self.ends.values())).any(dim=0) if self.ends else torch.zeros(size, dtype=bool)
         self.banned = self.no_eos
 
@@ -124,6 +125,7 @@ class GrammarProcessor:
         shift_budget: float | None = None,
         just_started: Iterable[int] = (),
         sounding: Iterable[int] = (),
+        strikes: bool = True,
     ) -> None:
         """Set the next step's mask from the stream's state.
 
@@ -136,6 +138,7 @@ class GrammarProcessor:
             just_started: model pitches whose oldest sounding note began at the stream's end (their NoteOff now
                 would make a note without duration, which MIDI cannot hold).
             sounding: model pitches sounding now (only their NoteOffs may be sampled).
+            strikes: whether an id may start a note (False: continuous mode's density cap is reached).
         """
         if pending_velocity:
             self.banned = self.vel
@@ -155,11 +158,20 @@ class GrammarProcessor:
         may_end = [self.ends[p] for p in held if p in self.ends]
         useful = torch.stack(may_end).any(dim=0) if may_end else torch.zeros_like(banned)
         banned = banned | (self.any_end & ~useful)
+        if not strikes and not leading:
+            banned = banned | self.any_strike
         restrikes = [self.strikes[p] for p in held if p in self.strikes]
         self.banned = banned | torch.stack(restrikes).any(dim=0) if restrikes else banned
 
     def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
         return scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
+
+
+def _any_op(ops: list[tuple], kind: str, size: int) -> torch.Tensor:
+    """(size,) bool: ids holding a base token of `kind` anywhere; padded rows False."""
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[: len(ops)] = torch.tensor([any(op[0] == kind for op in o) for o in ops], dtype=torch.bool)
+    return mask
 
 
 def _first_op(ops: list[tuple], kind: str, size: int) -> torch.Tensor:

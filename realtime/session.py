@@ -26,6 +26,7 @@ import mido
 
 from realtime import constants as C
 from realtime.codec import NoteEvent
+from realtime.density import DensityBudget
 from realtime.engine import ChunkContext, Engine, StreamState
 from realtime.latency import LatencyCauses, LatencyStats
 from realtime.recorder import ClockTempo, SessionRecorder
@@ -82,6 +83,8 @@ class JamSession:
         self.responses = 0
         self.forced_offs = 0  # NoteOffs the note-ending rule forced in the token stream
         self.started_at = 0.0
+        cap = settings.mode == "continuous" and settings.density_ratio is not None
+        self._density = DensityBudget(settings.density_ratio, settings.density_window_beats) if cap else None
 
     # ------------------------------------------------------------ threads
 
@@ -247,6 +250,8 @@ class JamSession:
         cut = self.engine.crop_unplayed(state, now)
         if cut is not None:
             self.scheduler.cancel_from(cut)
+        if self._density is not None:
+            self._density.fold_in(notes, cut)
         if self.settings.mode == "call_response" and self._playing_until > now:
             self.engine.close_open_notes(state, self._emit_now)  # barge-in: the model stops and listens
             self._playing_until = now
@@ -257,6 +262,8 @@ class JamSession:
     # ------------------------------------------------------------ output
 
     def _emit(self, event: NoteEvent, serial: int) -> None:
+        if self._density is not None and event.kind == "on":
+            self._density.model_on(event.time, serial)
         self.scheduler.schedule_event(event, serial)
 
     def _emit_now(self, event: NoteEvent, serial: int) -> None:
@@ -335,6 +342,7 @@ class JamSession:
             max_tokens=self._max_tokens(ahead),
             should_stop=self._human_event.is_set,
             on_event=self._emit,
+            max_onsets=self._density.onsets_left(now, state.tempo_bpm) if self._density is not None else None,
         )
         state, res = self.engine.generate_chunk(state, ctx)
         self.stats.add_chunk(res.music_s, res.compute_s, res.tokens)

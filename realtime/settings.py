@@ -60,6 +60,13 @@ class RealtimeSettings(BaseModel):
     lookahead_s: float = Field(
         0.5, gt=0, description="continuous: seconds of output planned ahead; less reacts faster, costs more compute."
     )
+    density_ratio: float | None = Field(
+        1.0,
+        ge=0,
+        description="continuous: the model starts at most this many notes per note the human started over the last "
+        "density_window_beats (an accompanist does not drown the soloist); None: no limit.",
+    )
+    density_window_beats: float = Field(8.0, gt=0, description="continuous: beats the density cap looks back over.")
     adapters: dict[str, float] | None = Field(
         None,
         description="Style adapters and blend weights, NAME or NAME=WEIGHT (repeatable; 'none' = base model only). "

@@ -164,8 +164,15 @@ def spot_stack(tmp_path_factory):
 
 @pytest.fixture
 def spot_services(spot_stack, monkeypatch):
-    """(cfg, state) of the running servers, with this test's environment pointed at them as `jam` would."""
+    """(cfg, state) of the running servers, with this test's environment pointed at them as `jam` would.
+
+    In-process Prefect clients get the spot server through a settings context too: an earlier test in the same
+    session may have left Prefect's own settings on its temporary server, and those outrank the environment.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     cfg, state = spot_stack
     for key, value in {**AWS_ENV, **client_env(cfg.services)}.items():
         monkeypatch.setenv(key, value)
-    return cfg, state
+    with temporary_settings(updates={PREFECT_API_URL: cfg.services.prefect_api_url}):
+        yield cfg, state

@@ -12,15 +12,15 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
+
+from pipeline.core.section import Section
 
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL_S3"  # botocore's own variable: boto3, s3fs (DVC) and MLflow all honour it
 
 
-class ServicesConfig(BaseModel):
+class ServicesConfig(Section):
     """Shared services (README "Running on spot machines"); None everywhere = this machine only."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     prefect_api_url: str | None = None  # e.g. http://127.0.0.1:4200/api; None = temporary server or PREFECT_API_URL
     mlflow_artifact_root: str | None = None  # s3://bucket/mlflow: where `jam services up`'s MLflow server writes

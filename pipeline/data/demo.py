@@ -19,11 +19,12 @@ import soundfile as sf
 
 from pipeline.core import constants as C
 from pipeline.core.audio import fluidsynth_missing, render_fluidsynth
-from pipeline.core.config import Config, DemoConfig, DemoPlayer, section_json
+from pipeline.core.config import Config, section_json
 from pipeline.core.files import atomic_path, sha256_file, sha256_text
 from pipeline.core.items import ItemResult, Job, StageReport, finish_stage, run_item_stage
 from pipeline.core.midi import MidiError, load_midi, note_totals, notes_to_midi
 from pipeline.core.midi import save_midi as save_midi_file
+from pipeline.core.styles import DemoConfig, DemoPlayer
 from pipeline.data.accompany import Meter, accompany
 from pipeline.data.base import corpus_item_id, corpus_root, list_corpus_pieces, load_corpus_score, score_notes
 

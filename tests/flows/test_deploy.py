@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 POOL = "jam-test"
 
 
-def _wait(what: str, check, timeout: float = 120.0, every: float = 0.5):
+def _wait(what: str, check, timeout: float = 240.0, every: float = 0.5):  # a worker starts slowly on 2 busy cores
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()

@@ -40,6 +40,8 @@ def test_a_fresh_machine_pulls_finished_stages_and_redoes_nothing(spot_services,
     monkeypatch.chdir(machine_b)
     datasync.configure(cfg, machine_b)
     assert datasync.pull(cfg, ["demo", "base"], machine_b) == ["demo"]  # base never ran on A: not on the remote
+    report = "data/demo/report.json"  # dvcignored (timings), travels beside the lock: later stages read reports
+    assert (machine_b / report).read_bytes() == (machine_a / report).read_bytes()
     again = graph.run_stage("demo", cfg)
     assert len(again.processed) == 0 and len(again.cached) == 2
     wavs = sorted(p.name for p in (machine_b / "data" / "demo" / "audio" / "solo").iterdir())

@@ -23,9 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def empty_params(tmp_path):
-    """A params file with nothing in it: every section at its defaults."""
+    """A params file with every section at its defaults, but the project's store and data under `tmp_path` (so a
+    champion of the checkout's own demo is not found)."""
     path = tmp_path / "params.yaml"
-    path.write_text("# defaults\n")
+    path.write_text(f"project: {{data_dir: {tmp_path}/data, mlflow_uri: 'sqlite:///{tmp_path}/mlflow.db'}}\n")
     return path
 
 

@@ -202,3 +202,34 @@ def test_pauses_shorter_than_the_gap_do_not_end_the_phrase(prepared):
     assert session.responses == 1 and session.error is None
     assert len(retracted) == 3 and all(retracted)  # each pause's prefilled silence was taken back
     assert unmatched_notes(sent_messages(transport)) == {}
+
+
+def _continuous_notes(tmp_path, prepared, **settings) -> tuple[int, int]:
+    """(human, model) note-ons of a continuous session on the two-phrase file."""
+    human = FileTransport(phrase_file(tmp_path / "human.mid", 2), sink=MemoryTransport(), start_delay_s=0.1)
+    jam = JamSettings(transport="file", input_file=tmp_path / "human.mid", mode="continuous", lookahead_s=0.4,
+                      tail_s=0.2, seed=1, extra={"transport": human}, **settings)  # fmt: skip
+    summary = run_jam(jam, bundle=prepared, log=lambda line: None)
+    return summary["human_notes"], summary["model_notes"]
+
+
+def test_continuous_accompaniment_is_no_denser_than_the_human(tmp_path, prepared):
+    free_human, free = _continuous_notes(tmp_path / "free", prepared, density_ratio=None)
+    human, capped = _continuous_notes(tmp_path / "capped", prepared, density_ratio=0.5)
+    assert human == free_human == 16
+    assert capped <= 0.5 * human + 1, (capped, free)  # +1: the window's edge
+    assert free > capped, (capped, free)  # the uncapped model plays more: the cap, not the model, held it back
+
+
+def test_density_budget_counts_a_window_and_forgets_what_was_taken_back():
+    from realtime.density import DensityBudget
+
+    budget = DensityBudget(ratio=1.0, window_beats=4.0)  # 2 s at 120 BPM
+    budget.fold_in([NoteEvent("on", 60, 80, 0.1), NoteEvent("off", 60, 0, 0.3), NoteEvent("on", 62, 80, 0.5)], None)
+    budget.model_on(0.6, serial=10)
+    assert budget.onsets_left(1.0, 120.0) == 1  # two human onsets, one model onset
+    budget.model_on(1.1, serial=11)
+    assert budget.onsets_left(1.2, 120.0) == 0
+    budget.fold_in([NoteEvent("on", 64, 80, 1.3)], cut=11)  # the plan from serial 11 on was taken back
+    assert budget.onsets_left(1.4, 120.0) == 2
+    assert budget.onsets_left(2.55, 120.0) == 0  # 0.1 and 0.5 left the window: 1.3 (human) and 0.6 (model) remain
