@@ -54,8 +54,9 @@ class TranscribeConfig(Section):
     segment_s: float = Field(16.0, gt=0)  # seconds
     hop_s: float = Field(8.0, gt=0)  # seconds
     quantize: bool = False  # int8 dynamic quantization of Transkun's Linear layers on CPU
-    # bfloat16: autocast of Transkun's backbone + scorer (Viterbi in float32): 1.4-1.8x on a CPU with avx512_bf16
-    precision: Literal["float32", "bfloat16"] = "bfloat16"
+    # bfloat16: autocast of Transkun's backbone + scorer (Viterbi in float32): 1.4-1.8x on a CPU with avx512_bf16;
+    # auto: bfloat16 where the CPU (AVX-512 BF16, AMX) or the GPU computes it natively, else float32
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_segments: int = Field(1, ge=1)  # segments per forward (~+1 GB each; slower on 2 CPU cores: 0.85x at 2)
     # Basic Pitch
     model: Literal["icassp_2022"] = "icassp_2022"  # Basic Pitch's shipped model (run through ONNX)

@@ -70,10 +70,26 @@ def _package_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def precision(tcfg: TranscribeConfig) -> str:
+    """`transcribe.precision` resolved: auto = bfloat16 where the device computes it natively (a CUDA GPU that
+    supports it; a CPU with AVX-512 BF16 or AMX), else float32 (emulated bfloat16 is slower than float32)."""
+    if tcfg.precision != "auto":
+        return tcfg.precision
+    import torch
+
+    if pick_device(tcfg.device) == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell, take the safe one
+        return "float32"
+    return "bfloat16" if " avx512_bf16" in flags or " amx_bf16" in flags else "float32"
+
+
 def model_id(tcfg: TranscribeConfig) -> str:
     """Names the weights and decoding code: part of every cache key."""
     version = importlib.metadata.version("transkun")
-    return f"transkun=={version}/{WEIGHTS}/q={tcfg.quantize}" + ("/bf16" if tcfg.precision == "bfloat16" else "")
+    return f"transkun=={version}/{WEIGHTS}/q={tcfg.quantize}" + ("/bf16" if precision(tcfg) == "bfloat16" else "")
 
 
 def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunModel:
@@ -111,7 +127,7 @@ def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunMo
         # the positional-embedding builder reads its Linear's .weight directly: left in float
         names = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and "posEmbed" not in n}
         net = torch.ao.quantization.quantize_dynamic(net, names, dtype=torch.qint8)
-    if tcfg.precision == "bfloat16":
+    if precision(tcfg) == "bfloat16":
         net.backbone, net.scorer = _in_bfloat16(net.backbone, device), _in_bfloat16(net.scorer, device)
     return TranskunModel(net.to(device), device)
 

@@ -123,3 +123,22 @@ def test_too_short_audio(tmp_path, transkun):
     sf.write(str(short), np.zeros(2205, dtype=np.float32), 22050)
     with pytest.raises(TranscriberError, match=r"audio too short: 0\.10 s"):
         make_transcriber("transkun").transcribe(short, transkun, TranscribeConfig(**FAST))
+
+
+def test_precision_auto_takes_bfloat16_only_where_the_cpu_computes_it(monkeypatch, tmp_path):
+    from pipeline.data.transcribers import transkun as tk
+
+    assert tk.precision(TranscribeConfig(precision="float32")) == "float32"
+    assert tk.precision(TranscribeConfig(precision="bfloat16")) == "bfloat16"
+    cpuinfo = tmp_path / "cpuinfo"
+    real = tk.Path
+
+    def fake_path(text, *rest):
+        return cpuinfo if str(text) == "/proc/cpuinfo" else real(text, *rest)
+
+    monkeypatch.setattr(tk, "Path", fake_path)
+    auto = TranscribeConfig(precision="auto", device="cpu")
+    cpuinfo.write_text("flags\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
+    assert tk.precision(auto) == "bfloat16" and tk.model_id(auto).endswith("/bf16")
+    cpuinfo.write_text("flags\t: fpu sse avx2 avx512f\n")  # bfloat16 would be emulated: slower than float32
+    assert tk.precision(auto) == "float32" and not tk.model_id(auto).endswith("/bf16")
