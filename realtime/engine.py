@@ -300,7 +300,7 @@ class Engine:
         """Sample ids until the stream reaches `ctx.until`, handing events on as soon as they decode."""
         started, begin = time.perf_counter(), state.cursor
         res = ChunkResult()
-        leading = ctx.drop_leading_rest
+        leading, onsets = ctx.drop_leading_rest, 0  # onsets: note-ons this chunk started (the density cap)
         while state.cursor < ctx.until:
             if res.tokens >= ctx.max_tokens:
                 res.stopped = "max_tokens"
@@ -308,7 +308,7 @@ class Engine:
             if ctx.should_stop is not None and ctx.should_stop():
                 res.stopped = "interrupt"
                 break
-            strikes = ctx.max_onsets is None or sum(e.kind == "on" for e in res.events) < ctx.max_onsets
+            strikes = ctx.max_onsets is None or onsets < ctx.max_onsets
             token, forced = self._sample(state, ctx.allow_eos, leading, strikes)
             res.forced_offs += forced
             if token == self.codec.eos_id:
@@ -324,7 +324,7 @@ class Engine:
                 event = _event(op, state.cursor, opened)
                 if event is None:
                     continue
-                leading = False
+                leading, onsets = False, onsets + (event.kind == "on")
                 res.events.append(event)
                 if ctx.on_event is not None:
                     ctx.on_event(event, serial)

@@ -204,12 +204,12 @@ def _oa(ev: ModelEval) -> dict[str, float]:
     return {k.removeprefix("oa_"): v for k, v in ev.metrics.items() if k.startswith("oa_")}
 
 
-def _log(client, run_id: str, metrics: dict[str, float], out_dir: Path, key: str) -> None:
+def _log(client, run_id: str, metrics: dict[str, float], out_dir: Path, key: str, where: str = "eval") -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())])
-    client.log_artifacts(run_id, str(out_dir), "eval")
+    client.log_artifacts(run_id, str(out_dir), where)
     client.set_tag(run_id, EVAL_KEY_TAG, key)
 
 
@@ -229,6 +229,7 @@ class Session:
     force: bool = False
     base_gens: dict[str, Generations] = field(default_factory=dict)
     base_logs: dict[str, bool] = field(default_factory=dict)  # base run id -> log to it (it was not current)
+    base_uploaded: set[str] = field(default_factory=set)  # base runs whose shared samples were uploaded
 
 
 def _run_style(session: Session, run: RunSummary) -> str:
@@ -312,7 +313,10 @@ def _log_base_run(session: Session, base_id: str, base: ModelEval, style: str) -
         session.base_logs[base_id] = session.force or not current
     if session.base_logs[base_id]:
         metrics = {f"{style}/{k}": v for k, v in base.metrics.items()}
-        _log(session.client, base_id, metrics, base.gens.out_dir, session.key)
+        first = base_id not in session.base_uploaded  # samples once; each later style adds only its own folder
+        session.base_uploaded.add(base_id)
+        folder, where = (base.gens.out_dir, "eval") if first else (base.gens.out_dir / style, f"eval/{style}")
+        _log(session.client, base_id, metrics, folder, session.key, where)
 
 
 def _fresh_dir(path: Path) -> Path:
