@@ -6,6 +6,7 @@ retries and the summary artifact show in the UI.
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 import tempfile
@@ -42,21 +43,27 @@ def _run_stage(name: str, cfg: Config) -> StageReport:
 def _train(name: str, cfg: Config) -> StageReport:
     """`python -m pipeline.train --stage NAME` in a child process, so a SIGTERM meant for training stops only it.
 
-    The child reads the exact resolved config this flow runs with (params file and overrides applied).
+    The child reads the exact resolved config this flow runs with (params file and overrides applied). Its log lines
+    (`step 12/120 ...`, `checkpoint step 40 -> s3://...`, `resumed from step 40`) go to the run's log as they come,
+    so the UI shows a training's progress, and which machine resumed it from where.
     """
+    logger = get_run_logger()
+    tail: collections.deque[str] = collections.deque(maxlen=5)
     with tempfile.TemporaryDirectory(prefix="jam-train-") as tmp:
         resolved = Path(tmp) / "params.yaml"
         resolved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         cmd = [sys.executable, "-m", "pipeline.train", "--stage", name, "--params", str(resolved)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    logger = get_run_logger()
-    if proc.returncode == EXIT_PREEMPTED:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                if line.strip():
+                    tail.append(line.rstrip())
+                    logger.info("%s: %s", name, tail[-1])
+        returncode = proc.wait()
+    if returncode == EXIT_PREEMPTED:
         logger.warning("%s preempted after a checkpoint; resuming", name)
         raise TrainingPreempted(f"{name}: stopped by SIGTERM after a checkpoint")
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}): {tail}")
-    logger.info(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else name)
+    if returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {returncode}): " + "\n".join(tail))
     return StageReport.load(cfg.stage_dir(name))
 
 

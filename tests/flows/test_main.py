@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from pipeline.core import graph
 from pipeline.core.config import config_from_dict
 from pipeline.core.files import piece_id, read_json
 from pipeline.core.items import AllItemsFailed
+
+REAL_POPEN = subprocess.Popen  # the fake training child below is a real process
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -150,18 +154,18 @@ def test_train_evaluate_promote_and_a_poor_run_does_not_displace(tmp_path):
 
 
 def _fake_training(monkeypatch, codes: list[int]):
-    """Replace the `jam train` child process by a list of exit codes; returns the calls made."""
-    import subprocess
-
+    """Replace the `jam train` child by a real child that logs a line and exits with the next code; returns the
+    commands the flow asked for."""
     import flows.main as M
 
     calls = []
 
-    def fake_run(cmd, **kwargs):
+    def fake_popen(cmd, **kwargs):
         calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, codes[len(calls) - 1], stdout="finetune: done\n", stderr="boom\n")
+        code = codes[len(calls) - 1]
+        return REAL_POPEN([sys.executable, "-c", f"import sys; print('boom', file=sys.stderr); sys.exit({code})"], **kwargs)
 
-    monkeypatch.setattr(M.subprocess, "run", fake_run)
+    monkeypatch.setattr(M.subprocess, "Popen", fake_popen)
     return calls
 
 
