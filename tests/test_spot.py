@@ -1,16 +1,17 @@
-"""Issue 12's headline through training: two machines that share only the services.
+"""Issue 12's headline: one flow run of the deployment survives the machine that was running it.
 
-Machine A and machine B are two fresh clones of this repository in separate folders, each with its own `data/`,
-each running its own checkout's code; they share nothing but the session's moto S3 (DVC remote, checkpoints,
-MLflow artifacts) and the MLflow tracking server. A's data stages are pushed to the DVC remote as the flow does
-after each stage; A fine-tunes with `checkpoint.dir` on S3 and is SIGKILLed (its whole process group) after a
-checkpoint reached S3, then its folder is deleted. B pulls the data from the remote, resumes from A's checkpoint
-and finishes: the adapter is the uninterrupted run's, and the tracking server holds one run with every step once.
+Machines A and B are two fresh clones of this repository in separate folders, each with its own `data/` and its own
+worker (`prefect worker start --pool`, its own process group, running its own checkout's code); they share nothing
+but the session's services: moto S3 (DVC remote, checkpoints, MLflow artifacts), the MLflow tracking server and the
+Prefect server. One flow run of the deployment (the whole pipeline, tiny data) goes to A's worker; once A's fine-tune
+has put a checkpoint on S3, every process of A is SIGKILLed and A's folder deleted. No one steps in: the Prefect
+server notices the missed heartbeats, marks the run Crashed and runs the deployment again; B's worker picks it up,
+pulls every data stage from the DVC remote (its transcription does no work), resumes the fine-tune from the S3
+checkpoint in the same MLflow run, and ends with the uninterrupted run's adapter and a champion on the tracking server.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -19,169 +20,210 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import datasync
+from flows.deploy import HOME_ENV, deploy
 from pipeline.core.config import Config, config_from_dict
-from pipeline.core.files import read_json, sha256_file
-from tests.conftest import BUCKET
-from tests.pipeline.train.test_model import tiny_cfg, tiny_tree, write_base_bundle, write_token_data
-from tests.pipeline.train.test_resume import ADAPTER, OVER, STEPS, _finish, _history, _launch, _prepare
+from pipeline.core.files import read_json
+from tests.flows.test_main import TINY_MODEL
+from tests.pipeline.train.test_resume import _history
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_STAGES = ["tokenize", "pretrain"]  # what the fine-tune reads; A "ran" them (tiny stand-ins), B pulls them
-UPSTREAM = ("clean", "split", "augment")  # tokenize's deps: `dvc commit` wants them to exist (empty here)
+STEPS = 40  # fine-tune steps, a checkpoint every 4: A is killed after the first one that reaches S3
+ADAPTER = Path("data/finetune/bundle/adapters/solo/adapter_model.safetensors")
+PULLED = ("demo", "base", "acquire", "transcribe", "clean", "split", "augment", "tokenize", "pretrain")
 
 
-def _clone(dest: Path) -> Path:
+def _tree(services: Config, prefix: str) -> dict:
+    """The whole pipeline on tiny data (4 demo pieces, Basic Pitch, the tiny model), on the spot profile: relative
+    data dir (what dvc.yaml tracks), and an experiment, pool, DVC remote and checkpoint prefix of this test's own."""
+    tree = services.model_dump(mode="json")
+    tree["project"].update(name=f"spot-{prefix}", data_dir="data", workers=1, artifact_dir="mlruns/artifacts")
+    tree["checkpoint"].update(dir=f"{services.checkpoint.dir}/{prefix}", every_steps=4, every_s=3600)
+    tree["services"].update(dvc_remote=f"{services.services.dvc_remote}/{prefix}", work_pool=f"spot-{prefix}",
+                            deployment="headline", state_dir=".services")  # fmt: skip
+    over = {
+        "demo": {
+            "players": {"solo": {"composers": ["chopin", "joplin", "mozart", "haydn"], "max_pieces": 4}},
+            "excerpt_s": 6.0,
+        },
+        "styles": {"solo": {"sources": ["data/demo/audio/solo"]}},
+        "acquire": {"retries": 0, "backoff_s": 0},
+        "clean": {"min_notes": 4, "min_duration_s": 1.0},
+        "base": {"max_pieces": 6, "composers": ["bach"]},
+        "tokenize": {"vocab_size": 300, "max_seq_len": 64, "overlap": 16},
+        "transcribe": {"backend": "basic_pitch"},
+        **TINY_MODEL,
+    }
+    over["finetune"] = {**over["finetune"], "max_steps": STEPS, "eval_every": 8}
+    over.pop("checkpoint")
+    for section, values in over.items():
+        tree[section] = values if section == "styles" else {**tree.get(section, {}), **values}
+    return tree
+
+
+def _machine(dest: Path, tree: dict) -> Path:
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(dest)], cwd=dest.parent, check=True, timeout=120)
+    (dest / "params.yaml").write_text(yaml.safe_dump(tree))  # every key: dvc reads some
     return dest
 
 
-def _machine_cfg(services: Config, prefix: str) -> Config:
-    """The tiny fine-tune on the spot profile: relative data dir (what dvc.yaml tracks), the tracking server, an
-    experiment, DVC remote and checkpoint prefix of this test's own on the shared bucket."""
-    tree = tiny_tree(Path("."), **OVER)
-    tree["project"].update(name=f"spot-{prefix}", data_dir="data", mlflow_uri=services.project.mlflow_uri,
-                           artifact_dir="mlruns/artifacts")  # fmt: skip
-    tree["checkpoint"]["dir"] = f"{services.checkpoint.dir}/{prefix}"
-    tree["services"] = services.services.model_dump(mode="json")
-    tree["services"]["dvc_remote"] = f"{services.services.dvc_remote}/{prefix}"
-    return config_from_dict(tree)
+def _worker(machine: Path, pool: str, log: Path) -> subprocess.Popen:
+    """`prefect worker start --pool` in the machine's checkout, in a process group of its own."""
+    env = {**os.environ, HOME_ENV: str(machine), "PYTHONPATH": str(machine), "TQDM_DISABLE": "1"}
+    cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool]
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, cwd=machine, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
 
 
-def _write_params(machine: Path, cfg: Config) -> None:
-    (machine / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))  # every key: dvc reads some
+def _reclaim(worker: subprocess.Popen) -> None:
+    """The VM is reclaimed: every process of the machine stops at once (frozen first, so none reports the others'
+    deaths), then dies. The flow run has a session of its own, so the worker's group alone would not be all of A."""
+    family = [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for proc in family:
+            proc.send_signal(sig)
+    worker.wait(timeout=60)
+    psutil.wait_procs(family, timeout=30)
 
 
-@pytest.fixture
-def started():
-    """Processes a test starts; whatever still runs when it ends (a failed assertion) is killed with its group."""
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):  # the reference is not a group leader
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.kill()
-            proc.communicate(timeout=60)
+def _wait(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _start(machine: Path, started: list[subprocess.Popen]) -> subprocess.Popen:
-    """`python -m pipeline.train --stage finetune` with the machine's own code, in a process group of its own."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
-           "PYTHONPATH": str(machine)}  # fmt: skip
-    cmd = [sys.executable, "-m", "pipeline.train", "--stage", "finetune", "-p", "params.yaml"]
-    started.append(proc := subprocess.Popen(cmd, cwd=machine, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True, start_new_session=True))  # fmt: skip
-    return proc
-
-
-def _read_until(proc: subprocess.Popen, pattern: str) -> tuple[str, re.Match]:
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if m := re.search(pattern, line):
-            return "".join(seen), m
-    raise AssertionError(f"exit {proc.wait()} before /{pattern}/:\n" + "".join(seen)[-3000:])
-
-
-def _s3_checkpoints(cfg: Config) -> dict[int, dict]:
-    """Step -> manifest of every complete fine-tune checkpoint under the test's prefix on S3."""
+def _checkpoints(cfg: Config) -> dict[int, dict]:
+    """Step -> manifest of each complete fine-tune checkpoint on S3 (the manifest is written last)."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
-    root = cfg.checkpoint.dir.removeprefix("s3://")
-    manifests = [k for k in fs.find(root) if k.endswith("/MANIFEST.json")]
-    return {int(re.search(r"step-(\d+)/", k).group(1)): json.loads(fs.cat_file(k)) for k in manifests}
+    root = f"{cfg.checkpoint.dir.removeprefix('s3://')}/finetune"
+    keys = fs.find(root) if fs.exists(root) else []
+    return {int(m.group(1)): json.loads(fs.cat_file(k)) for k in keys
+            if (m := re.search(r"step-(\d+)/MANIFEST\.json$", k))}  # fmt: skip
 
 
-def _server_history(cfg: Config, run_id: str) -> dict[str, list[tuple[int, float]]]:
+def _runs(client, deployment_id: str):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    return client.read_flow_runs(deployment_filter=ours, sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=20)
+
+
+def _resumed_at(client, run_id) -> tuple[int, datetime]:
+    """(step, time) of the "resumed from step N" line the training child logged into the flow run."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    def find():
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200)
+        return next(((int(m.group(1)), log.timestamp) for log in logs
+                     if (m := re.search(r"resumed from step (\d+)", log.message))), None)  # fmt: skip
+
+    return _wait("the resumed run's 'resumed from step' log line", find, timeout=60)
+
+
+def _reference(tmp: Path, machine_b: Path, tree: dict) -> Path:
+    """The uninterrupted fine-tune on the same data and base (B's pulled copies): local checkpoints, sqlite store."""
+    ref = tmp / "straight"
+    for stage in ("tokenize", "pretrain"):
+        shutil.copytree(machine_b / "data" / stage, ref / "data" / stage)
+    local = json.loads(json.dumps(tree))
+    local["project"].update(data_dir=str(ref / "data"), mlflow_uri=f"sqlite:///{ref}/mlruns/mlflow.db",
+                            artifact_dir=str(ref / "mlruns" / "artifacts"))  # fmt: skip
+    local["checkpoint"]["dir"] = None
+    local["services"] = {}
+    (ref / "params.yaml").write_text(yaml.safe_dump(local))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "pipeline.train", "--stage", "finetune", "-p", "params.yaml"]
+    proc = subprocess.run(cmd, cwd=ref, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ref
+
+
+def _check_tracking(cfg: Config, run_id: str, ref: Path) -> None:
+    """One finished fine-tune run on the server (the one A's checkpoint named), every step once, equal to the
+    reference's; a champion registered from it."""
     from pipeline.registry.client import mlflow_client
+    from pipeline.registry.runs import list_runs
 
     client = mlflow_client(cfg)
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-            for key in ("train_loss", "valid_loss", "lr")}  # fmt: skip
-
-
-def _machine_a(root: Path, cfg: Config) -> Path:
-    """A clone whose data stages ran (the tiny stand-ins the training tests use) and were pushed, as the flow does."""
-    machine = _clone(root)
-    _write_params(machine, cfg)
-    write_token_data(machine / "data")
-    write_base_bundle(tiny_cfg(machine, **OVER), seed=0)  # the reference's base, byte for byte
-    for name in UPSTREAM:
-        (machine / "data" / name).mkdir()
-    datasync.configure(cfg, machine)
-    for stage in DATA_STAGES:
-        datasync.push(cfg, stage, machine)
-    return machine
-
-
-def _check_tracking(cfg: Config, run_id_in_checkpoint: str, straight: Path, machine_b: Path) -> None:
-    """One finished run on the server, the one A's checkpoint named; every step logged once, as the reference's."""
-    from pipeline.registry.client import experiment_id, mlflow_client
-
-    client = mlflow_client(cfg)
-    runs = client.search_runs([experiment_id(client, cfg)])
-    assert [r.info.run_id for r in runs] == [run_id_in_checkpoint]  # one run across both machines
-    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["jam.role"] == "finetune"
-    assert read_json(machine_b / "data/finetune/style/report.json")["stats"]["run_id"] == run_id_in_checkpoint
-    _, want = _history(straight)
-    got = _server_history(cfg, run_id_in_checkpoint)
+    (finetune,) = list_runs(cfg, role="finetune", client=client)  # one run across both machines
+    assert finetune.run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
+    _, want = _history(ref)
     for key, points in want.items():
-        steps = [s for s, _ in got[key]]
-        assert steps == sorted(set(steps)) == [s for s, _ in points], f"{key}: {steps}"
-        assert torch.allclose(torch.tensor(got[key]), torch.tensor(points), atol=1e-6, rtol=0)
-    assert [s for s, _ in got["train_loss"]] == list(range(1, STEPS + 1))
-    assert [s for s, _ in got["valid_loss"]] == list(range(0, STEPS + 1, 4))
-    assert "bundle" in {a.path for a in client.list_artifacts(run_id_in_checkpoint)}  # logged by B, through the server
-    import s3fs
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert [s for s, _ in got] == [s for s, _ in points], f"{key}: {[s for s, _ in got]}"  # each step once
+        assert torch.allclose(torch.tensor(got), torch.tensor(points), atol=1e-6, rtol=0)
+    assert [s for s, _ in want["train_loss"]] == list(range(1, STEPS + 1))
+    champion = client.get_model_version_by_alias(cfg.project.name, "champion")
+    assert json.loads(champion.tags["jam.sources"]) == {"solo": run_id}
 
-    keys = s3fs.S3FileSystem().find(f"{BUCKET}/mlflow/")
-    assert any(f"{run_id_in_checkpoint}/artifacts/bundle/" in k for k in keys)
+
+def _no_rework(machine: Path) -> None:
+    """B pulled every data stage and redid nothing: no transcription, no pretraining."""
+    for stage in PULLED:
+        report = read_json(machine / "data" / stage / "report.json")
+        assert report and report["processed"] == [], (stage, report)
+    assert len(read_json(machine / "data" / "transcribe" / "report.json")["cached"]) == 4
 
 
 @pytest.mark.slow
 @pytest.mark.spot
-def test_machine_b_resumes_machine_a_fine_tune_from_the_shared_services(spot_services, tmp_path, started):
-    cfg = _machine_cfg(spot_services[0], tmp_path.name)
-    straight = tmp_path / "straight"  # the uninterrupted reference: local checkpoints, its own sqlite store
-    _prepare(straight)
-    started.append(reference := _launch(straight))  # runs beside machine A
-    machine_a = _machine_a(tmp_path / "a", cfg)
-    tokens_sha = sha256_file(machine_a / "data/tokenize/style/style/train.npy")
+def test_one_flow_run_survives_the_loss_of_its_machine(spot_services, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
 
-    proc_a = _start(machine_a, started)
-    log_a, _ = _read_until(proc_a, rf"step 10/{STEPS}")
-    os.killpg(proc_a.pid, signal.SIGKILL)  # the VM is reclaimed: every process of A at once, no warning
-    killed = time.monotonic()
-    log_a += proc_a.communicate(timeout=60)[1]
-    assert proc_a.returncode == -signal.SIGKILL
-    shutil.rmtree(machine_a)  # and its disk with it
-    on_s3 = _s3_checkpoints(cfg)
-    last = max(int(s) for s in re.findall(r"checkpoint step (\d+) -> s3://", log_a))
-    assert 8 <= last < STEPS and max(on_s3) == last, (sorted(on_s3), log_a[-2000:])
-
-    machine_b = _clone(tmp_path / "b")
-    _write_params(machine_b, cfg)
-    datasync.configure(cfg, machine_b)
-    assert datasync.pull(cfg, [*UPSTREAM, *DATA_STAGES], machine_b) == DATA_STAGES  # upstream: never pushed
-    assert sha256_file(machine_b / "data/tokenize/style/style/train.npy") == tokens_sha
-    proc_b = _start(machine_b, started)
-    log_b, resumed = _read_until(proc_b, r"resumed from step (\d+)")
-    print(f"kill on A -> training resumed on B: {time.monotonic() - killed:.1f} s (clone, DVC pull, start, S3 fetch)")
-    log_b += _finish(proc_b)
-    assert int(resumed.group(1)) == last, log_b[-3000:]
-    _finish(reference)
-
-    want, got = load_file(straight / ADAPTER), load_file(machine_b / ADAPTER)
+    tree = _tree(spot_services[0], tmp_path.name)
+    cfg = config_from_dict(tree)
+    machine_a, machine_b = _machine(tmp_path / "a", tree), _machine(tmp_path / "b", tree)
+    made = deploy(cfg, "params.yaml")  # each worker reads params.yaml in its own checkout
+    worker_a = _worker(machine_a, cfg.services.work_pool, tmp_path / "worker-a.log")
+    worker_b = None
+    try:
+        with get_client(sync_client=True) as client:
+            first = run_deployment(made["deployment"], timeout=0)
+            _wait("A to run the flow", lambda: client.read_flow_run(first.id).state_name == "Running", 240)
+            worker_b = _worker(machine_b, cfg.services.work_pool, tmp_path / "worker-b.log")  # a machine on standby
+            _wait("A's first fine-tune checkpoint on S3", lambda: _checkpoints(cfg), timeout=900, every=0.2)
+            _reclaim(worker_a)
+            killed, on_s3 = time.time(), _checkpoints(cfg)
+            last, run_id = max(on_s3), on_s3[max(on_s3)]["meta"]["run_id"]  # the MLflow run travels in it
+            shutil.rmtree(machine_a)  # and its disk with it
+            assert last < STEPS, "the fine-tune ended before A was killed"
+            again = _wait("the re-run", lambda: [r for r in _runs(client, made["deployment_id"]) if r.id != first.id],
+                          timeout=300)[0]  # fmt: skip
+            _wait("the re-run to end", lambda: client.read_flow_run(again.id).state.is_final(), timeout=900, every=2)
+            assert client.read_flow_run(again.id).state_name == "Completed", (tmp_path / "worker-b.log").read_text()
+            assert client.read_flow_run(first.id).state_name == "Crashed"
+            assert len(_runs(client, made["deployment_id"])) == 2  # one re-run, no duplicate
+            step, at = _resumed_at(client, again.id)
+    finally:
+        for worker in (worker_a, worker_b):
+            if worker and worker.poll() is None:
+                _reclaim(worker)
+    print(
+        f"kill on A -> training resumed on B: {at.timestamp() - killed:.1f} s (missed heartbeats, re-run, "
+        f"B's worker, DVC pull, training start, S3 fetch)"
+    )
+    assert step == last
+    _no_rework(machine_b)
+    ref = _reference(tmp_path, machine_b, tree)
+    want, got = load_file(ref / ADAPTER), load_file(machine_b / ADAPTER)
     assert want.keys() == got.keys() and want
     assert max(float((want[k] - got[k]).abs().max()) for k in want) <= 1e-6
-    _check_tracking(cfg, on_s3[last]["meta"]["run_id"], straight, machine_b)  # the run id travelled in the checkpoint
+    assert read_json(machine_b / "data/finetune/solo/report.json")["stats"]["run_id"] == run_id
+    _check_tracking(cfg, run_id, ref)

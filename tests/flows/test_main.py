@@ -163,7 +163,9 @@ def _fake_training(monkeypatch, codes: list[int]):
     def fake_popen(cmd, **kwargs):
         calls.append(cmd)
         code = codes[len(calls) - 1]
-        return REAL_POPEN([sys.executable, "-c", f"import sys; print('boom', file=sys.stderr); sys.exit({code})"], **kwargs)
+        return REAL_POPEN(
+            [sys.executable, "-c", f"import sys; print('boom', file=sys.stderr); sys.exit({code})"], **kwargs
+        )
 
     monkeypatch.setattr(M.subprocess, "Popen", fake_popen)
     return calls
