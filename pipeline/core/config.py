@@ -295,6 +295,9 @@ class CheckpointConfig(Section):
     storage_options: dict[str, Any] = {}  # passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}
     scratch_dir: Path | None = None  # local staging for remote checkpoints; None = a temp dir
     preemption_retries: int = Field(3, ge=0)  # `jam run` restarts training this often after a SIGTERM exit (75)
+    # seconds a trainer may go without renewing its S3 lease (pipeline/train/lease.py) before the next trainer of the
+    # same fingerprint takes over: how long a dead machine's lease delays its replacement; renewed every lease_s / 4
+    lease_s: float = Field(60.0, gt=0)
 
 
 class Config(Section):

@@ -149,6 +149,7 @@ class CheckpointStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._scratch = scratch
+        self.before_publish: Callable[[], None] | None = None  # raises to refuse a publish (lease.py: lease lost)
 
     @property
     def scratch(self) -> Path:
@@ -213,6 +214,8 @@ class CheckpointStore:
 
     def commit(self, step: int, folder: Path, meta: dict[str, Any]) -> str:
         """Add the manifest to a written staging folder and publish it as `step-<step>`; then prune."""
+        if self.before_publish is not None:
+            self.before_publish()
         manifest = manifest_for(folder, step, meta)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
         dest = self._join(step_name(step))

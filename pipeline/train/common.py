@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from pipeline.core.items import StageReport
 from pipeline.registry.tracking import RunTracker
 from pipeline.train.checkpoint import store_for
 from pipeline.train.dataset import TokenWindows, TrainInputError, dataset_info
-from pipeline.train.loop import TrainJob, TrainResult
+from pipeline.train.lease import exclusive
+from pipeline.train.loop import TrainJob, TrainResult, fit
 from pipeline.train.model import Vocab
 from realtime.bundle_format import BUNDLE_FILE, TOKENIZER_FILE
 
@@ -92,3 +94,15 @@ def result_stats(result: TrainResult, fingerprint: str, n_valid: int) -> dict[st
     """The training report's stats; `complete` + `fingerprint` let a re-run skip (`up_to_date`)."""
     return {"run_id": result.run_id, "steps": result.step, "resumed_from": result.resumed_from,
             "fingerprint": fingerprint, "complete": True, "valid_windows": n_valid, **result.metrics}  # fmt: skip
+
+
+def fit_exclusive(job: TrainJob, lease_s: float) -> TrainResult:
+    """`fit` while holding the lease of the job's checkpoint store (lease.py): one trainer per fingerprint.
+
+    Of several processes (torchrun, accelerate) the main one holds it for all: it alone publishes checkpoints.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return fit(job)
+    what = f"{job.store.url} (fingerprint {job.fingerprint[:16]})"
+    with exclusive(job.store, what, lease_s=lease_s, renew_s=lease_s / 4):
+        return fit(job)

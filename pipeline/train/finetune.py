@@ -31,9 +31,9 @@ from pipeline.registry.tracking import (
     run_name,
     run_tags,
 )
-from pipeline.train.common import bundle_meta, result_stats, tokenize_inputs, train_job, up_to_date
+from pipeline.train.common import bundle_meta, fit_exclusive, result_stats, tokenize_inputs, train_job, up_to_date
 from pipeline.train.dataset import TrainInputError, check_windows
-from pipeline.train.loop import TrainResult, fit, loop_fingerprint
+from pipeline.train.loop import TrainResult, loop_fingerprint
 from pipeline.train.model import Vocab, add_lora, check_tokenizer_files, check_vocab, load_base
 from realtime.bundle_format import BundleError, combine_bundles, read_bundle, write_bundle
 
@@ -133,7 +133,7 @@ def finetune_style(
     tracker = RunTracker(cfg, tags, fc.system_metrics, name)
     build = functools.partial(qlora_model, base_dir, fc)
     job = train_job(cfg, STAGE, build, corpus, vocab, n_valid, fingerprint, fresh, tracker, adapter_only=True)
-    result = fit(job)
+    result = fit_exclusive(job, cfg.checkpoint.lease_s)
     report.items_in = n_train
     if result.accelerator.is_main_process:
         export_bundle(result, out_dir / BUNDLE_DIR, base_dir, tokenizer, cfg, info, style)

@@ -15,9 +15,9 @@ from pipeline.core.files import sha256_file, sha256_text
 from pipeline.core.items import StageReport
 from pipeline.registry.client import mlflow_client
 from pipeline.registry.tracking import RunTracker, finish_run, run_name, run_tags
-from pipeline.train.common import bundle_meta, result_stats, tokenize_inputs, train_job, up_to_date
+from pipeline.train.common import bundle_meta, fit_exclusive, result_stats, tokenize_inputs, train_job, up_to_date
 from pipeline.train.dataset import TrainInputError, check_windows
-from pipeline.train.loop import fit, loop_fingerprint
+from pipeline.train.loop import loop_fingerprint
 from pipeline.train.model import Vocab, build_base, check_tokenizer_files, check_vocab
 from realtime.bundle_format import BUNDLE_FILE, TOKENIZER_FILE, BundleError, read_bundle, write_bundle
 
@@ -54,7 +54,7 @@ def run_pretrain(cfg: Config, inputs: dict[str, Path], out_dir: Path, fresh: boo
     tracker = RunTracker(cfg, run_tags(ROLE, tokenizer), cfg.pretrain.system_metrics, run_name(STAGE, fingerprint))
     build = lambda device: build_base(cfg.model, vocab, cfg.tokenize.max_seq_len).to(device)  # noqa: E731
     job = train_job(cfg, STAGE, build, corpus, vocab, n_valid, fingerprint, fresh, tracker)
-    result = fit(job)
+    result = fit_exclusive(job, cfg.checkpoint.lease_s)
     if result.accelerator.is_main_process:
         write_bundle(out_dir, result.model, tokenizer, {}, **bundle_meta(cfg, result, tokenizer))
         finish_run(mlflow_client(cfg, create=True), result.run_id, cfg, out_dir, out_dir)
