@@ -77,7 +77,8 @@ def _machine(dest: Path, tree: dict) -> Path:
 
 def _worker(machine: Path, pool: str, log: Path) -> subprocess.Popen:
     """`prefect worker start --pool` in the machine's checkout, in a process group of its own."""
-    env = {**os.environ, HOME_ENV: str(machine), "PYTHONPATH": str(machine), "TQDM_DISABLE": "1"}
+    env = {**os.environ, HOME_ENV: str(machine), "PYTHONPATH": str(machine), "TQDM_DISABLE": "1",
+           "PREFECT_LOGGING_LEVEL": "INFO"}  # fmt: skip  # the training's lines are INFO, whatever the suite's level
     cmd = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool]
     with log.open("w") as out:
         return subprocess.Popen(cmd, cwd=machine, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -126,12 +127,12 @@ def _runs(client, deployment_id: str):
 
 def _resumed_at(client, run_id) -> tuple[int, datetime]:
     """(step, time) of the "resumed from step N" line the training child logged into the flow run."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
+
+    ours = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]), text=LogFilterTextSearch(query="resumed from"))
 
     def find():
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200, offset=0
-        )
+        logs = client.read_logs(log_filter=ours, limit=10, offset=0)
         return next(((int(m.group(1)), log.timestamp) for log in logs
                      if (m := re.search(r"resumed from step (\d+)", log.message))), None)  # fmt: skip
 
