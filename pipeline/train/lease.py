@@ -17,17 +17,19 @@ again, and a renewal that finds someone else's ETag means the lease is lost (`Le
 Prefect's own concurrency limits were not used: they are keyed by names the flow knows, while the fingerprint (params
 + data + base weights) is known only inside training, and `jam train` or SkyPilot jobs run without a Prefect server.
 
-Local stores: filelock's OS lock on `LEASE.lock` in the store's folder; the kernel releases it when its holder dies,
-which is what the lease emulates remotely. Other fsspec filesystems: no lock (a warning says so).
+Local stores: filelock's OS lock on a file named by the store's path (`local_lock_path`); the kernel releases it when
+its holder dies, which is what the lease emulates remotely. Other fsspec filesystems: no lock (a warning says so).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -40,7 +42,7 @@ from pipeline.train.checkpoint import CheckpointError, CheckpointStore
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "LEASE.json"  # S3 stores
-LOCK_NAME = "LEASE.lock"  # local stores
+LOCK_DIR = "jam-locks"  # local stores: <temp dir>/jam-locks/<sha256 of the store's path>.lock
 LEASE_S = 60.0  # seconds without a renewal after which a lease counts as its holder's death (checkpoint.lease_s)
 RENEW_S = 15.0  # seconds between renewals: 4 chances before LEASE_S
 POLL_S = 5.0  # seconds between looks at a lease held by someone else
@@ -164,12 +166,20 @@ class S3Lease:
             self.release()
 
 
+def local_lock_path(store: CheckpointStore) -> str:
+    """The OS lock file of a local store: in the temp dir, named by the store's real path (a lock file inside the
+    store would create the folder before training has checked its inputs, and one must never be deleted)."""
+    key = hashlib.sha256(os.path.realpath(store.root).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), LOCK_DIR, f"{key}.lock")
+
+
 @contextlib.contextmanager
 def _file_lock(store: CheckpointStore, what: str, poll_s: float) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
-    os.makedirs(store.root, exist_ok=True)
-    lock = FileLock(os.path.join(store.root, LOCK_NAME))
+    path = local_lock_path(store)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = FileLock(path)
     while True:
         try:
             lock.acquire(timeout=poll_s)
