@@ -12,6 +12,7 @@ checkpoint in the same MLflow run, and ends with the uninterrupted run's adapter
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from tests.pipeline.train.test_resume import _history
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40  # fine-tune steps, a checkpoint every 4: A is killed after the first one that reaches S3
 ADAPTER = Path("data/finetune/bundle/adapters/solo/adapter_model.safetensors")
+PAGE = 200  # log lines per request (the API's most)
 PULLED = ("demo", "base", "acquire", "transcribe", "clean", "split", "augment", "tokenize", "pretrain")
 
 
@@ -127,14 +129,18 @@ def _runs(client, deployment_id: str):
 
 def _resumed_at(client, run_id) -> tuple[int, datetime]:
     """(step, time) of the "resumed from step N" line the training child logged into the flow run."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    ours = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]), text=LogFilterTextSearch(query="resumed from"))
+    ours = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))  # (text search needs Postgres)
 
     def find():
-        logs = client.read_logs(log_filter=ours, limit=10, offset=0)
-        return next(((int(m.group(1)), log.timestamp) for log in logs
-                     if (m := re.search(r"resumed from step (\d+)", log.message))), None)  # fmt: skip
+        for offset in itertools.count(0, PAGE):
+            logs = client.read_logs(log_filter=ours, limit=PAGE, offset=offset)
+            for log in logs:
+                if m := re.search(r"resumed from step (\d+)", log.message):
+                    return int(m.group(1)), log.timestamp
+            if len(logs) < PAGE:
+                return None
 
     return _wait("the resumed run's 'resumed from step' log line", find, timeout=60)
 
