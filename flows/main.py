@@ -144,19 +144,32 @@ def dvc_commit_outputs(repo: Path = Path(".")) -> None:
         get_run_logger().warning("dvc commit failed (outputs are fine, dvc.lock not updated): %s", proc.stderr.strip())
 
 
-def _sync_pull(cfg: Config) -> None:
-    """With a DVC remote: this machine's remote config, then what the remote has of the stages it lacks."""
+def _sync_pull(cfg: Config) -> list[str]:
+    """With a DVC remote: this machine's remote config, then what the remote has of the stages it lacks.
+
+    Returns:
+        The stages pulled.
+    """
     if not datasync.enabled(cfg):
-        return
+        return []
     datasync.configure(cfg)
     pulled = datasync.pull(cfg, [node.name for node in graph.STAGES if node.dvc])
     get_run_logger().info("pulled from %s: %s", cfg.services.dvc_remote, ", ".join(pulled) or "nothing")
+    return pulled
+
+
+def _needs_push(node: graph.Stage, cfg: Config, pulled: list[str], result: object) -> bool:
+    """A DVC stage's outputs go to the remote after it ran, unless they just came from there unchanged (a
+    replacement machine's no-op stages: each push is a `dvc commit` + `dvc push`, seconds apiece)."""
+    if not node.dvc or not datasync.enabled(cfg):
+        return False
+    return not (node.name in pulled and isinstance(result, StageReport) and not result.processed)
 
 
 def _run_graph(cfg: Config, params_path: str, overrides: list[str], dvc_commit: bool, until: str | None) -> str:
     reports: dict[str, StageReport] = {}
     promoted = ""
-    _sync_pull(cfg)
+    pulled = _sync_pull(cfg)
     for node in graph.until(until):
         if not node.enabled(cfg):
             continue
@@ -165,7 +178,7 @@ def _run_graph(cfg: Config, params_path: str, overrides: list[str], dvc_commit: 
             reports[node.name] = result
         else:
             promoted = result
-        if node.dvc and datasync.enabled(cfg):  # a machine reclaimed after this loses nothing of this stage
+        if _needs_push(node, cfg, pulled, result):  # a machine reclaimed after this loses nothing of this stage
             task(datasync.push, name=f"push-{node.name}", cache_policy=NONE)(cfg, node.name)
 
     table = summary_markdown(reports)

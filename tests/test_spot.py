@@ -145,6 +145,16 @@ def _resumed_at(client, run_id) -> tuple[int, datetime]:
     return _wait("the resumed run's 'resumed from step' log line", find, timeout=60)
 
 
+def _pushed(client, run_id) -> list[str]:
+    """The stages the flow run pushed to the DVC remote (its `push-<stage>` task runs)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=PAGE)
+    return sorted(
+        r.name.removeprefix("push-").rsplit("-", 1)[0] for r in runs if r.name.startswith("push-")
+    )  # push-<stage>-<id>
+
+
 def _timeline(client, first, again, killed: float, resumed: datetime) -> str:
     """Seconds after the kill at which each step of the recovery happened (Prefect's timestamps, this machine)."""
     crashed = client.read_flow_run(first).state.timestamp  # the last state: Crashed
@@ -229,6 +239,7 @@ def test_one_flow_run_survives_the_loss_of_its_machine(spot_services, tmp_path):
             assert client.read_flow_run(first.id).state_name == "Crashed"
             assert len(_runs(client, made["deployment_id"])) == 2  # one re-run, no duplicate
             step, at = _resumed_at(client, again.id)
+            assert _pushed(client, again.id) == ["finetune"]  # the pulled stages did no work: nothing to push back
             timeline = _timeline(client, first.id, again.id, killed, at)
     finally:
         for worker in (worker_a, worker_b):
