@@ -148,8 +148,10 @@ def _resumed_at(client, run_id) -> tuple[int, datetime]:
 def _pushed(client, run_id) -> list[str]:
     """The stages the flow run pushed to the DVC remote (its `push-<stage>` task runs)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=PAGE)
+    ours = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+    runs = client.read_task_runs(flow_run_filter=ours, sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=PAGE, offset=0)
     return sorted(
         r.name.removeprefix("push-").rsplit("-", 1)[0] for r in runs if r.name.startswith("push-")
     )  # push-<stage>-<id>
