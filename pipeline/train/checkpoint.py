@@ -2,15 +2,15 @@
 and the SIGTERM handling that turns a preemption notice into one last checkpoint.
 
 Layout under the store's root:
-    step-00000040/        one checkpoint: the files a writer put there (accelerate `save_state` + our state)
+    step-00000040/        one checkpoint: the files a writer put there (see state.py: safetensors + JSON)
         MANIFEST.json     written last: {"step", "files": {relative path: {"sha256", "bytes"}}, "meta", "created"}
 A folder without MANIFEST.json is partial (killed mid-write) and ignored. A file whose size or sha256 differs from
 the manifest marks the checkpoint corrupt, and `latest()` falls back to the one before.
 
 accelerate's own `ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=K)` is not used for the folder
 management: it writes in place to local paths only (a kill mid-write leaves a half folder it would later load),
-deletes the oldest checkpoint *before* the new one exists, and keeps no checksums. accelerate still writes the
-contents (`Accelerator.save_state` into a staging folder that this module publishes).
+deletes the oldest checkpoint *before* the new one exists, and keeps no checksums. The
+contents are written by `state.save_training` into a staging folder that this module publishes.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` windows per process. The data order is a seeded
 permutation per epoch (`numpy.random.default_rng([seed, epoch])`), so the position (epoch, batch index) is all a
-checkpoint needs to continue it. A checkpoint (accelerate `save_state` + `register_for_checkpointing`) holds the
+checkpoint needs to continue it. A checkpoint (`state.save_training`: safetensors and JSON, no pickles) holds the
 weights (only the adapter when fine-tuning), optimizer, scheduler, grad scaler, python/numpy/torch/cuda RNG states
 and `TrainState` (position, step, MLflow run id, metrics not yet logged). Resuming from it replays the same
 arithmetic: on CPU the weights match an uninterrupted run exactly.
@@ -29,10 +29,10 @@ from pipeline.core.config import LoopConfig
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
 from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, stop_on_signals
 from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate
+from pipeline.train.state import load_training, save_training
 
 log = logging.getLogger(__name__)
 
-ADAPTER_STATE = "adapter_{}.safetensors"  # adapter weights inside a checkpoint (fine-tuning)
 _RESUME_NEUTRAL = {"eval_every", "eval_windows", "log_every", "system_metrics"}  # may change across a resume
 
 
@@ -54,7 +54,7 @@ class TrainState:
     run_id: str = ""  # MLflow run
     fingerprint: str = ""  # params + data this training was started with
     pending: list[list[Any]] = field(default_factory=list)  # metrics not yet in MLflow (see MetricBuffer)
-    rng_sha: str = ""  # main process's torch RNG at save: accelerate restores RNG best-effort (silently)
+    rng_sha: str = ""  # main process's torch RNG at save: proves the restore was complete
     verify_rng: bool = field(default=True, repr=False)  # not saved; False on other processes (other RNG streams)
 
     def advance(self, per_epoch: int) -> None:
@@ -159,31 +159,6 @@ def make_optimizer(params: list[torch.nn.Parameter], loop: LoopConfig) -> torch.
     return torch.optim.AdamW(groups, lr=loop.lr, betas=(0.9, 0.95))
 
 
-def _adapter_hooks(acc) -> None:
-    """Make accelerate checkpoint only the adapter: the 4-bit base is frozen and rebuilt from the bundle."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for i, model in enumerate(models):
-            state = get_peft_model_state_dict(acc.unwrap_model(model))
-            if acc.is_main_process:
-                tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-                save_file(tensors, str(Path(output_dir) / ADAPTER_STATE.format(i)))
-        weights.clear()
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i, model in enumerate(models):
-            state = load_file(str(Path(input_dir) / ADAPTER_STATE.format(i)))
-            result = set_peft_model_state_dict(acc.unwrap_model(model), state)
-            if result.unexpected_keys:
-                raise CheckpointError(f"adapter checkpoint has unexpected keys {result.unexpected_keys[:3]}")
-        models.clear()
-
-    acc.register_save_state_pre_hook(save_hook)
-    acc.register_load_state_pre_hook(load_hook)
-
-
 def _setup(job: TrainJob) -> _Run:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -197,9 +172,6 @@ def _setup(job: TrainJob) -> _Run:
     scheduler = get_cosine_schedule_with_warmup(optimizer, job.loop.warmup_steps, job.loop.max_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     state = TrainState(fingerprint=job.fingerprint, verify_rng=acc.is_main_process)
-    acc.register_for_checkpointing(state)
-    if job.adapter_only:
-        _adapter_hooks(acc)
     return _Run(job, acc, model, optimizer, scheduler, data, state, MetricBuffer(), trainable)
 
 
@@ -221,7 +193,7 @@ def _restore(run: _Run) -> int | None:
             f"checkpoints in {run.job.store.url} were made with other params or data; "
             "re-run with --fresh to start over (or restore the params)"
         )
-    run.acc.load_state(path)
+    load_training(Path(path), run.acc, run.model, run.optimizer, run.scheduler, run.state, run.job.adapter_only)
     run.buffer = MetricBuffer(run.state.pending)
     log.info("resumed from step %d (epoch %d, batch %d)", run.state.step, run.state.epoch, run.state.batch_in_epoch)
     return run.state.step
@@ -231,14 +203,18 @@ def _checkpoint(run: _Run) -> str:
     """Write a checkpoint, then hand its metrics to MLflow (never before: see MetricBuffer)."""
     acc, store, state = run.acc, run.job.store, run.state
     state.pending = run.buffer.items if acc.is_main_process else []
+
+    def write(folder: Path) -> None:
+        save_training(folder, acc, run.model, run.optimizer, run.scheduler, state, run.job.adapter_only)
+
     if acc.num_processes == 1:
-        where = store.save(state.step, lambda folder: acc.save_state(str(folder)), state.meta())
+        where = store.save(state.step, write, state.meta())
     else:  # every process writes its RNG state into the same staging folder; the main one publishes
         folder = [str(store.staging(state.step)) if acc.is_main_process else None]
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(folder)
-        acc.save_state(folder[0])
+        write(Path(folder[0]))
         acc.wait_for_everyone()
         where = store.commit(state.step, Path(folder[0]), state.meta()) if acc.is_main_process else ""
         acc.wait_for_everyone()

@@ -183,7 +183,9 @@ def test_disk_full_mid_training_is_clear_and_keeps_checkpoints(tmp_path, monkeyp
     from pipeline.train.checkpoint import CheckpointError, CheckpointStore
     from pipeline.train.loop import fit
 
-    real_save = torch.save
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
 
     def arm(done: int, metrics: dict) -> None:
         if done == 4:  # the step-4 checkpoint hits a full disk
@@ -191,12 +193,12 @@ def test_disk_full_mid_training_is_clear_and_keeps_checkpoints(tmp_path, monkeyp
             def full(*args, **kwargs):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-            monkeypatch.setattr(torch, "save", full)
+            monkeypatch.setattr(safetensors.torch, "save_file", full)
 
     store = CheckpointStore(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=r"step 4 .*No space left on device.*kept \(steps \[0\]\)"):
         fit(_job(tmp_path, store, on_step=arm))
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     assert store.steps() == [0] and store.latest().meta["step"] == 0
     assert not list((tmp_path / "ckpt").glob(".staging-*"))
 
@@ -210,7 +212,7 @@ def test_corrupt_newest_falls_back_and_other_params_refuse(tmp_path):
     with pytest.raises(Preempted):
         fit(_job(tmp_path, store, on_step=_sigterm_at(5)))
     assert store.steps() == [0, 4, 5]
-    (tmp_path / "ckpt" / "step-00000005" / "optimizer.bin").write_bytes(b"torn")
+    (tmp_path / "ckpt" / "step-00000005" / "optimizer.safetensors").write_bytes(b"torn")
     assert fit(_job(tmp_path, store)).resumed_from == 4
     with pytest.raises(TrainInputError, match="--fresh"):
         fit(_job(tmp_path, store, fingerprint="other lr"))
