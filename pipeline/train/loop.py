@@ -27,7 +27,7 @@ import torch
 
 from pipeline.core.config import LoopConfig
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
-from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, stop_on_signals
+from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, UploadFailed, stop_on_signals
 from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate
 from pipeline.train.state import load_training, save_training
 
@@ -179,28 +179,33 @@ def _restore(run: _Run) -> int | None:
     """Load the newest valid checkpoint into the run; None when there is none (a fresh start)."""
     from accelerate.utils import broadcast_object_list
 
-    if run.job.fresh and run.acc.is_main_process:
-        run.job.store.clear()
-    ckpt = run.job.store.latest() if run.acc.is_main_process else None
-    found = [None if ckpt is None else (str(ckpt.path), ckpt.meta.get("fingerprint"))]
+    found: list[Any] = [None]  # the checkpoint's local path, or the error every process raises
+    if run.acc.is_main_process:
+        try:
+            if run.job.fresh:
+                run.job.store.clear()
+            ckpt = run.job.store.latest(run.job.fingerprint)  # skips corrupt ones and other trainings' ones
+            found = [None if ckpt is None else str(ckpt.path)]
+        except CheckpointError as err:
+            found = [err]
     if run.acc.num_processes > 1:
         broadcast_object_list(found)
+    if isinstance(found[0], Exception):
+        raise found[0]
     if found[0] is None:
         return None
-    path, fingerprint = found[0]
-    if fingerprint != run.job.fingerprint:
-        raise TrainInputError(
-            f"checkpoints in {run.job.store.url} were made with other params or data; "
-            "re-run with --fresh to start over (or restore the params)"
-        )
-    load_training(Path(path), run.acc, run.model, run.optimizer, run.scheduler, run.state, run.job.adapter_only)
+    load_training(Path(found[0]), run.acc, run.model, run.optimizer, run.scheduler, run.state, run.job.adapter_only)
     run.buffer = MetricBuffer(run.state.pending)
     log.info("resumed from step %d (epoch %d, batch %d)", run.state.step, run.state.epoch, run.state.batch_in_epoch)
     return run.state.step
 
 
-def _checkpoint(run: _Run) -> str:
-    """Write a checkpoint, then hand its metrics to MLflow (never before: see MetricBuffer)."""
+def _checkpoint(run: _Run, tolerate: bool = True, final: bool = False) -> str | None:
+    """Write a checkpoint, then hand its metrics to MLflow (never before: see MetricBuffer).
+
+    Returns its location, or None when a remote store stayed unreachable through every retry (`tolerate`):
+    training goes on, the metrics stay pending (in the next checkpoint) unless this was the `final` one.
+    """
     acc, store, state = run.acc, run.job.store, run.state
     state.pending = run.buffer.items if acc.is_main_process else []
 
@@ -208,7 +213,7 @@ def _checkpoint(run: _Run) -> str:
         save_training(folder, acc, run.model, run.optimizer, run.scheduler, state, run.job.adapter_only)
 
     if acc.num_processes == 1:
-        where = store.save(state.step, write, state.meta())
+        where = _tolerant(lambda: store.save(state.step, write, state.meta()), tolerate)
     else:  # every process writes its RNG state into the same staging folder; the main one publishes
         folder = [str(store.staging(state.step)) if acc.is_main_process else None]
         from accelerate.utils import broadcast_object_list
@@ -216,13 +221,26 @@ def _checkpoint(run: _Run) -> str:
         broadcast_object_list(folder)
         write(Path(folder[0]))
         acc.wait_for_everyone()
-        where = store.commit(state.step, Path(folder[0]), state.meta()) if acc.is_main_process else ""
+        commit = lambda: store.commit(state.step, Path(folder[0]), state.meta())  # noqa: E731
+        where = _tolerant(commit, tolerate) if acc.is_main_process else ""
         acc.wait_for_everyone()
-    if acc.is_main_process:
+    if acc.is_main_process and (where is not None or final):
         if run.job.tracker is not None:
             run.buffer.flush(run.job.tracker.client, state.run_id)
-        log.info("checkpoint step %d -> %s", state.step, where)
+        if where is not None:
+            log.info("checkpoint step %d -> %s", state.step, where)
     return where
+
+
+def _tolerant(publish: Callable[[], str], tolerate: bool) -> str | None:
+    """`publish()`; with `tolerate`, an upload that failed every retry is a warning (None), not the end."""
+    try:
+        return publish()
+    except UploadFailed as err:
+        if not tolerate:
+            raise
+        log.warning("%s; training goes on, the next checkpoint tries again", err)
+        return None
 
 
 def _train_step(run: _Run) -> tuple[float, int]:
@@ -316,10 +334,10 @@ def _loop(run: _Run, stop: threading.Event) -> dict[str, float]:
         timed = time.monotonic() - last_save >= job.every_s
         stopping, timed = _agree(run.acc, stop.is_set(), timed)
         if stopping or timed or state.step % job.every_steps == 0 or state.step == job.loop.max_steps:
-            where = _checkpoint(run)
+            where = _checkpoint(run, final=state.step == job.loop.max_steps)
             last_save = time.monotonic()
             if stopping:
-                raise Preempted(state.step, where)
+                raise Preempted(state.step, where or "not uploaded (the store was unreachable); the last uploaded one")
     return metrics
 
 
@@ -350,7 +368,7 @@ def fit(job: TrainJob) -> TrainResult:
                 if job.valid_ds is not None:
                     loss0 = evaluate(run.model, job.valid_ds, run.acc, job.loop.batch_size, job.loop.eval_windows)
                     run.buffer.add(0, valid_loss=loss0)
-                _checkpoint(run)
+                _checkpoint(run, tolerate=False)  # the location must work before any training is done
             metrics = _loop(run, stop)
         except Preempted:
             if tracker is not None:
