@@ -250,7 +250,7 @@ class CheckpointStore:
         else:
             upload = lambda: self._publish_remote(folder, dest, manifest)  # noqa: E731
             try:
-                self._retrying(f"upload of checkpoint step {step}", upload)
+                self._retrying(f"upload of checkpoint step {step} to {self.url}", upload)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         try:  # only after the new checkpoint is complete: the older ones stay until then
@@ -273,10 +273,10 @@ class CheckpointStore:
                 raise
             except Exception as err:
                 if attempt == self.attempts:
-                    raise UploadFailed(f"{what} to {self.url} failed {attempt} times, last: {err}") from err
+                    raise UploadFailed(f"{what} failed {attempt} times, last: {err}") from err
                 log.warning(
-                    "%s to %s failed (attempt %d/%d: %s); retrying in %.1f s",
-                    what, self.url, attempt, self.attempts, err, delay,
+                    "%s failed (attempt %d/%d: %s); retrying in %.1f s",
+                    what, attempt, self.attempts, err, delay,
                 )  # fmt: skip
                 time.sleep(delay)
                 delay *= 2
@@ -341,7 +341,8 @@ class CheckpointStore:
         foreign = []
         for step in reversed(self.steps()):
             try:
-                folder = self._retrying(f"download of checkpoint step {step}", lambda s=step: self.fetch(s))
+                what = f"download of checkpoint step {step} from {self.url}"
+                folder = self._retrying(what, lambda s=step: self.fetch(s))
                 ckpt = Checkpoint(step=step, path=folder, manifest=verify(folder))
             except CorruptCheckpoint as err:
                 log.warning("skipping corrupt checkpoint: %s", err)
