@@ -353,8 +353,9 @@ def fit(job: TrainJob) -> TrainResult:
 
     Raises:
         Preempted: a signal stopped training after a checkpoint.
-        TrainInputError: checkpoints from other params/data, fp16 on CPU, batch larger than the data.
-        CheckpointError: a checkpoint could not be written (earlier ones intact).
+        TrainInputError: fp16 on CPU, batch larger than the data.
+        CheckpointError: only checkpoints of other params/data; an unsafe (pickle-bearing) checkpoint; the store
+            unreadable; the first checkpoint (or a local one) could not be written (earlier ones intact).
     """
     run = _setup(job)
     with stop_on_signals() as stop:
