@@ -28,7 +28,7 @@ import numpy as np
 from symusic import Score, Track
 
 from pipeline.core import constants as C
-from pipeline.core.config import Config, TokenizeConfig, section_json
+from pipeline.core.config import Config, ProjectConfig, TokenizeConfig, section_json
 from pipeline.core.files import (
     atomic_path,
     piece_id,
@@ -298,8 +298,8 @@ def encode_item(path: Path, out_dir: Path, rel: str) -> ItemResult:
     return ItemResult(outputs=[rel], stats={"n_tokens": len(ids), **counts})
 
 
-def encode_items(items: list[Item], out_dir: Path, report: StageReport, workers: int) -> dict:
-    """Encode new or changed items into the cache on `workers` processes (failures go to `report.failed`).
+def encode_items(items: list[Item], out_dir: Path, report: StageReport, workers: int | ProjectConfig) -> dict:
+    """Encode new or changed items into the cache on `workers` (`run_jobs`; failures go to `report.failed`).
 
     Returns:
         item key -> index entry (`outputs`, and `stats` with `n_tokens`, `matched`, `notes`) for items that encoded.
@@ -358,7 +358,7 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     train_paths = [i.path for i in items if i.split == "train"]
     tokenizer, bpe_stats = ensure_tokenizer(cfg, train_paths, out_dir)
     ids = special_ids(tokenizer)
-    done = encode_items(items, out_dir, report, cfg.project.workers)
+    done = encode_items(items, out_dir, report, cfg.project)
     counts = write_windows(items, done, out_dir, cfg.tokenize, ids)
     report.outputs = len(counts)
     report.stats = _stats(cfg.tokenize, tokenizer, ids, bpe_stats, done, counts)

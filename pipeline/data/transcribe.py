@@ -244,7 +244,7 @@ def run_transcribe(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> Stage
     rows = list(read_manifest(in_dir).values())
     t0 = time.perf_counter()
     jobs = [_job(row, cfg, in_dir, out_dir) for row in rows]
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker, initargs=(cfg.transcribe,))
+    run_jobs(jobs, index, out_dir, report, cfg.project, initializer=_init_worker, initargs=(cfg.transcribe,))
     report.processed.sort()
     done = [index.entries[i]["stats"] for i in report.processed]
     report.stats = _stats(done, report.processed, time.perf_counter() - t0)

@@ -119,7 +119,7 @@ def run_acquire(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRep
     sources = expand_sources(cfg)
     files = [_job(s, cfg, out_dir) for s in sources if s.kind != "url"]
     urls = [_job(s, cfg, out_dir) for s in sources if s.kind == "url"]
-    run_jobs(files, index, out_dir, report, cfg.project.workers)
+    run_jobs(files, index, out_dir, report, cfg.project)
     run_jobs(urls, index, out_dir, report, NETWORK_WORKERS)
     rows = _stored_rows(sources, index, out_dir, report)
     pruned = _prune(index, {s.item_id for s in sources}, out_dir)
