@@ -133,7 +133,9 @@ def check_files(client, out_dir: Path) -> None:
     try:
         seen = client.run(_reads, str(probe), token)  # {worker address: bool}
     except Exception as err:  # ModuleNotFoundError from the worker: it runs other code than ours
-        raise ClusterError(f"the cluster's workers cannot run this project's code: {type(err).__name__}: {err}") from None
+        raise ClusterError(
+            f"the cluster's workers cannot run this project's code: {type(err).__name__}: {err}"
+        ) from None
     finally:
         probe.unlink(missing_ok=True)
     blind = sorted(w for w, ok in seen.items() if not ok)

@@ -49,7 +49,8 @@ def test_tokenize_on_a_two_worker_cluster_equals_local_processes(tmp_path):
     assert sorted(first.processed) == sorted(local_report.processed) and first.processed
     assert not first.failed and first.retries == 0
     assert _digests(remote / "tokenize") == _digests(local / "tokenize")  # same windows, cache, tokenizer, config
-    assert ItemIndex(remote / "tokenize/cache/index.json").entries == ItemIndex(local / "tokenize/cache/index.json").entries
+    indexes = [ItemIndex(d / "tokenize/cache/index.json").entries for d in (local, remote)]
+    assert indexes[0] == indexes[1]
     vocab = [json.loads((d / "tokenize/vocab.json").read_text()) for d in (local, remote)]
     assert vocab[0]["sha256"] == vocab[1]["sha256"] and vocab[0]["vocab_hash"] == vocab[1]["vocab_hash"]
     assert again.processed == [] and sorted(again.cached) == sorted(first.processed)  # incremental per item
