@@ -93,6 +93,7 @@ class ItemIndex:
         self.path = path
         self.journal = path.with_name(path.name + ".log")
         self.entries: dict[str, dict[str, Any]] = read_json(path, {}) or {}
+        self._journal_dir_made = False
         if self.journal.exists():
             self._replay()
             self.save()
@@ -120,7 +121,9 @@ class ItemIndex:
     def record(self, item_id: str, key: str, outputs: list[str] | None = None, **extra: Any) -> None:
         entry = {"key": key, "outputs": outputs or [], **extra}
         self.entries[item_id] = entry
-        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        if not self._journal_dir_made:  # once: a stat per item is half of recording one (bench/corpus.py)
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            self._journal_dir_made = True
         with open(self.journal, "a") as f:
             f.write(json.dumps([item_id, entry], sort_keys=True, default=str) + "\n")
 
@@ -135,8 +138,11 @@ class ItemIndex:
         return gone
 
     def save(self) -> None:
-        """Write the snapshot and drop the journal it now contains."""
-        write_json(self.path, self.entries)
+        """Write the snapshot and drop the journal it now contains.
+
+        Compact JSON: `json` encodes it in C, 3.5x faster than indented (Python) at 100k items (bench/corpus.py).
+        """
+        write_text(self.path, json.dumps(self.entries, sort_keys=True, separators=(",", ":"), default=str) + "\n")
         self.journal.unlink(missing_ok=True)
 
 
