@@ -37,7 +37,8 @@ def make_pieces(folder: Path, pieces: int, notes: int) -> list[Path]:
         score, track, tick = Score(480), Track(name="piano", program=0), 0
         for _ in range(notes):
             tick += int(rng.integers(30, 400))
-            track.notes.append(Note(tick, int(rng.integers(60, 900)), int(rng.integers(30, 96)), int(rng.integers(30, 110))))
+            duration, pitch, velocity = (int(rng.integers(*r)) for r in ((60, 900), (30, 96), (30, 110)))
+            track.notes.append(Note(tick, duration, pitch, velocity))
         score.tracks.append(track)
         paths.append(folder / f"piece{i:03d}.mid")
         score.dump_midi(str(paths[-1]))
