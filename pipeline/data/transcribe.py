@@ -3,7 +3,8 @@
 Reads `data/acquire/manifest.jsonl`, writes `data/transcribe/midi/<id>.mid` (one piano track, program 0, with the
 sustain pedal as CC64 when the backend detects it). Items are cached by (input sha256, transcription params, backend
 model id): a re-run transcribes nothing, a new source only itself. The model is loaded once per worker process
-(`run_jobs`' initializer); files run in parallel across `project.workers` processes.
+(`run_jobs`' initializer; on a Dask cluster, once per worker); files run in parallel across `project.workers`
+processes, or a Dask cluster's workers (`project.executor: dask`).
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def _prune(index: ItemIndex, keep: set[str], out_dir: Path) -> list[str]:
 def run_acquire(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
     """Acquire every style's sources into `data/acquire/`; incremental per source. Manifest rows name their style.
 
-    Files are decoded on `project.workers` processes, URLs downloaded one at a time.
+    Files are decoded on `project.workers` processes (or the Dask cluster, `project.executor`), URLs downloaded one
+    at a time in this process (`NETWORK_WORKERS`).
 
     Returns:
         The stage report (also written to `data/acquire/report.json`).
