@@ -16,11 +16,16 @@ cd "$REPO"
 export HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1
 export TOKENIZERS_PARALLELISM=false PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ] && .venv/bin/python -c 'import torch' 2>/dev/null; then PYTHON=.venv/bin/python
-  else PYTHON=python3; fi
+dry_run=0; for arg in "$@"; do [ "$arg" = --dry-run ] && dry_run=1; done
+cuda='import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
+if [ -z "${PYTHON:-}" ]; then  # .venv's torch is the project's CPU build: only when it sees CUDA (or for --dry-run)
+  if [ -x .venv/bin/python ] && { .venv/bin/python -c "$cuda" 2>/dev/null || { [ $dry_run = 1 ] && .venv/bin/python -c 'import torch' 2>/dev/null; }; }
+  then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 "$PYTHON" -c 'import torch' 2>/dev/null || { echo "gpu.sh: $PYTHON has no torch (install a CUDA build first)" >&2; exit 2; }
+if [ $dry_run = 0 ] && ! "$PYTHON" -c "$cuda" 2>/dev/null; then
+  echo "gpu.sh: $PYTHON's torch sees no CUDA device (set PYTHON=...; --dry-run checks the script on CPU)" >&2; exit 2
+fi
 
 # import name -> pip name, for what the training, evaluation and latency paths import
 missing=$("$PYTHON" - <<'PY'

@@ -33,3 +33,18 @@ def test_gpu_script_dry_run_prints_every_figure(tmp_path):
     assert "skipped" in result["evaluate"]  # synthetic windows have no held-out pieces to prompt with
     assert result["finetune_within_4gb"] is None  # only judged on CUDA
     assert result["device"]["cuda"] is False
+
+
+def test_gpu_script_refuses_a_torch_without_cuda(tmp_path):
+    if _cuda():
+        pytest.skip("a CUDA device is visible: the script would run for real")
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr and proc.stdout == ""
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
