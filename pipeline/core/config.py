@@ -33,6 +33,10 @@ class ProjectConfig(Section):
     artifact_dir: Path = Path("mlruns/artifacts")
     seed: int = 1234
     workers: int = Field(2, ge=1)  # processes for per-item CPU work (transcription)
+    # where the item-wise stages (acquire, transcribe, clean, augment, tokenize) run their items: local processes,
+    # or a Dask cluster (pipeline/core/cluster.py says why Dask); same outputs either way
+    executor: Literal["processes", "dask"] = "processes"
+    cluster_address: str | None = None  # Dask scheduler, e.g. tcp://10.0.0.5:8786; none: a local cluster on 127.0.0.1
 
 
 class AcquireConfig(Section):

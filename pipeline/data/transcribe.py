@@ -3,7 +3,8 @@
 Reads `data/acquire/manifest.jsonl`, writes `data/transcribe/midi/<id>.mid` (one piano track, program 0, with the
 sustain pedal as CC64 when the backend detects it). Items are cached by (input sha256, transcription params, backend
 model id): a re-run transcribes nothing, a new source only itself. The model is loaded once per worker process
-(`run_jobs`' initializer); files run in parallel across `project.workers` processes.
+(`run_jobs`' initializer; on a Dask cluster, once per worker); files run in parallel across `project.workers`
+processes, or a Dask cluster's workers (`project.executor: dask`).
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def run_transcribe(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> Stage
     jobs = [_job(row, cfg, in_dir, out_dir) for row in rows]
     todo = [job.args[2] for job in jobs if job.args[1] != "midi" and index.fresh(job.item_id, job.key, out_dir) is None]
     init = (tuple({tcfg.backend: tcfg for tcfg in todo}.values()),)  # the backends audio still to do needs
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker, initargs=init)
+    run_jobs(jobs, index, out_dir, report, cfg.project, initializer=_init_worker, initargs=init)
     report.processed.sort()
     done = [index.entries[i]["stats"] for i in report.processed]
     report.stats = _stats(done, report.processed, time.perf_counter() - t0)
