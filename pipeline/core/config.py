@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pipeline.core import constants as C
 from pipeline.core.profile import ServicesConfig
 from pipeline.core.section import Section
-from pipeline.core.styles import DEFAULT_STYLES, STYLE_NAME_RE, DemoConfig, StyleConfig
+from pipeline.core.styles import DEFAULT_STYLES, STYLE_NAME_RE, DemoConfig, StyleConfig, TranscriberName
 from realtime.settings import RealtimeSettings
 
 
@@ -44,8 +44,9 @@ class AcquireConfig(Section):
 
 
 class TranscribeConfig(Section):
-    # transkun for real recordings (piano-specific, models the pedal); basic_pitch keeps the demo within ~10 min
-    backend: Literal["basic_pitch", "transkun"] = "basic_pitch"
+    # transkun: piano-specific, key releases and the pedal (onset F1 0.98 on performances, README "Transcription");
+    # basic_pitch: any instrument, ~30x faster on a CPU. A style may name its own (`styles.<name>.transcriber`).
+    backend: TranscriberName = "transkun"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU (Transkun; Basic Pitch: CPU)
     note_ends: Literal["sounding", "key_release"] = "sounding"  # sounding: notes held on through the sustain pedal
     min_audio_s: float = Field(1.0, gt=0)  # seconds; shorter audio is reported, not transcribed
@@ -126,10 +127,16 @@ class AugmentConfig(Section):
 class BaseCorpusConfig(Section):
     source: Literal["music21", "folder"] = "music21"
     path: Path | None = None  # folder of MIDI files when source is "folder" (e.g. MAESTRO, PiJAMA)
-    # music21 corpus composers, one work each in turn (sorted paths); bach chorales parse in ~0.05 s, palestrina
-    # ~0.2 s, monteverdi madrigals ~0.5 s. Must not overlap demo.composers (the demo is held-out style data).
-    composers: list[str] = ["bach", "palestrina", "monteverdi", "handel", "corelli"]
-    max_pieces: int = Field(150, ge=1)  # pieces at most (either source); music21 parsing ~0.2 s a score, cached
+    # music21 corpus composers or collections, one work each in turn (sorted paths; a tune collection gives one work
+    # per tune); bach chorales parse in ~0.08 s, a folk tune 0.04-0.3 s, palestrina ~0.2 s, monteverdi madrigals
+    # ~0.6 s. Must not overlap demo.composers (the demo is held-out style data).
+    composers: list[str] = [
+        "airdsAirs", "bach", "corelli", "essenFolksong", "handel", "josquin", "monteverdi", "oneills1850", "palestrina",
+    ]  # fmt: skip
+    max_pieces: int = Field(600, ge=1)  # pieces at most (either source); music21 parsing ~0.2 s a score, cached
+    # music21 scores played like a pianist (pipeline/data/perform.py: rubato, dynamics, chord spreads), so the base
+    # speaks the surface of recordings as the style data does; a folder of MIDI is taken as it is
+    perform: bool = True
 
     @model_validator(mode="after")
     def _path_for_folder(self) -> BaseCorpusConfig:
@@ -285,6 +292,9 @@ class FinetuneConfig(LoopConfig):
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
     train_embeddings: bool = True  # token embedding (tied output layer) trained too, stored in the adapter
     tempo_bpm: float = Field(120.0, gt=0)  # written to bundle.json: the runner's default tempo
+    # rehearsal against forgetting: this share of the training windows are base corpus windows (a seeded sample,
+    # fixed per run), so the adapter keeps the base's general music while it learns the player; 0 = style only
+    replay: float = Field(0.25, ge=0, lt=1)
 
 
 class CheckpointConfig(Section):

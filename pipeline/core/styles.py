@@ -6,6 +6,7 @@ Kept apart from `config.py` (which composes every section) because these two des
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -51,11 +52,21 @@ class DemoConfig(Section):
 STYLE_NAME_RE = r"^[a-z0-9][a-z0-9_-]*$"  # a style names folders, MLflow runs and the bundle's adapter
 
 
+TranscriberName = Literal["basic_pitch", "transkun"]  # `transcribe.backend`, or one style's own
+
+
 class StyleConfig(Section):
     """One player (or style) to learn: its own sources, its own adapter on the shared base."""
 
     # YouTube video/playlist URLs (anything yt-dlp supports), audio/MIDI files or folders
     sources: list[str] = Field(min_length=1)
+    # this style's audio transcribed by another backend than `transcribe.backend` (None: that one), e.g. a player
+    # recorded on another instrument (basic_pitch), or the demo's rendered scores (no pedal, exact timing)
+    transcriber: TranscriberName | None = None
 
 
-DEFAULT_STYLES = {name: StyleConfig(sources=[f"data/demo/audio/{name}"]) for name in DEFAULT_PLAYERS}
+# The demo's audio is rendered from scores: Basic Pitch transcribes it in seconds, where Transkun would add ~5-7
+# minutes to `make demo` on 2 CPU cores (README "Transcription"); a real player's recordings get `transcribe.backend`.
+DEFAULT_STYLES = {
+    name: StyleConfig(sources=[f"data/demo/audio/{name}"], transcriber="basic_pitch") for name in DEFAULT_PLAYERS
+}

@@ -7,6 +7,7 @@ piano notes with tempo-aware timing and dynamics-driven velocities.
 from __future__ import annotations
 
 import bisect
+import re
 import shutil
 import warnings
 import zlib
@@ -39,13 +40,17 @@ from pipeline.core.midi import (
     save_midi,
     with_notes,
 )
+from pipeline.data.perform import perform_notes
 
 STAGE_VERSION = "base-1"  # bump when the export changes, so every item is rebuilt
 ID_MAX_LEN = 64  # characters of an item id (slug of the corpus path)
 # Score formats we read, best first: when a work exists as .mxl and .krn, the .mxl wins. .rntxt files are harmonic
 # analyses, not playable pieces.
-# .abc last: a fiddle-tune file holds one tune, an .abc collection (Opus) gives its first.
+# .abc last: a fiddle-tune file holds one tune; an .abc collection (an Opus: O'Neill's, Essen) is one work per tune,
+# parsed alone by its reference number (music21 `number=`: 0.04-0.3 s a tune, against 4-14 s for a whole book).
 SCORE_SUFFIXES = (".mxl", ".musicxml", ".xml", ".krn", ".mid", ".midi", ".abc")
+TUNE_SEP = "#"  # "oneills1850/0001-0050.abc#7": tune X:7 of that file
+ABC_TUNE_RE = re.compile(r"^X:\s*(\d+)", re.MULTILINE)
 # Velocity from a written dynamic: VELOCITY_FLOOR + music21 volumeScalar (0..1) * VELOCITY_SPAN; mf -> 75.
 VELOCITY_FLOOR = 20
 VELOCITY_SPAN = 100
@@ -62,10 +67,29 @@ def corpus_root() -> Path:
     return Path(common.getCorpusFilePath())
 
 
+def corpus_file(rel_path: str) -> Path:
+    """The file of a corpus work ("oneills1850/0001-0050.abc#7" -> .../oneills1850/0001-0050.abc)."""
+    return corpus_root() / rel_path.split(TUNE_SEP)[0]
+
+
+def _tune_numbers(path: Path) -> list[int]:
+    """Reference numbers (X:) of the tunes in an .abc file, in file order; one or none for a single tune."""
+    return [int(m) for m in ABC_TUNE_RE.findall(path.read_text(errors="ignore"))]
+
+
+def _works_of(path: Path, root: Path) -> list[tuple[str, float]]:
+    """(corpus-relative work, size proxy): a collection of tunes gives one work per tune."""
+    rel, size = str(path.relative_to(root)), float(path.stat().st_size)
+    numbers = _tune_numbers(path) if path.suffix.lower() == ".abc" else []
+    if len(numbers) < 2:
+        return [(rel, size)]
+    return [(f"{rel}{TUNE_SEP}{n}", size / len(numbers)) for n in dict.fromkeys(numbers)]
+
+
 def _composer_works(composer: str, smallest_first: bool) -> list[str]:
-    """Corpus-relative paths of one composer's playable scores, one file per work."""
+    """Corpus-relative paths of one composer's playable scores, one per work (per tune of an .abc collection)."""
     root = corpus_root()
-    best: dict[str, Path] = {}
+    best: dict[Path, Path] = {}
     for path in map(Path, corpus.getComposer(composer)):
         if path.suffix.lower() not in SCORE_SUFFIXES:
             continue
@@ -73,10 +97,10 @@ def _composer_works(composer: str, smallest_first: bool) -> list[str]:
         rank = SCORE_SUFFIXES.index(path.suffix.lower())
         if stem not in best or rank < SCORE_SUFFIXES.index(best[stem].suffix.lower()):
             best[stem] = path
-    rel = sorted(str(p.relative_to(root)) for p in best.values())
+    works = [w for p in sorted(best.values()) for w in _works_of(p, root)]
     if smallest_first:  # file size is a cheap proxy for parse time
-        rel.sort(key=lambda r: ((root / r).stat().st_size, r))
-    return rel
+        works.sort(key=lambda w: (w[1], w[0]))
+    return [w for w, _ in works]
 
 
 def list_corpus_pieces(composers: list[str], max_pieces: int, smallest_first: bool = False) -> list[str]:
@@ -102,8 +126,9 @@ def list_corpus_pieces(composers: list[str], max_pieces: int, smallest_first: bo
 
 
 def corpus_item_id(rel_path: str) -> str:
-    """Stable item id of a corpus work: slug of its path without suffix ("bach-bwv1-6")."""
-    return slug(str(Path(rel_path).with_suffix("")), max_len=ID_MAX_LEN)
+    """Stable item id of a corpus work: slug of its path without suffix ("bach-bwv1-6", "oneills1850-0001-0050-7")."""
+    rel, _, number = rel_path.partition(TUNE_SEP)
+    return slug(str(Path(rel).with_suffix("")) + (f"-{number}" if number else ""), max_len=ID_MAX_LEN)
 
 
 def _seconds_map(score: stream.Score, follow_tempo: bool) -> TempoMap:
@@ -204,10 +229,11 @@ def score_notes(
 
 
 def load_corpus_score(rel_path: str) -> stream.Score:
-    """A corpus work parsed by music21 (an Opus gives its first score)."""
+    """A corpus work parsed by music21: one tune of a collection ("...abc#7"); an Opus otherwise gives its first."""
+    rel, _, number = rel_path.partition(TUNE_SEP)
     with warnings.catch_warnings():  # music21 warns about every overfull measure; the notes are still right
         warnings.simplefilter("ignore")
-        score = corpus.parse(rel_path, forceSource=True)
+        score = corpus.parse(rel, number=int(number) if number else None, forceSource=True)
     return score.scores[0] if isinstance(score, stream.Opus) else score
 
 
@@ -218,9 +244,11 @@ def parse_corpus_piece(
     return score_notes(load_corpus_score(rel_path), max_s=max_s, follow_tempo=follow_tempo, seed_text=rel_path)
 
 
-def export_corpus_piece(rel_path: str, dest: Path) -> ItemResult:
-    """music21 work -> one-track piano MIDI at its first tempo (beat grid kept). Raises MidiError if empty."""
+def export_corpus_piece(rel_path: str, dest: Path, perform: bool = False) -> ItemResult:
+    """music21 work -> one-track piano MIDI at its first tempo, performed if asked. Raises MidiError if empty."""
     notes, bpm = parse_corpus_piece(rel_path, follow_tempo=False)
+    if perform:  # seeded by the path, like the velocities: the same score is always the same performance
+        notes = fix_overlaps(perform_notes(notes, np.random.default_rng(zlib.crc32(f"perform:{rel_path}".encode()))))
     pm = notes_to_midi(notes, tempo_bpm=bpm)
     if not pm.instruments[0].notes:
         raise MidiError(f"{rel_path}: no notes")
@@ -244,12 +272,12 @@ def import_midi_file(src: Path, dest: Path) -> ItemResult:
 
 
 def _music21_jobs(section: BaseCorpusConfig, out_dir: Path) -> list[Job]:
-    # Only the export code decides an item's content; composers/max_pieces choose items, so not in the key.
+    # The export code and `perform` decide an item's content; composers/max_pieces choose items, so not in the key.
     jobs = []
     for rel in list_corpus_pieces(section.composers, section.max_pieces):
         item_id = corpus_item_id(rel)
-        key = sha256_text(sha256_file(corpus_root() / rel), STAGE_VERSION)
-        jobs.append(Job(item_id, key, export_corpus_piece, (rel, out_dir / "midi" / f"{item_id}.mid")))
+        key = sha256_text(sha256_file(corpus_file(rel)), rel, STAGE_VERSION, f"perform={section.perform}")
+        jobs.append(Job(item_id, key, export_corpus_piece, (rel, out_dir / "midi" / f"{item_id}.mid", section.perform)))
     return jobs
 
 

@@ -26,7 +26,13 @@ from pipeline.core.midi import MidiError, load_midi, note_totals, notes_to_midi
 from pipeline.core.midi import save_midi as save_midi_file
 from pipeline.core.styles import DemoConfig, DemoPlayer
 from pipeline.data.accompany import Meter, accompany
-from pipeline.data.base import corpus_item_id, corpus_root, list_corpus_pieces, load_corpus_score, score_notes
+from pipeline.data.base import (
+    corpus_file,
+    corpus_item_id,
+    list_corpus_pieces,
+    load_corpus_score,
+    score_notes,
+)
 
 STAGE_VERSION = "demo-2"  # bump when rendering changes, so every item is rebuilt
 TAIL_S = 1.0  # seconds of release/reverb kept after the excerpt's last note
@@ -159,7 +165,7 @@ def _jobs(section: DemoConfig, renderer: str, out_dir: Path) -> list[Job]:
         params = _item_params(section, player, renderer)
         for rel in list_corpus_pieces(player.composers, player.max_pieces, smallest_first=True):
             item_id = f"{name}/{corpus_item_id(rel)}"
-            key = sha256_text(sha256_file(corpus_root() / rel), params, STAGE_VERSION)
+            key = sha256_text(sha256_file(corpus_file(rel)), params, STAGE_VERSION)
             jobs.append(Job(item_id, key, make_demo_item, (rel, item_id, section, player, renderer, out_dir)))
     return jobs
 

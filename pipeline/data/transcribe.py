@@ -45,7 +45,7 @@ NO_NOTES = "no notes detected — silent or non-piano audio?"
 
 TranscribeError = TranscriberError  # the stage's per-item error (kept under its old name)
 
-_WORKER: dict[str, Any] = {}  # this process's transcriber and model (or the error loading it), set by `_init_worker`
+_WORKER: dict[str, Any] = {}  # backend -> this process's (transcriber, model or the error loading it); threads
 
 
 def estimate_tempo(audio: np.ndarray, sr: int, default: float) -> float:
@@ -140,24 +140,40 @@ def normalize_midi(path: Path | str, tcfg: TranscribeConfig | None = None) -> pr
 # --- per item and driver ------------------------------------------------------------------------------------------
 
 
-def _init_worker(threads: int | None, tcfg: TranscribeConfig) -> None:
-    """`run_jobs` initializer: this process's transcriber and model, loaded once (a load error is kept and
-    reported per item as transient: a fixed install transcribes them next run, nothing is cached meanwhile)."""
+def _load(tcfg: TranscribeConfig) -> None:
+    """This process's model of `tcfg.backend`, loaded once; a load error is kept and reported per item as transient
+    (a fixed install transcribes them next run, nothing is cached meanwhile)."""
     transcriber = make_transcriber(tcfg.backend)
-    _WORKER.clear()
-    _WORKER["transcriber"] = transcriber
     try:
-        _WORKER["model"] = transcriber.load_model(tcfg, threads)
+        model: Any = transcriber.load_model(tcfg, _WORKER.get("threads"))
     except TranscriberError as err:
-        _WORKER["error"] = str(err)
+        model = err
+    _WORKER[tcfg.backend] = (transcriber, model)
+
+
+def _init_worker(threads: int | None, tcfgs: tuple[TranscribeConfig, ...]) -> None:
+    """`run_jobs` initializer: the models of the backends this run's audio needs, loaded once per process."""
+    _WORKER.clear()
+    _WORKER["threads"] = threads
+    for tcfg in tcfgs:
+        _load(tcfg)
 
 
 def _model(tcfg: TranscribeConfig) -> tuple[Transcriber, Any]:
-    if "transcriber" not in _WORKER:  # called without the driver (tests, notebooks)
-        _init_worker(None, tcfg)
-    if "error" in _WORKER:
-        raise TransientError(_WORKER["error"])
-    return _WORKER["transcriber"], _WORKER["model"]
+    if tcfg.backend not in _WORKER:  # called without the driver (tests, notebooks), or a backend not preloaded
+        _load(tcfg)
+    transcriber, model = _WORKER[tcfg.backend]
+    if isinstance(model, TranscriberError):
+        raise TransientError(str(model))
+    return transcriber, model
+
+
+def style_transcribe(cfg: Config, style: str | None) -> TranscribeConfig:
+    """`transcribe` as one style's audio gets it: with the style's own backend when it names one."""
+    own = cfg.styles[style].transcriber if style in cfg.styles else None
+    if own in (None, cfg.transcribe.backend):
+        return cfg.transcribe
+    return cfg.transcribe.model_copy(update={"backend": own})
 
 
 def transcribe_item(src: Path, kind: str, tcfg: TranscribeConfig, dest: Path) -> ItemResult:
@@ -201,7 +217,7 @@ def _job(row: dict[str, Any], cfg: Config, in_dir: Path, out_dir: Path) -> Job:
     kind = row.get("kind", "audio")
     src = in_dir / ("midi" if kind == "midi" else "audio") / f"{row['id']}{'.mid' if kind == 'midi' else '.wav'}"
     sha = row.get("sha256") or (sha256_file(src) if src.exists() else "missing")
-    tcfg = cfg.transcribe
+    tcfg = style_transcribe(cfg, row.get("style"))
     if kind == "midi":
         key = sha256_text(sha, "midi-passthrough", tcfg.note_ends, STAGE_VERSION)
     else:
@@ -244,7 +260,9 @@ def run_transcribe(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> Stage
     rows = list(read_manifest(in_dir).values())
     t0 = time.perf_counter()
     jobs = [_job(row, cfg, in_dir, out_dir) for row in rows]
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker, initargs=(cfg.transcribe,))
+    todo = [job.args[2] for job in jobs if job.args[1] != "midi" and index.fresh(job.item_id, job.key, out_dir) is None]
+    init = (tuple({tcfg.backend: tcfg for tcfg in todo}.values()),)  # the backends audio still to do needs
+    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker, initargs=init)
     report.processed.sort()
     done = [index.entries[i]["stats"] for i in report.processed]
     report.stats = _stats(done, report.processed, time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from pipeline.core.files import read_json
 from pipeline.core.items import StageReport
 from pipeline.registry.tracking import RunTracker
 from pipeline.train.checkpoint import store_for
-from pipeline.train.dataset import TokenWindows, TrainInputError, dataset_info
+from pipeline.train.dataset import TokenWindows, TrainInputError, dataset_info, with_replay
 from pipeline.train.loop import TrainJob, TrainResult
 from pipeline.train.model import Vocab
 from realtime.bundle_format import BUNDLE_FILE, TOKENIZER_FILE
@@ -70,11 +70,19 @@ def train_job(
     fresh: bool,
     tracker: RunTracker,
     adapter_only: bool = False,
+    replay: tuple[Path, float] | None = None,
 ) -> TrainJob:
-    """The loop's job for `stage` on `corpus/{train,valid}.npy` (no validation when `n_valid` is 0)."""
+    """The loop's job for `stage` on `corpus/{train,valid}.npy` (no validation when `n_valid` is 0).
+
+    `replay` = (another corpus, share): that share of the training windows comes from its train.npy (`with_replay`).
+    """
+    train = TokenWindows(corpus / "train.npy", vocab.pad_id)
+    if replay is not None:
+        base = TokenWindows(replay[0] / "train.npy", vocab.pad_id)
+        train = with_replay(train, base, replay[1], cfg.project.seed)
     return TrainJob(
         build_model=build_model,
-        train_ds=TokenWindows(corpus / "train.npy", vocab.pad_id),
+        train_ds=train,
         valid_ds=TokenWindows(corpus / "valid.npy", vocab.pad_id) if n_valid else None,
         loop=getattr(cfg, stage),
         store=store_for(cfg, stage, fingerprint),

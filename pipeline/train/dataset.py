@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from pipeline.core import constants as C
 from pipeline.core.files import read_json
@@ -118,6 +118,20 @@ class TokenWindows(Dataset):
             "attention_mask": (~pad).long(),
             "labels": ids.masked_fill(pad, IGNORE_INDEX),
         }
+
+
+def with_replay(style: Dataset, base: Dataset, fraction: float, seed: int) -> Dataset:
+    """`style` plus a seeded sample of `base` windows making up `fraction` of the result (rehearsal).
+
+    Replaying a share of the pretraining data while fine-tuning is the standard guard against catastrophic
+    forgetting; the sample is drawn once from `seed`, so a resumed run sees the same windows. Drawn with replacement
+    only when the base has fewer windows than asked.
+    """
+    if fraction <= 0 or not len(base):
+        return style
+    n = round(len(style) * fraction / (1.0 - fraction))
+    picks = np.random.default_rng(seed).choice(len(base), size=n, replace=n > len(base))
+    return ConcatDataset([style, Subset(base, np.sort(picks).tolist())])
 
 
 def dataset_info(tokenize_dir: Path | str) -> dict[str, Any]:

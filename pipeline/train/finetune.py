@@ -122,9 +122,11 @@ def finetune_style(
     n_train = check_windows(corpus / "train.npy", vocab.size, cfg.tokenize.max_seq_len)
     n_valid = check_windows(corpus / "valid.npy", vocab.size, cfg.tokenize.max_seq_len, required=False)
     weights = sorted(base_dir.glob("*.safetensors"))
+    replay = (windows_dir(inputs["tokenize"]), fc.replay) if fc.replay > 0 else None
+    replayed = [sha256_file(replay[0] / "train.npy")] if replay else []
     fingerprint = sha256_text(
         loop_fingerprint(fc), str(cfg.project.seed), sha256_file(corpus / "train.npy"), sha256_file(tokenizer),
-        *(sha256_file(w) for w in weights),
+        *(sha256_file(w) for w in weights), *replayed,
     )  # fmt: skip
     if not fresh and (done := up_to_date(STAGE, out_dir, fingerprint, out_dir / BUNDLE_DIR)) is not None:
         return done
@@ -132,7 +134,7 @@ def finetune_style(
     tags = run_tags(ROLE, tokenizer, **_base_tags(info), **{STYLE_TAG: style})
     tracker = RunTracker(cfg, tags, fc.system_metrics, name)
     build = functools.partial(qlora_model, base_dir, fc)
-    job = train_job(cfg, STAGE, build, corpus, vocab, n_valid, fingerprint, fresh, tracker, adapter_only=True)
+    job = train_job(cfg, STAGE, build, corpus, vocab, n_valid, fingerprint, fresh, tracker, True, replay)
     result = fit(job)
     report.items_in = n_train
     if result.accelerator.is_main_process:

@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from music21 import dynamics, note, stream, tempo
 
 from pipeline.core.graph import run_stage
 from pipeline.core.items import AllItemsFailed
 from pipeline.core.midi import load_midi
-from pipeline.data.base import corpus_item_id, list_corpus_pieces, score_notes
+from pipeline.data.base import (
+    corpus_file,
+    corpus_item_id,
+    export_corpus_piece,
+    list_corpus_pieces,
+    parse_corpus_piece,
+    score_notes,
+)
 
 
 def test_pieces_alternate_composers_and_prefer_mxl():
@@ -73,3 +81,31 @@ def test_run_base_folder_all_bad_raises(make_cfg, tmp_path):
     (tmp_path / "in/x.mid").write_bytes(b"junk")
     with pytest.raises(AllItemsFailed):
         run_stage("base", make_cfg(base={"source": "folder", "path": str(tmp_path / "in")}))
+
+
+def test_a_tune_collection_is_one_work_per_tune():
+    tunes = list_corpus_pieces(["oneills1850"], max_pieces=3)
+    assert tunes == [f"oneills1850/0001-0050.abc#{n}" for n in (1, 2, 3)]
+    assert len({corpus_item_id(t) for t in tunes}) == 3 and corpus_item_id(tunes[1]) == "oneills1850-0001-0050-2"
+    first, second = (parse_corpus_piece(t, max_s=20.0)[0] for t in tunes[:2])
+    assert first and second and [n.pitch for n in first] != [n.pitch for n in second]
+    assert corpus_file(tunes[1]).name == "0001-0050.abc"
+
+
+def test_performed_base_pieces_leave_the_grid_and_spread_the_touch(make_cfg, tmp_path):
+    def exported(perform: bool) -> tuple:
+        cfg = make_cfg(base={"composers": ["bach"], "max_pieces": 1, "perform": perform})
+        run_stage("base", cfg)
+        pm = load_midi(cfg.stage_dir("base") / "midi/bach-bwv1-6.mid")
+        return 60.0 / pm.get_tempo_changes()[1][0], sorted(pm.instruments[0].notes, key=lambda n: (n.start, n.pitch))
+
+    def off_grid(notes, beat: float) -> float:  # share of onsets off the eighth-note grid
+        return float(np.mean([abs(n.start / (beat / 2) - round(n.start / (beat / 2))) > 0.1 for n in notes]))
+
+    (beat, exact), (_, played) = exported(False), exported(True)
+    assert len(played) == len(exact)
+    assert off_grid(exact, beat) < 0.1 < 0.5 < off_grid(played, beat)  # the score: only its sixteenths
+    assert np.std([n.velocity for n in played]) > 2 * np.std([n.velocity for n in exact])
+    for name in "ab":
+        export_corpus_piece("bach/bwv1.6.mxl", tmp_path / f"{name}.mid", perform=True)
+    assert (tmp_path / "a.mid").read_bytes() == (tmp_path / "b.mid").read_bytes()  # seeded: one performance per score

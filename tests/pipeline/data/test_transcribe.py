@@ -26,16 +26,32 @@ def model():
     return make_transcriber("basic_pitch").load_model(TranscribeConfig(**BP), None)
 
 
-def _stage(cfg, items: dict[str, Path]) -> None:
-    """Place files as acquire would (audio/<id>.wav, midi/<id>.mid) and write the manifest."""
+def _stage(cfg, items: dict[str, Path], styles: dict[str, str] | None = None) -> None:
+    """Place files as acquire would (audio/<id>.wav, midi/<id>.mid) and write the manifest (item -> style)."""
     acq, rows = cfg.stage_dir("acquire"), []
     for item_id, src in items.items():
         kind = "midi" if src.suffix == ".mid" else "audio"
         dest = acq / kind / f"{item_id}{src.suffix}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
-        rows.append({"id": item_id, "kind": kind, "source": str(src), "sha256": sha256_file(dest)})
+        row = {"id": item_id, "kind": kind, "source": str(src), "sha256": sha256_file(dest)}
+        rows.append({**row, "style": styles[item_id]} if styles else row)
     write_manifest(rows, acq)
+
+
+def test_a_style_may_name_its_own_transcriber(tmp_path, make_cfg, piano_clip, monkeypatch):
+    wav, _ = piano_clip
+    styles = {"rendered": {"sources": ["a"], "transcriber": "basic_pitch"}, "recorded": {"sources": ["b"]}}
+    cfg = make_cfg(styles=styles)  # transcribe.backend: transkun, the default
+    assert cfg.transcribe.backend == "transkun"
+    assert T.style_transcribe(cfg, "rendered").backend == "basic_pitch"
+    assert T.style_transcribe(cfg, "recorded") is cfg.transcribe and T.style_transcribe(cfg, None) is cfg.transcribe
+    _stage(cfg, {"demo": wav}, styles={"demo": "rendered"})
+    loaded: list[str] = []
+    real = T._load
+    monkeypatch.setattr(T, "_load", lambda tcfg: loaded.append(tcfg.backend) or real(tcfg))
+    report = run_stage("transcribe", cfg)
+    assert report.processed == ["demo"] and loaded == ["basic_pitch"]  # Transkun never loaded: nothing needed it
 
 
 def _silence(path: Path, seconds: float = 2.0) -> Path:

@@ -185,13 +185,12 @@ def test_a_denser_prompt_gets_a_denser_answer(world, engine):
     assert np.mean(dense) >= 2.0 * np.mean(sparse), (dense, sparse)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured: base corpus NLL 0.50 -> 0.73 (+46 %, LoRA lr 1e-3) and -> 0.89 (+79 %, lr 3e-3), over the 0.40 "
-    "margin; style NLL 2.78 -> 2.28 / 1.74. A relative margin is harsh on a base this sure of its corpus",
-)
 def test_fine_tuning_learns_the_style_without_forgetting_the_base(world):
-    """Style test NLL drops; base corpus test NLL rises by at most `evaluate.max_forgetting` (relative)."""
+    """Style test NLL drops; base corpus test NLL rises by at most `evaluate.max_forgetting` (relative).
+
+    Held by `finetune.replay` (a quarter of the fine-tune's windows are the base's): without it this tiny model's
+    base corpus NLL rose +46 % (LoRA lr 1e-3) to +79 % (lr 3e-3), over the 0.40 margin.
+    """
     from realtime.bundle import load_model
 
     cfg, _, bundle, _ = world

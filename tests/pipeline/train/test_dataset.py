@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.core.files import write_json
 from pipeline.core.graph import run_stage
-from pipeline.train.dataset import IGNORE_INDEX, TokenWindows, dataset_info
+from pipeline.train.dataset import IGNORE_INDEX, TokenWindows, dataset_info, with_replay
 from tests.pipeline.data.test_tokenize import make_corpus, tiny_config
 
 PAD = 0
@@ -75,3 +75,15 @@ def test_dataset_info_errors(tmp_path):
     write_json(tmp_path / "report.json", {"stats": {"vocab_size": 10}})
     with pytest.raises(ValueError, match="pad_id"):
         dataset_info(tmp_path)
+
+
+def test_replay_mixes_a_fixed_share_of_base_windows(tmp_path):
+    style, base = tmp_path / "style.npy", tmp_path / "base.npy"
+    np.save(style, np.full((30, 4), 3, np.int32))
+    np.save(base, np.arange(200 * 4, dtype=np.int32).reshape(200, 4) + 10)
+    mixed = with_replay(TokenWindows(style, PAD), TokenWindows(base, PAD), 0.25, seed=7)
+    rows = [mixed[i]["input_ids"].tolist() for i in range(len(mixed))]
+    assert len(mixed) == 40 and sum(r == [3] * 4 for r in rows) == 30  # 10 of 40 windows are the base's
+    again = with_replay(TokenWindows(style, PAD), TokenWindows(base, PAD), 0.25, seed=7)
+    assert [again[i]["input_ids"].tolist() for i in range(len(again))] == rows  # the same sample on resume
+    assert with_replay(TokenWindows(style, PAD), TokenWindows(base, PAD), 0.0, seed=7).__class__ is TokenWindows
