@@ -143,9 +143,7 @@ def quality_run(tok_dir: Path, stage: str, params: Path, overrides: dict, base_d
         t0 = time.perf_counter()
         result = fit(job)
         seconds = time.perf_counter() - t0
-    model = result.model
-    model.forward = getattr(model, "_original_forward", model.forward)  # accelerate's autocast wrapper off
-    final = evaluate(model, job.valid_ds, result.accelerator, loop.batch_size)
+    final = evaluate(result.model, job.valid_ds, result.accelerator, loop.batch_size)  # fit's model runs in fp32
     return {"valid_loss": curve, "final_valid_loss_fp32": round(final, 4), "corpus": corpus.name,
             "tokens_per_s": round(statistics.median(speeds[2:] or speeds), 1), "train_s": round(seconds, 1),
             "threads": torch.get_num_threads()}  # fmt: skip

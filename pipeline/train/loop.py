@@ -393,5 +393,5 @@ def fit(job: TrainJob) -> TrainResult:
             if tracker is not None:
                 tracker.close("FAILED")
             raise
-    model = run.acc.unwrap_model(run.model)
+    model = run.acc.unwrap_model(run.model, keep_fp32_wrapper=False)  # plain forward: no autocast of mixed precision
     return TrainResult(model, run.acc, run.state.step, run.state.run_id, resumed, metrics)
