@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.core.styles import DemoConfig
 from pipeline.data.base import list_corpus_pieces
 from pipeline.data.demo import excerpt_midi
-from pipeline.data.perform import perform
+from pipeline.data.perform import BENCH_SWELL, perform
 
 SOUNDFONT = Path("/usr/share/sounds/sf2/FluidR3_GM.sf2")
 
@@ -33,7 +33,7 @@ def build(folder: Path, pieces: int, seconds: float, seed: int = 0) -> Path:
         if made == pieces:
             break
         try:
-            pm = perform(excerpt_midi(rel, demo, player), rng)
+            pm = perform(excerpt_midi(rel, demo, player), rng, swell=BENCH_SWELL)
         except Exception:  # a corpus work too sparse for an excerpt: take the next
             continue
         item = f"perf{made:02d}"

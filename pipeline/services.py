@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import fsspec
 
+from pipeline.core import cluster
 from pipeline.core.config import Config
 from pipeline.core.constants import OFFLINE_ENV
 from pipeline.core.files import read_json, write_json
@@ -281,6 +282,7 @@ def unreachable(cfg: Config) -> list[str]:
     for key, url in probes.items():
         if url and not _healthy(url):
             problems.append(f"{key}: nothing answers at {url}")
+    problems += cluster.unreachable(cfg.project)
     if problems:
         return problems
     for url in bucket_urls(cfg):

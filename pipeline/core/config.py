@@ -33,6 +33,10 @@ class ProjectConfig(Section):
     artifact_dir: Path = Path("mlruns/artifacts")
     seed: int = 1234
     workers: int = Field(2, ge=1)  # processes for per-item CPU work (transcription)
+    # where the item-wise stages (acquire, transcribe, clean, augment, tokenize) run their items: local processes,
+    # or a Dask cluster (pipeline/core/cluster.py says why Dask); same outputs either way
+    executor: Literal["processes", "dask"] = "processes"
+    cluster_address: str | None = None  # Dask scheduler, e.g. tcp://10.0.0.5:8786; none: a local cluster on 127.0.0.1
 
 
 class AcquireConfig(Section):
@@ -310,6 +314,11 @@ class CheckpointConfig(Section):
     storage_options: dict[str, Any] = {}  # passed to fsspec, e.g. {client_kwargs: {endpoint_url: ...}}
     scratch_dir: Path | None = None  # local staging for remote checkpoints; None = a temp dir
     preemption_retries: int = Field(3, ge=0)  # `jam run` restarts training this often after a SIGTERM exit (75)
+    # a remote store that stops answering: each checkpoint's upload is tried this often, waiting upload_backoff_s
+    # (doubled each time: 2+4+8+16 s by default) while training waits; then training goes on and the next
+    # checkpoint tries again
+    upload_attempts: int = Field(5, ge=1)
+    upload_backoff_s: float = Field(2.0, ge=0)  # seconds
 
 
 class Config(Section):

@@ -41,8 +41,9 @@ class ServicesConfig(Section):
     @field_validator("mlflow_artifact_root", "dvc_remote")
     @classmethod
     def _remote(cls, v: str | None) -> str | None:
-        if v is not None and "://" not in v:
-            raise ValueError(f"expected a remote URL such as s3://bucket/prefix, got {v!r}")
+        # an absolute path is a shared mount (a notebook's Google Drive, NFS); DVC takes plain paths, not file://
+        if v is not None and "://" not in v and not Path(v).is_absolute():
+            raise ValueError(f"expected a remote URL such as s3://bucket/prefix or an absolute path, got {v!r}")
         return v
 
 

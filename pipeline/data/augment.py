@@ -130,7 +130,7 @@ def run_augment(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRep
         key = sha256_text(sha256_file(src), params, STAGE_VERSION)
         jobs.append(Job(item_id, key, augment_file, (src, item_id, cfg.augment, out_dir)))
     ids = [j.item_id for j in jobs]
-    index = run_item_stage(jobs, out_dir, report, cfg.project.workers)
+    index = run_item_stage(jobs, out_dir, report, cfg.project)
     done = len(ids) - sum(1 for i in ids if i in report.failed)
     copies = summed_stats(index, ids).get("copies", 0)
     report.stats.update(pieces_in=done, copies_out=copies, factor=round(copies / done, 2) if done else 0.0)

@@ -41,8 +41,11 @@ from pipeline.core.midi import (
     with_notes,
 )
 from pipeline.data.perform import perform_notes
+from pipeline.data.tempo import notes_tempo
 
-STAGE_VERSION = "base-1"  # bump when the export changes, so every item is rebuilt
+STAGE_VERSION = (
+    "base-2"  # 2: performed scores at the beat heard  # bump when the export changes, so every item is rebuilt
+)
 ID_MAX_LEN = 64  # characters of an item id (slug of the corpus path)
 # Score formats we read, best first: when a work exists as .mxl and .krn, the .mxl wins. .rntxt files are harmonic
 # analyses, not playable pieces.
@@ -249,6 +252,7 @@ def export_corpus_piece(rel_path: str, dest: Path, perform: bool = False) -> Ite
     notes, bpm = parse_corpus_piece(rel_path, follow_tempo=False)
     if perform:  # seeded by the path, like the velocities: the same score is always the same performance
         notes = fix_overlaps(perform_notes(notes, np.random.default_rng(zlib.crc32(f"perform:{rel_path}".encode()))))
+        bpm = notes_tempo([n.start for n in notes], [n.velocity for n in notes], default=bpm)  # the beat heard
     pm = notes_to_midi(notes, tempo_bpm=bpm)
     if not pm.instruments[0].notes:
         raise MidiError(f"{rel_path}: no notes")

@@ -199,7 +199,7 @@ def run_clean(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRepor
             key = sha256_text(sha256_file(src), params, STAGE_VERSION)
             jobs.append(Job(f"{corpus}/{src.stem}", key, clean_file, (src, corpus, cfg.clean, out_dir)))
     ids = [j.item_id for j in jobs]
-    index = run_item_stage(jobs, out_dir, report, cfg.project.workers)
+    index = run_item_stage(jobs, out_dir, report, cfg.project)
     for corpus in SOURCES:
         corpus_ids = [i for i in ids if i.startswith(f"{corpus}/")]
         report.stats[corpus] = {

@@ -7,8 +7,9 @@ data never speaks; measured on the demo, base generations had 0.38 of their onse
 velocity spread of 5 against the transcribed pieces' 0.80 and 14, and the style classifier judged them by that
 alone. Performing the scores gives the base the style data's surface, so what the adapter learns is the player.
 
-Used by the base stage (`base.perform`) and by the transcription benchmark's expressive set
-(bench/performances.py). Seeded per piece: the same score always becomes the same performance.
+Used by the base stage (`base.perform`, which then takes the beat a listener hears: `pipeline/data/tempo.py`) and by
+the transcription benchmark's expressive set (bench/performances.py). Seeded per piece: the same score always
+becomes the same performance.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import pretty_midi
 RUBATO = 0.2  # peak tempo deviation (fraction) of the tempo curve
 RUBATO_PERIOD_S = 7.0  # seconds per accelerando/ritardando cycle
 SWELL_PERIOD_S = 5.0  # seconds per dynamic swell
-SWELL = (0.75, 0.35)  # velocity factor = SWELL[0] + SWELL[1] * sin(...): 0.4..1.1 of the written dynamic
+# velocity factor = swell[0] + swell[1] * sin(...): around the written dynamic (its velocity stays the mean, as in
+# the transcribed style data), +-20 %; the transcription benchmark's set plays softer and wider (0.4..1.1)
+SWELL = (1.0, 0.2)
+BENCH_SWELL = (0.75, 0.35)
 TOUCH_SD = 6.0  # MIDI velocity: per-note noise of a human touch
 SPREAD_S = 0.04  # seconds: widest chord spread (bottom-up)
 CHORD_S = 0.01  # seconds: notes starting this close together are one chord
@@ -35,7 +39,9 @@ def _warp(t: np.ndarray | float, phase: float) -> np.ndarray | float:
     return t + RUBATO / w * (np.cos(phase) - np.cos(w * t + phase))
 
 
-def perform_notes(notes: list[pretty_midi.Note], rng: np.random.Generator) -> list[pretty_midi.Note]:
+def perform_notes(
+    notes: list[pretty_midi.Note], rng: np.random.Generator, swell: tuple[float, float] = SWELL
+) -> list[pretty_midi.Note]:
     """`notes` (seconds) as played: warped by a smooth tempo curve, chords spread, velocities swelled and jittered."""
     phase = float(rng.uniform(0, 2 * np.pi))
     played, chord_t, rank = [], None, 0
@@ -44,8 +50,8 @@ def perform_notes(notes: list[pretty_midi.Note], rng: np.random.Generator) -> li
         chord_t = n.start
         start = float(_warp(n.start, phase)) + rank * SPREAD_S / 4 * float(rng.uniform(0.5, 1.0))
         end = max(float(_warp(n.end, phase)), start + MIN_NOTE_S)
-        swell = SWELL[0] + SWELL[1] * np.sin(2 * np.pi * start / SWELL_PERIOD_S + phase)
-        velocity = int(np.clip(round(n.velocity * swell + rng.normal(0, TOUCH_SD)), *VELOCITY_RANGE))
+        factor = swell[0] + swell[1] * np.sin(2 * np.pi * start / SWELL_PERIOD_S + phase)
+        velocity = int(np.clip(round(n.velocity * factor + rng.normal(0, TOUCH_SD)), *VELOCITY_RANGE))
         played.append(pretty_midi.Note(velocity, n.pitch, start, end))
     return played
 
@@ -59,14 +65,14 @@ def pedal_changes(until_s: float) -> list[pretty_midi.ControlChange]:
 
 
 def perform(
-    score: pretty_midi.PrettyMIDI, rng: np.random.Generator, pedal: bool = True, tempo_bpm: float = 120.0
+    score: pretty_midi.PrettyMIDI, rng: np.random.Generator, pedal: bool = True, swell: tuple[float, float] = SWELL
 ) -> pretty_midi.PrettyMIDI:
-    """Every note of `score` performed (`perform_notes`) on one piano track, with the pedal if asked."""
+    """Every note of `score` performed (`perform_notes`) on one piano track at 120 BPM, with the pedal if asked."""
     notes = [n for inst in score.instruments if not inst.is_drum for n in inst.notes]
     piano = pretty_midi.Instrument(program=0, name="Piano")
-    piano.notes = perform_notes(notes, rng)
+    piano.notes = perform_notes(notes, rng, swell)
     if pedal and piano.notes:
         piano.control_changes = pedal_changes(max(n.end for n in piano.notes))
-    pm = pretty_midi.PrettyMIDI(initial_tempo=tempo_bpm)
+    pm = pretty_midi.PrettyMIDI(initial_tempo=120.0)
     pm.instruments.append(piano)
     return pm

@@ -28,7 +28,7 @@ import numpy as np
 from symusic import Score, Track
 
 from pipeline.core import constants as C
-from pipeline.core.config import Config, TokenizeConfig, section_json
+from pipeline.core.config import Config, ProjectConfig, TokenizeConfig, section_json
 from pipeline.core.files import (
     atomic_path,
     piece_id,
@@ -235,15 +235,20 @@ def encode_file(tokenizer: miditok.MusicTokenizer, path: Path) -> tuple[np.ndarr
     return ids, {**roundtrip_counts(tokenizer, score, decoded), "note_lengths": length_counts(decoded)}
 
 
+def n_windows(n_ids: int, max_seq_len: int, overlap: int) -> int:
+    """Windows `window_ids` cuts from `n_ids` ids: 1 + ceil((n - L) / (L - overlap)) for n > L, else 1."""
+    return 1 + max(0, -(-(n_ids - max_seq_len) // (max_seq_len - overlap)))
+
+
 def window_ids(ids: np.ndarray, max_seq_len: int, overlap: int, pad_id: int) -> np.ndarray:
     """Cut one sequence into windows of `max_seq_len` sharing `overlap` tokens; the last is PAD-padded.
 
     Returns:
-        int32 (n_windows, max_seq_len); n_windows = 1 + ceil((n - L) / (L - overlap)) for n > L, else 1.
+        int32 (n_windows, max_seq_len), `n_windows(len(ids), ...)` rows.
     """
     stride = max_seq_len - overlap
-    n_windows = 1 + max(0, -(-(len(ids) - max_seq_len) // stride))
-    padded = np.full((n_windows - 1) * stride + max_seq_len, pad_id, dtype=np.int32)
+    count = n_windows(len(ids), max_seq_len, overlap)
+    padded = np.full((count - 1) * stride + max_seq_len, pad_id, dtype=np.int32)
     padded[: len(ids)] = ids
     return np.lib.stride_tricks.sliding_window_view(padded, max_seq_len)[::stride].copy()
 
@@ -298,8 +303,8 @@ def encode_item(path: Path, out_dir: Path, rel: str) -> ItemResult:
     return ItemResult(outputs=[rel], stats={"n_tokens": len(ids), **counts})
 
 
-def encode_items(items: list[Item], out_dir: Path, report: StageReport, workers: int) -> dict:
-    """Encode new or changed items into the cache on `workers` processes (failures go to `report.failed`).
+def encode_items(items: list[Item], out_dir: Path, report: StageReport, workers: int | ProjectConfig) -> dict:
+    """Encode new or changed items into the cache on `workers` (`run_jobs`; failures go to `report.failed`).
 
     Returns:
         item key -> index entry (`outputs`, and `stats` with `n_tokens`, `matched`, `notes`) for items that encoded.
@@ -328,18 +333,34 @@ def write_windows(items: list[Item], done: dict, out_dir: Path, tc: TokenizeConf
     for style in dict.fromkeys([None, *(i.style for i in items if i.style)]):
         folder = windows_dir(out_dir, style)
         for split in C.SPLITS:
-            parts = [np.zeros((0, tc.max_seq_len), dtype=np.int32)]
-            n_tokens = 0
-            for item in items:
-                if item.style == style and item.split == split and item.key in done:
-                    seq = np.load(out_dir / done[item.key]["outputs"][0])
-                    parts.append(window_ids(_framed(seq, ids), tc.max_seq_len, tc.overlap, ids["pad_id"]))
-                    n_tokens += len(seq) + 2
-            windows = np.concatenate(parts)
-            _save_npy(folder / f"{split}.npy", windows)
+            chosen = [i for i in items if i.style == style and i.split == split and i.key in done]
+            seqs = [out_dir / done[i.key]["outputs"][0] for i in chosen]
             rel = folder.relative_to(out_dir).as_posix()
-            counts[f"{rel}/{split}"] = {"pieces": len(parts) - 1, "tokens": n_tokens, "windows": len(windows)}
+            counts[f"{rel}/{split}"] = _write_split(folder / f"{split}.npy", seqs, tc, ids)
     return counts
+
+
+def _write_split(dest: Path, seqs: list[Path], tc: TokenizeConfig, ids: dict[str, int]) -> dict:
+    """Stream the pieces' windows into one int32 (n_windows, max_seq_len) `.npy`, memory-mapped while written.
+
+    Memory is one piece's windows, not the corpus's (a base corpus of thousands of hours is GBs of windows); the
+    file is the same bytes `np.save` would write, and training reads it memory-mapped (`TokenWindows`).
+    """
+    lengths = [len(np.load(p, mmap_mode="r")) + 2 for p in seqs]  # + BOS, EOS; reads only the headers
+    rows = [n_windows(n, tc.max_seq_len, tc.overlap) for n in lengths]
+    with atomic_path(dest) as tmp:
+        if not sum(rows):  # numpy cannot map zero bytes
+            np.save(tmp, np.zeros((0, tc.max_seq_len), dtype=np.int32))
+        else:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(sum(rows), tc.max_seq_len))
+            start = 0
+            for path, count in zip(seqs, rows, strict=True):
+                out[start : start + count] = window_ids(_framed(np.load(path), ids), tc.max_seq_len, tc.overlap,
+                                                        ids["pad_id"])  # fmt: skip
+                start += count
+            out.flush()
+            del out  # unmapped before the rename
+    return {"pieces": len(seqs), "tokens": sum(lengths), "windows": sum(rows)}
 
 
 def _framed(seq: np.ndarray, ids: dict[str, int]) -> np.ndarray:
@@ -358,7 +379,7 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     train_paths = [i.path for i in items if i.split == "train"]
     tokenizer, bpe_stats = ensure_tokenizer(cfg, train_paths, out_dir)
     ids = special_ids(tokenizer)
-    done = encode_items(items, out_dir, report, cfg.project.workers)
+    done = encode_items(items, out_dir, report, cfg.project)
     counts = write_windows(items, done, out_dir, cfg.tokenize, ids)
     report.outputs = len(counts)
     report.stats = _stats(cfg.tokenize, tokenizer, ids, bpe_stats, done, counts)

@@ -3,7 +3,8 @@
 Reads `data/acquire/manifest.jsonl`, writes `data/transcribe/midi/<id>.mid` (one piano track, program 0, with the
 sustain pedal as CC64 when the backend detects it). Items are cached by (input sha256, transcription params, backend
 model id): a re-run transcribes nothing, a new source only itself. The model is loaded once per worker process
-(`run_jobs`' initializer); files run in parallel across `project.workers` processes.
+(`run_jobs`' initializer; on a Dask cluster, once per worker); files run in parallel across `project.workers`
+processes, or a Dask cluster's workers (`project.executor: dask`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pretty_midi
 
 from pipeline.core import constants as C
@@ -31,46 +31,20 @@ from pipeline.core.items import (
 )
 from pipeline.core.midi import SUSTAIN_CC, merge_piano, save_midi
 from pipeline.data.acquire.manifest import read_manifest
+from pipeline.data.tempo import TEMPO_SAMPLE_RATE, estimate_tempo
 from pipeline.data.transcribers import Transcriber, TranscriberError, make_transcriber, pick_device
 from pipeline.data.transcribers.pedal import extend_through_pedal
 
 log = logging.getLogger(__name__)
 
 STAGE_VERSION = "transcribe-2"  # 2: backends, sustain pedal
-TEMPO_RANGE_BPM = (60.0, 180.0)  # estimates outside are folded in by octaves (beat trackers halve/double)
 MIDI_RESOLUTION = 480  # ticks per beat of the written files
-TEMPO_SAMPLE_RATE = 22050  # Hz, for beat tracking
 TEMPO_WINDOW_S = 120.0  # seconds of audio the tempo is estimated from (bounded memory on long recordings)
 NO_NOTES = "no notes detected — silent or non-piano audio?"
 
 TranscribeError = TranscriberError  # the stage's per-item error (kept under its old name)
 
 _WORKER: dict[str, Any] = {}  # backend -> this process's (transcriber, model or the error loading it); threads
-
-
-def estimate_tempo(audio: np.ndarray, sr: int, default: float) -> float:
-    """Global tempo in BPM by librosa beat tracking, folded into `TEMPO_RANGE_BPM`; `default` if it fails."""
-    import librosa
-
-    try:
-        tempo, _ = librosa.beat.beat_track(y=audio, sr=sr)
-        bpm = float(np.atleast_1d(tempo)[0])
-    except Exception as err:  # librosa raises ParameterError and others on degenerate input
-        log.debug("tempo estimation failed: %s", err)
-        return default
-    return fold_tempo(bpm, default)
-
-
-def fold_tempo(bpm: float, default: float) -> float:
-    """Fold a tempo into `TEMPO_RANGE_BPM` by octaves (300 -> 150, 40 -> 80); `default` if not a positive number."""
-    if not np.isfinite(bpm) or bpm <= 0:
-        return default
-    low, high = TEMPO_RANGE_BPM
-    while bpm < low:
-        bpm *= 2
-    while bpm > high:
-        bpm /= 2
-    return round(bpm, 2)
 
 
 def _piano_midi(
@@ -262,7 +236,7 @@ def run_transcribe(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> Stage
     jobs = [_job(row, cfg, in_dir, out_dir) for row in rows]
     todo = [job.args[2] for job in jobs if job.args[1] != "midi" and index.fresh(job.item_id, job.key, out_dir) is None]
     init = (tuple({tcfg.backend: tcfg for tcfg in todo}.values()),)  # the backends audio still to do needs
-    run_jobs(jobs, index, out_dir, report, cfg.project.workers, initializer=_init_worker, initargs=init)
+    run_jobs(jobs, index, out_dir, report, cfg.project, initializer=_init_worker, initargs=init)
     report.processed.sort()
     done = [index.entries[i]["stats"] for i in report.processed]
     report.stats = _stats(done, report.processed, time.perf_counter() - t0)

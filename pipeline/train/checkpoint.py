@@ -2,15 +2,15 @@
 and the SIGTERM handling that turns a preemption notice into one last checkpoint.
 
 Layout under the store's root:
-    step-00000040/        one checkpoint: the files a writer put there (accelerate `save_state` + our state)
+    step-00000040/        one checkpoint: the files a writer put there (see state.py: safetensors + JSON)
         MANIFEST.json     written last: {"step", "files": {relative path: {"sha256", "bytes"}}, "meta", "created"}
 A folder without MANIFEST.json is partial (killed mid-write) and ignored. A file whose size or sha256 differs from
 the manifest marks the checkpoint corrupt, and `latest()` falls back to the one before.
 
 accelerate's own `ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=K)` is not used for the folder
 management: it writes in place to local paths only (a kill mid-write leaves a half folder it would later load),
-deletes the oldest checkpoint *before* the new one exists, and keeps no checksums. accelerate still writes the
-contents (`Accelerator.save_state` into a staging folder that this module publishes).
+deletes the oldest checkpoint *before* the new one exists, and keeps no checksums. The
+contents are written by `state.save_training` into a staging folder that this module publishes.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ class CheckpointError(RuntimeError):
 
 class CorruptCheckpoint(CheckpointError):
     """A checkpoint's files do not match its manifest."""
+
+
+class UploadFailed(CheckpointError):
+    """A checkpoint could not be uploaded after every retry; the store still holds the earlier ones."""
 
 
 class Preempted(RuntimeError):
@@ -119,12 +123,20 @@ def verify(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError) as err:
         raise CorruptCheckpoint(f"{folder}: unreadable manifest ({err})") from None
     for rel, want in files.items():
+        if not _inside(rel):
+            raise CorruptCheckpoint(f"{folder}: the manifest names {rel!r}, outside the checkpoint")
         path = folder / rel
         if not path.is_file() or path.stat().st_size != want["bytes"]:
             raise CorruptCheckpoint(f"{folder}: {rel} is missing or truncated")
         if sha256_file(path) != want["sha256"]:
             raise CorruptCheckpoint(f"{folder}: {rel} does not match its sha256")
     return manifest
+
+
+def _inside(rel: str) -> bool:
+    """Whether a relative path from a manifest or a remote listing stays inside its checkpoint folder."""
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
 
 
 class CheckpointStore:
@@ -135,6 +147,8 @@ class CheckpointStore:
         keep: newest complete checkpoints kept after each successful write (>= 1).
         storage_options: fsspec options (e.g. `{"client_kwargs": {"endpoint_url": ...}}` for S3).
         scratch: local folder for staging and downloads of a remote store (None: a fresh temp dir).
+        attempts: tries of each remote upload or download before giving up (>= 1).
+        backoff_s: seconds before the second try; doubled before each further one.
     """
 
     def __init__(
@@ -143,9 +157,12 @@ class CheckpointStore:
         keep: int = 3,
         storage_options: dict[str, Any] | None = None,
         scratch: Path | None = None,
+        attempts: int = 5,
+        backoff_s: float = 2.0,
     ):
         self.url = str(url).rstrip("/")
         self.keep = max(1, keep)
+        self.attempts, self.backoff_s = max(1, attempts), backoff_s
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._scratch = scratch
@@ -204,24 +221,65 @@ class CheckpointStore:
         try:
             write(folder)
             return self.commit(step, folder, meta or {})
+        except UploadFailed:
+            raise
         except Exception as err:
             shutil.rmtree(folder, ignore_errors=True)
             raise CheckpointError(
                 f"checkpoint step {step} could not be written to {self.url}: {err}; "
-                f"earlier checkpoints are kept (steps {self.steps()})"
+                f"earlier checkpoints are kept (steps {self._steps_or_unknown()})"
             ) from err
 
+    def _steps_or_unknown(self) -> list[int] | str:
+        try:
+            return self.steps()
+        except CheckpointError:
+            return "unknown: the store cannot be listed"
+
     def commit(self, step: int, folder: Path, meta: dict[str, Any]) -> str:
-        """Add the manifest to a written staging folder and publish it as `step-<step>`; then prune."""
+        """Add the manifest to a written staging folder and publish it as `step-<step>`; then prune.
+
+        Raises:
+            UploadFailed: a remote store stayed unreachable through every retry (the staging folder is removed).
+        """
         manifest = manifest_for(folder, step, meta)
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
         dest = self._join(step_name(step))
         if self.is_local:
             self._publish_local(folder, Path(dest))
         else:
-            self._publish_remote(folder, dest, manifest)
-        self.prune(keep_step=step)
+            upload = lambda: self._publish_remote(folder, dest, manifest)  # noqa: E731
+            try:
+                self._retrying(f"upload of checkpoint step {step} to {self.url}", upload)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        try:  # only after the new checkpoint is complete: the older ones stay until then
+            self.prune(keep_step=step)
+        except OSError as err:  # the next write prunes again
+            log.warning("checkpoint step %d written, but old checkpoints could not be pruned: %s", step, err)
         return dest if self.is_local else f"{self.url}/{step_name(step)}"
+
+    def _retrying(self, what: str, action: Callable[[], Any]) -> Any:
+        """`action()`, tried `attempts` times with doubling delays; network errors take many types, hence any.
+
+        fsspec/s3fs and botocore retry single requests briefly; this outer loop rides out an outage of the store
+        (minutes) for a whole checkpoint, and says so. Raises UploadFailed after the last try.
+        """
+        delay = self.backoff_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return action()
+            except CheckpointError:  # corrupt or unsafe content: trying again reads the same bytes
+                raise
+            except Exception as err:
+                if attempt == self.attempts:
+                    raise UploadFailed(f"{what} failed {attempt} times, last: {err}") from err
+                log.warning(
+                    "%s failed (attempt %d/%d: %s); retrying in %.1f s",
+                    what, attempt, self.attempts, err, delay,
+                )  # fmt: skip
+                time.sleep(delay)
+                delay *= 2
 
     def _publish_local(self, folder: Path, dest: Path) -> None:
         if dest.exists():  # an older, corrupt write of the same step: move it aside first
@@ -232,12 +290,14 @@ class CheckpointStore:
         os.replace(folder, dest)
 
     def _publish_remote(self, folder: Path, dest: str, manifest: dict[str, Any]) -> None:
-        if self.fs.exists(dest):
-            self.fs.rm(dest, recursive=True)
+        # A `dest` already there is partial (an upload cut short) or one `latest()` rejected (corrupt or foreign):
+        # training resumes from the newest usable checkpoint, so no usable one is ever newer than the step written.
+        # Its manifest goes first, so it never passes for complete while its files are replaced.
+        if self.fs.exists(f"{dest}/{MANIFEST}"):
+            self.fs.rm(f"{dest}/{MANIFEST}")
         for rel in manifest["files"]:  # the manifest goes last: its presence marks the upload complete
             self.fs.put_file(str(folder / rel), f"{dest}/{rel}")
         self.fs.put_file(str(folder / MANIFEST), f"{dest}/{MANIFEST}")
-        shutil.rmtree(folder, ignore_errors=True)
 
     def prune(self, keep_step: int | None = None) -> None:
         """Delete partial folders and all but the newest `keep` complete checkpoints (never `keep_step`)."""
@@ -261,20 +321,43 @@ class CheckpointStore:
         local.mkdir(parents=True)
         for path in self.fs.find(src):
             rel = path[len(src.rstrip("/")) + 1 :]
+            if not _inside(rel):  # a shared bucket is untrusted: no writes outside the scratch folder
+                raise CorruptCheckpoint(f"{src}: remote file {rel!r} would land outside the checkpoint")
             (local / rel).parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(path, str(local / rel))
         return local
 
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies; corrupt ones are reported and skipped. None: no usable checkpoint."""
+    def latest(self, fingerprint: str | None = None) -> Checkpoint | None:
+        """The newest checkpoint that verifies (and was written by `fingerprint`'s training, when given).
+
+        Corrupt checkpoints and ones of another fingerprint are reported and skipped: the one before is used.
+        A download that keeps failing is an error, not a reason to fall back (that would redo work and then
+        overwrite a good checkpoint). None: no checkpoint at all, or only corrupt ones (a fresh start).
+
+        Raises:
+            CheckpointError: the store cannot be listed or read; or every complete checkpoint is another
+                training's (resuming would be wrong and starting over here would prune them).
+        """
+        foreign = []
         for step in reversed(self.steps()):
             try:
-                folder = self.fetch(step)
-                return Checkpoint(step=step, path=folder, manifest=verify(folder))
+                what = f"download of checkpoint step {step} from {self.url}"
+                folder = self._retrying(what, lambda s=step: self.fetch(s))
+                ckpt = Checkpoint(step=step, path=folder, manifest=verify(folder))
             except CorruptCheckpoint as err:
                 log.warning("skipping corrupt checkpoint: %s", err)
-            except (OSError, FileNotFoundError) as err:
-                log.warning("skipping unreadable checkpoint %s: %s", step_name(step), err)
+                continue
+            except UploadFailed as err:
+                raise CheckpointError(str(err).replace("failed", "could not be read", 1)) from err
+            if fingerprint is None or ckpt.meta.get("fingerprint") == fingerprint:
+                return ckpt
+            foreign.append(step)
+            log.warning("skipping checkpoint %s: made with other params or data", step_name(step))
+        if foreign:
+            raise CheckpointError(
+                f"checkpoints in {self.url} (steps {sorted(foreign)}) were made with other params or data; "
+                "re-run with --fresh to start over (or restore the params)"
+            )
         return None
 
     def clear(self) -> None:
@@ -295,4 +378,4 @@ def store_for(cfg: Config, stage: str, fingerprint: str | None = None) -> Checkp
     if fingerprint:
         url = f"{url}/{fingerprint[:16]}"
     scratch = cc.scratch_dir / stage if cc.scratch_dir else None
-    return CheckpointStore(url, cc.keep, dict(cc.storage_options), scratch)
+    return CheckpointStore(url, cc.keep, dict(cc.storage_options), scratch, cc.upload_attempts, cc.upload_backoff_s)

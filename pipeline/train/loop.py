@@ -2,7 +2,7 @@
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` windows per process. The data order is a seeded
 permutation per epoch (`numpy.random.default_rng([seed, epoch])`), so the position (epoch, batch index) is all a
-checkpoint needs to continue it. A checkpoint (accelerate `save_state` + `register_for_checkpointing`) holds the
+checkpoint needs to continue it. A checkpoint (`state.save_training`: safetensors and JSON, no pickles) holds the
 weights (only the adapter when fine-tuning), optimizer, scheduler, grad scaler, python/numpy/torch/cuda RNG states
 and `TrainState` (position, step, MLflow run id, metrics not yet logged). Resuming from it replays the same
 arithmetic: on CPU the weights match an uninterrupted run exactly.
@@ -28,12 +28,12 @@ import torch
 from pipeline.core.config import LoopConfig
 from pipeline.core.device import native_bf16
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
-from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, stop_on_signals
+from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, UploadFailed, stop_on_signals
 from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate
+from pipeline.train.state import load_training, save_training
 
 log = logging.getLogger(__name__)
 
-ADAPTER_STATE = "adapter_{}.safetensors"  # adapter weights inside a checkpoint (fine-tuning)
 _RESUME_NEUTRAL = {"eval_every", "eval_windows", "log_every", "system_metrics"}  # may change across a resume
 
 
@@ -55,7 +55,7 @@ class TrainState:
     run_id: str = ""  # MLflow run
     fingerprint: str = ""  # params + data this training was started with
     pending: list[list[Any]] = field(default_factory=list)  # metrics not yet in MLflow (see MetricBuffer)
-    rng_sha: str = ""  # main process's torch RNG at save: accelerate restores RNG best-effort (silently)
+    rng_sha: str = ""  # main process's torch RNG at save: proves the restore was complete
     verify_rng: bool = field(default=True, repr=False)  # not saved; False on other processes (other RNG streams)
 
     def advance(self, per_epoch: int) -> None:
@@ -168,31 +168,6 @@ def make_optimizer(params: list[torch.nn.Parameter], loop: LoopConfig) -> torch.
     return torch.optim.AdamW(groups, lr=loop.lr, betas=(0.9, 0.95))
 
 
-def _adapter_hooks(acc) -> None:
-    """Make accelerate checkpoint only the adapter: the 4-bit base is frozen and rebuilt from the bundle."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for i, model in enumerate(models):
-            state = get_peft_model_state_dict(acc.unwrap_model(model))
-            if acc.is_main_process:
-                tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-                save_file(tensors, str(Path(output_dir) / ADAPTER_STATE.format(i)))
-        weights.clear()
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i, model in enumerate(models):
-            state = load_file(str(Path(input_dir) / ADAPTER_STATE.format(i)))
-            result = set_peft_model_state_dict(acc.unwrap_model(model), state)
-            if result.unexpected_keys:
-                raise CheckpointError(f"adapter checkpoint has unexpected keys {result.unexpected_keys[:3]}")
-        models.clear()
-
-    acc.register_save_state_pre_hook(save_hook)
-    acc.register_load_state_pre_hook(load_hook)
-
-
 def _setup(job: TrainJob) -> _Run:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
@@ -206,9 +181,6 @@ def _setup(job: TrainJob) -> _Run:
     scheduler = get_cosine_schedule_with_warmup(optimizer, job.loop.warmup_steps, job.loop.max_steps)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     state = TrainState(fingerprint=job.fingerprint, verify_rng=acc.is_main_process)
-    acc.register_for_checkpointing(state)
-    if job.adapter_only:
-        _adapter_hooks(acc)
     return _Run(job, acc, model, optimizer, scheduler, data, state, MetricBuffer(), trainable)
 
 
@@ -216,46 +188,68 @@ def _restore(run: _Run) -> int | None:
     """Load the newest valid checkpoint into the run; None when there is none (a fresh start)."""
     from accelerate.utils import broadcast_object_list
 
-    if run.job.fresh and run.acc.is_main_process:
-        run.job.store.clear()
-    ckpt = run.job.store.latest() if run.acc.is_main_process else None
-    found = [None if ckpt is None else (str(ckpt.path), ckpt.meta.get("fingerprint"))]
+    found: list[Any] = [None]  # the checkpoint's local path, or the error every process raises
+    if run.acc.is_main_process:
+        try:
+            if run.job.fresh:
+                run.job.store.clear()
+            ckpt = run.job.store.latest(run.job.fingerprint)  # skips corrupt ones and other trainings' ones
+            found = [None if ckpt is None else str(ckpt.path)]
+        except CheckpointError as err:
+            found = [err]
     if run.acc.num_processes > 1:
         broadcast_object_list(found)
+    if isinstance(found[0], Exception):
+        raise found[0]
     if found[0] is None:
         return None
-    path, fingerprint = found[0]
-    if fingerprint != run.job.fingerprint:
-        raise TrainInputError(
-            f"checkpoints in {run.job.store.url} were made with other params or data; "
-            "re-run with --fresh to start over (or restore the params)"
-        )
-    run.acc.load_state(path)
+    load_training(Path(found[0]), run.acc, run.model, run.optimizer, run.scheduler, run.state, run.job.adapter_only)
     run.buffer = MetricBuffer(run.state.pending)
     log.info("resumed from step %d (epoch %d, batch %d)", run.state.step, run.state.epoch, run.state.batch_in_epoch)
     return run.state.step
 
 
-def _checkpoint(run: _Run) -> str:
-    """Write a checkpoint, then hand its metrics to MLflow (never before: see MetricBuffer)."""
+def _checkpoint(run: _Run, tolerate: bool = True, final: bool = False) -> str | None:
+    """Write a checkpoint, then hand its metrics to MLflow (never before: see MetricBuffer).
+
+    Returns its location, or None when a remote store stayed unreachable through every retry (`tolerate`):
+    training goes on, the metrics stay pending (in the next checkpoint) unless this was the `final` one.
+    """
     acc, store, state = run.acc, run.job.store, run.state
     state.pending = run.buffer.items if acc.is_main_process else []
+
+    def write(folder: Path) -> None:
+        save_training(folder, acc, run.model, run.optimizer, run.scheduler, state, run.job.adapter_only)
+
     if acc.num_processes == 1:
-        where = store.save(state.step, lambda folder: acc.save_state(str(folder)), state.meta())
+        where = _tolerant(lambda: store.save(state.step, write, state.meta()), tolerate)
     else:  # every process writes its RNG state into the same staging folder; the main one publishes
         folder = [str(store.staging(state.step)) if acc.is_main_process else None]
         from accelerate.utils import broadcast_object_list
 
         broadcast_object_list(folder)
-        acc.save_state(folder[0])
+        write(Path(folder[0]))
         acc.wait_for_everyone()
-        where = store.commit(state.step, Path(folder[0]), state.meta()) if acc.is_main_process else ""
+        commit = lambda: store.commit(state.step, Path(folder[0]), state.meta())  # noqa: E731
+        where = _tolerant(commit, tolerate) if acc.is_main_process else ""
         acc.wait_for_everyone()
-    if acc.is_main_process:
+    if acc.is_main_process and (where is not None or final):
         if run.job.tracker is not None:
             run.buffer.flush(run.job.tracker.client, state.run_id)
-        log.info("checkpoint step %d -> %s", state.step, where)
+        if where is not None:
+            log.info("checkpoint step %d -> %s", state.step, where)
     return where
+
+
+def _tolerant(publish: Callable[[], str], tolerate: bool) -> str | None:
+    """`publish()`; with `tolerate`, an upload that failed every retry is a warning (None), not the end."""
+    try:
+        return publish()
+    except UploadFailed as err:
+        if not tolerate:
+            raise
+        log.warning("%s; training goes on, the next checkpoint tries again", err)
+        return None
 
 
 def _train_step(run: _Run) -> tuple[float, int]:
@@ -349,10 +343,10 @@ def _loop(run: _Run, stop: threading.Event) -> dict[str, float]:
         timed = time.monotonic() - last_save >= job.every_s
         stopping, timed = _agree(run.acc, stop.is_set(), timed)
         if stopping or timed or state.step % job.every_steps == 0 or state.step == job.loop.max_steps:
-            where = _checkpoint(run)
+            where = _checkpoint(run, final=state.step == job.loop.max_steps)
             last_save = time.monotonic()
             if stopping:
-                raise Preempted(state.step, where)
+                raise Preempted(state.step, where or "not uploaded (the store was unreachable); the last uploaded one")
     return metrics
 
 
@@ -368,8 +362,9 @@ def fit(job: TrainJob) -> TrainResult:
 
     Raises:
         Preempted: a signal stopped training after a checkpoint.
-        TrainInputError: checkpoints from other params/data, fp16 on CPU, batch larger than the data.
-        CheckpointError: a checkpoint could not be written (earlier ones intact).
+        TrainInputError: fp16 on CPU, batch larger than the data.
+        CheckpointError: only checkpoints of other params/data; an unsafe (pickle-bearing) checkpoint; the store
+            unreadable; the first checkpoint (or a local one) could not be written (earlier ones intact).
     """
     run = _setup(job)
     with stop_on_signals() as stop:
@@ -383,7 +378,7 @@ def fit(job: TrainJob) -> TrainResult:
                 if job.valid_ds is not None:
                     loss0 = evaluate(run.model, job.valid_ds, run.acc, job.loop.batch_size, job.loop.eval_windows)
                     run.buffer.add(0, valid_loss=loss0)
-                _checkpoint(run)
+                _checkpoint(run, tolerate=False)  # the location must work before any training is done
             metrics = _loop(run, stop)
         except Preempted:
             if tracker is not None:

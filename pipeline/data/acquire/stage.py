@@ -105,7 +105,8 @@ def _prune(index: ItemIndex, keep: set[str], out_dir: Path) -> list[str]:
 def run_acquire(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:
     """Acquire every style's sources into `data/acquire/`; incremental per source. Manifest rows name their style.
 
-    Files are decoded on `project.workers` processes, URLs downloaded one at a time.
+    Files are decoded on `project.workers` processes (or the Dask cluster, `project.executor`), URLs downloaded one
+    at a time in this process (`NETWORK_WORKERS`).
 
     Returns:
         The stage report (also written to `data/acquire/report.json`).
@@ -119,7 +120,7 @@ def run_acquire(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRep
     sources = expand_sources(cfg)
     files = [_job(s, cfg, out_dir) for s in sources if s.kind != "url"]
     urls = [_job(s, cfg, out_dir) for s in sources if s.kind == "url"]
-    run_jobs(files, index, out_dir, report, cfg.project.workers)
+    run_jobs(files, index, out_dir, report, cfg.project)
     run_jobs(urls, index, out_dir, report, NETWORK_WORKERS)
     rows = _stored_rows(sources, index, out_dir, report)
     pruned = _prune(index, {s.item_id for s in sources}, out_dir)

@@ -49,6 +49,13 @@ def test_bad_value_names_the_dotted_key(override, dotted):
     assert dotted in str(err.value)
 
 
+def test_dvc_remote_is_a_url_or_an_absolute_path():
+    assert load_config(None, ["services.dvc_remote=/content/drive/MyDrive/dvc"]).services.dvc_remote.startswith("/")
+    assert load_config(None, ["services.dvc_remote=s3://b/dvc"]).services.dvc_remote == "s3://b/dvc"
+    with pytest.raises(ConfigError, match=r"services.dvc_remote.*absolute path"):
+        load_config(None, ["services.dvc_remote=relative/dvc"])
+
+
 def test_cross_field_rule_is_reported():
     with pytest.raises(ConfigError, match="split"):
         load_config(None, ["split.valid_fraction=0.6", "split.test_fraction=0.5"])

@@ -303,3 +303,22 @@ def test_each_style_gets_its_own_windows(tmp_path):
     assert pitches_in(tok, np.load(out / "style" / "low" / "train.npy"), specials) <= set(range(39, 47))
     assert pitches_in(tok, np.load(out / "style" / "high" / "train.npy"), specials) <= set(range(49, 57))
     assert stats["splits"]["style/high/test"]["windows"] == 0 and stats["splits"]["style/low/test"]["windows"] > 0
+
+
+def test_windows_are_streamed_into_the_bytes_np_save_writes(tmp_path):
+    from pipeline.core.config import TokenizeConfig
+    from pipeline.data.tokenize import _framed, _write_split, n_windows
+
+    rng = np.random.default_rng(0)
+    seqs = []
+    for i, n in enumerate((5, 30, 31, 200)):  # shorter than, equal to and many times the window
+        seqs.append(tmp_path / f"{i}.npy")
+        np.save(seqs[-1], rng.integers(3, 400, n).astype(np.int32))
+    tc, ids = TokenizeConfig(max_seq_len=32, overlap=8), {"pad_id": 0, "bos_id": 1, "eos_id": 2}
+    counts = _write_split(tmp_path / "streamed.npy", seqs, tc, ids)
+    whole = np.concatenate([window_ids(_framed(np.load(p), ids), 32, 8, 0) for p in seqs])
+    np.save(tmp_path / "whole.npy", whole)  # what the stage wrote before: the split's windows in memory at once
+    assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    assert counts["windows"] == len(whole) == sum(n_windows(len(np.load(p)) + 2, 32, 8) for p in seqs)
+    assert _write_split(tmp_path / "empty.npy", [], tc, ids)["windows"] == 0
+    assert np.load(tmp_path / "empty.npy").shape == (0, 32)

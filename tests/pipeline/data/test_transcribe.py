@@ -14,6 +14,7 @@ import pipeline.data.transcribe as T
 from pipeline.core.config import TranscribeConfig
 from pipeline.core.files import sha256_file
 from pipeline.core.graph import run_stage
+from pipeline.data import tempo
 from pipeline.data.acquire import write_manifest
 from pipeline.data.transcribers import make_transcriber
 from tests.conftest import CLIP_NOTES, make_midi, render_midi
@@ -99,14 +100,16 @@ def test_tempo_estimate_and_folding():
     clicks = librosa.clicks(times=np.arange(0, 8, 0.5), sr=22050, length=22050 * 8)  # 120 BPM
     assert abs(T.estimate_tempo(clicks, 22050, default=90.0) - 120) < 5
     assert T.estimate_tempo(np.zeros(22050, dtype=np.float32), 22050, default=111.0) == 111.0  # no beats found
-    assert [T.fold_tempo(b, 100.0) for b in (300.0, 40.0, 700.0, 150.0, 0.0, float("nan"))] == [
-        150.0,
-        80.0,
-        175.0,
-        150.0,
-        100.0,
-        100.0,
-    ]
+    folded = [tempo.fold_tempo(b, 100.0) for b in (300.0, 40.0, 700.0, 150.0, 0.0, float("nan"))]
+    assert folded == [150.0, 80.0, 175.0, 150.0, 100.0, 100.0]
+
+
+def test_notes_are_heard_at_their_pulse_not_their_note_values():
+    # half notes every 0.5 s and a louder one every 1 s: 120 BPM heard, whatever the score wrote the notes as
+    onsets = np.arange(0, 16, 0.5)
+    loud = np.where(np.arange(len(onsets)) % 2 == 0, 1.0, 0.6)
+    assert abs(tempo.notes_tempo(onsets, loud, default=90.0) - 120) < 5
+    assert tempo.notes_tempo([1.0], [1.0], default=77.0) == 77.0  # one onset: nothing to track
 
 
 def test_silent_audio_is_a_per_item_error(tmp_path, make_cfg, piano_clip):

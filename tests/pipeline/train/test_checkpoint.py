@@ -17,6 +17,7 @@ from pipeline.train.checkpoint import (
     MANIFEST,
     CheckpointError,
     CheckpointStore,
+    UploadFailed,
     stop_on_signals,
     store_for,
     verify,
@@ -167,3 +168,106 @@ def test_each_training_fingerprint_has_its_own_store(tmp_path):
     cfg = tiny_cfg(tmp_path)
     a, b = store_for(cfg, "finetune", "a" * 64), store_for(cfg, "finetune", "b" * 64)
     assert a.url != b.url and a.url.startswith(str(tmp_path / "data" / "checkpoints" / "finetune"))
+
+
+# ---- faults: an unreachable store, other trainings' checkpoints, untrusted paths ---------------------------------
+
+
+def _flaky_put(store: CheckpointStore, monkeypatch, fail: int | None) -> list[str]:
+    """Make the store's uploads raise ConnectionError for the first `fail` calls (None: always); returns the log."""
+    real, calls = store.fs.put_file, []
+
+    def put_file(lpath, rpath, **kwargs):
+        calls.append(rpath)
+        if fail is None or len(calls) <= fail:
+            raise ConnectionError("Could not connect to the endpoint URL")
+        return real(lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(store.fs, "put_file", put_file)
+    return calls
+
+
+def test_upload_retries_with_backoff_and_says_so(s3, tmp_path, monkeypatch, caplog):
+    store = CheckpointStore("s3://ckpt/retry", keep=1, storage_options=s3, scratch=tmp_path, attempts=3, backoff_s=0.01)
+    calls = _flaky_put(store, monkeypatch, fail=2)
+    caplog.set_level("WARNING", logger="pipeline.train.checkpoint")
+    store.save(4, _writer("w4"))
+    assert store.steps() == [4] and _payload(store) == "w4"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and len(calls) == 2 + 3  # two failed tries, then the 2 files and the manifest
+    assert "upload of checkpoint step 4 to s3://ckpt/retry failed (attempt 1/3" in warned[0]
+    assert "retrying in 0.0 s" in warned[0] and "attempt 2/3" in warned[1] and "retrying in 0.0 s" in warned[1]
+
+
+def test_an_upload_that_keeps_failing_keeps_the_last_good_one(s3, tmp_path, monkeypatch):
+    store = CheckpointStore("s3://ckpt/keep", keep=1, storage_options=s3, scratch=tmp_path, attempts=2, backoff_s=0)
+    store.save(4, _writer("good"))
+    real = store.fs.put_file
+
+    def put_file(lpath, rpath, **kwargs):  # the files go up, the manifest never does (the link drops)
+        if rpath.endswith(MANIFEST):
+            raise ConnectionError("Could not connect to the endpoint URL")
+        return real(lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(store.fs, "put_file", put_file)
+    with pytest.raises(UploadFailed, match=r"upload of checkpoint step 8 .* failed 2 times"):
+        store.save(8, _writer("new"))
+    assert store.fs.exists("ckpt/keep/step-00000008/weights.bin")  # partial: ignored, not pruned over step 4
+    assert store.steps() == [4] and _payload(store) == "good"
+    assert not list(tmp_path.glob(".staging-*"))
+    monkeypatch.setattr(store.fs, "put_file", real)
+    store.save(12, _writer("later"))
+    assert store.steps() == [12] and not store.fs.exists("ckpt/keep/step-00000008")
+
+
+def test_rewriting_a_step_hides_the_old_one_before_replacing_files(s3, tmp_path, monkeypatch):
+    store = CheckpointStore("s3://ckpt/rewrite", keep=3, storage_options=s3, scratch=tmp_path, attempts=1)
+    store.save(4, _writer("good"))
+    store.save(8, _writer("flipped"))
+    store.fs.pipe_file("ckpt/rewrite/step-00000008/weights.bin", b"xxxxxxx")  # corrupt: resume falls back to 4
+    _flaky_put(store, monkeypatch, fail=None)
+    with pytest.raises(UploadFailed):
+        store.save(8, _writer("again"))
+    assert not store.fs.exists(f"ckpt/rewrite/step-00000008/{MANIFEST}") and store.latest().step == 4
+
+
+def test_other_fingerprints_fall_back_or_refuse(tmp_path, caplog):
+    store = CheckpointStore(tmp_path / "ckpt", keep=5)
+    store.save(4, _writer("mine"), {"fingerprint": "a"})
+    store.save(8, _writer("theirs"), {"fingerprint": "b"})
+    assert store.latest().step == 8  # no fingerprint asked: the newest
+    ckpt = store.latest("a")
+    assert ckpt.step == 4 and (ckpt.path / "weights.bin").read_text() == "mine"
+    assert "skipping checkpoint step-00000008: made with other params or data" in caplog.text
+    with pytest.raises(CheckpointError, match=r"steps \[4, 8\]\) were made with other params.*--fresh"):
+        store.latest("c")
+
+
+def test_a_failing_download_is_an_error_not_a_fallback(s3, tmp_path, monkeypatch):
+    store = CheckpointStore("s3://ckpt/download", storage_options=s3, scratch=tmp_path, attempts=2, backoff_s=0)
+    store.save(4, _writer("w4"))
+    store.save(8, _writer("w8"))
+
+    def get_file(*args, **kwargs):
+        raise ConnectionError("Could not connect to the endpoint URL")
+
+    monkeypatch.setattr(store.fs, "get_file", get_file)
+    with pytest.raises(CheckpointError, match=r"download of checkpoint step 8 .* could not be read 2 times"):
+        store.latest()
+
+
+def test_paths_leaving_the_checkpoint_are_corrupt(s3, tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt")
+    store.save(4, _writer("w4"))
+    manifest_path = tmp_path / "ckpt" / "step-00000004" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["../../outside"] = {"sha256": "0", "bytes": 1}
+    manifest_path.write_text(json.dumps(manifest))
+    assert store.latest() is None
+
+    remote = CheckpointStore("s3://ckpt/escape", storage_options=s3, scratch=tmp_path / "scratch")
+    remote.save(4, _writer("w4"))
+    remote.fs.pipe_file("ckpt/escape/step-00000004/../../escape", b"x")  # S3 keys may hold '..'
+    assert "ckpt/escape/step-00000004/../../escape" in remote.fs.find("ckpt/escape/step-00000004")
+    assert remote.latest() is None  # refused (the only checkpoint), nothing written outside the scratch folder
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "scratch" / "escape").exists()

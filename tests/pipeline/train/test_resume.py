@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -180,10 +183,12 @@ def test_remote_checkpoints_resume_exactly_on_a_new_machine(s3, tmp_path):
 
 
 def test_disk_full_mid_training_is_clear_and_keeps_checkpoints(tmp_path, monkeypatch):
+    import safetensors.torch
+
     from pipeline.train.checkpoint import CheckpointError, CheckpointStore
     from pipeline.train.loop import fit
 
-    real_save = torch.save
+    real_save = safetensors.torch.save_file
 
     def arm(done: int, metrics: dict) -> None:
         if done == 4:  # the step-4 checkpoint hits a full disk
@@ -191,29 +196,151 @@ def test_disk_full_mid_training_is_clear_and_keeps_checkpoints(tmp_path, monkeyp
             def full(*args, **kwargs):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-            monkeypatch.setattr(torch, "save", full)
+            monkeypatch.setattr(safetensors.torch, "save_file", full)
 
     store = CheckpointStore(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=r"step 4 .*No space left on device.*kept \(steps \[0\]\)"):
         fit(_job(tmp_path, store, on_step=arm))
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     assert store.steps() == [0] and store.latest().meta["step"] == 0
     assert not list((tmp_path / "ckpt").glob(".staging-*"))
 
 
 def test_corrupt_newest_falls_back_and_other_params_refuse(tmp_path):
-    from pipeline.train.checkpoint import CheckpointStore, Preempted
-    from pipeline.train.dataset import TrainInputError
+    from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted
     from pipeline.train.loop import fit
 
     store = CheckpointStore(tmp_path / "ckpt", keep=5)
     with pytest.raises(Preempted):
         fit(_job(tmp_path, store, on_step=_sigterm_at(5)))
     assert store.steps() == [0, 4, 5]
-    (tmp_path / "ckpt" / "step-00000005" / "optimizer.bin").write_bytes(b"torn")
+    (tmp_path / "ckpt" / "step-00000005" / "optimizer.safetensors").write_bytes(b"torn")
     assert fit(_job(tmp_path, store)).resumed_from == 4
-    with pytest.raises(TrainInputError, match="--fresh"):
+    with pytest.raises(CheckpointError, match=r"made with other params or data.*--fresh"):
         fit(_job(tmp_path, store, fingerprint="other lr"))
+
+
+def _reseal(folder: Path) -> None:
+    """Rewrite a checkpoint's manifest to match its files (what anyone who can write to the store can do)."""
+    from pipeline.train.checkpoint import MANIFEST, manifest_for
+
+    old = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps(manifest_for(folder, old["step"], old["meta"])))
+
+
+def test_a_newest_checkpoint_of_another_training_falls_back(tmp_path, caplog):
+    from pipeline.train.checkpoint import CheckpointStore, Preempted
+    from pipeline.train.loop import fit
+
+    store = CheckpointStore(tmp_path / "ckpt", keep=5)
+    with pytest.raises(Preempted):
+        fit(_job(tmp_path, store, on_step=_sigterm_at(5)))
+    step5 = tmp_path / "ckpt" / "step-00000005"
+    manifest = json.loads((step5 / "MANIFEST.json").read_text())
+    manifest["meta"]["fingerprint"] = "other lr"
+    (step5 / "MANIFEST.json").write_text(json.dumps(manifest))
+    result = fit(_job(tmp_path, store))
+    assert result.resumed_from == 4 and result.step == 8
+    assert "skipping checkpoint step-00000005: made with other params or data" in caplog.text
+
+
+class _Payload:
+    """Unpickling this creates `path`: the harmless stand-in for code planted in a shared bucket."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_pickled_payload_is_refused_unread(tmp_path):
+    from pipeline.train.checkpoint import CheckpointStore, Preempted
+    from pipeline.train.loop import fit
+    from pipeline.train.state import UnsafeCheckpoint
+
+    pickle.loads(pickle.dumps(_Payload(tmp_path / "live")))
+    assert (tmp_path / "live").exists()  # the payload does run when unpickled
+    store = CheckpointStore(tmp_path / "ckpt", keep=5)
+    with pytest.raises(Preempted):
+        fit(_job(tmp_path, store, on_step=_sigterm_at(5)))
+    step5, marker = tmp_path / "ckpt" / "step-00000005", tmp_path / "unpickled"
+    torch.save({"state": _Payload(marker)}, step5 / "optimizer.bin")  # accelerate's name for its optimizer pickle
+    _reseal(step5)
+    with pytest.raises(
+        UnsafeCheckpoint, match=r"refusing to resume from .*step-00000005: optimizer.bin may be a pickle"
+    ):
+        fit(_job(tmp_path, store))
+    (step5 / "optimizer.bin").rename(step5 / "optimizer.safetensors")  # disguised as a tensor file
+    _reseal(step5)
+    with pytest.raises(UnsafeCheckpoint, match=r"optimizer.safetensors may be a pickle.*--fresh"):
+        fit(_job(tmp_path, store))
+    assert not marker.exists()
+
+
+class _Outage:
+    """A moto S3 server on 127.0.0.1 that can go away and come back on the same port (moto keeps its data)."""
+
+    def __init__(self, monkeypatch):
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "t",
+            "AWS_SECRET_ACCESS_KEY": "t",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(key, value)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = None
+        endpoint = f"http://127.0.0.1:{self.port}"  # one try per request, short connect timeout: fail fast when down
+        self.options = {"client_kwargs": {"endpoint_url": endpoint}, "skip_instance_cache": True,
+                        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}  # fmt: skip
+
+    def up(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def down(self) -> None:
+        self.server.stop()
+
+
+def test_s3_outage_mid_training_retries_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    boto3 = pytest.importorskip("boto3")
+    from pipeline.train.checkpoint import CheckpointStore
+    from pipeline.train.loop import fit
+
+    want = _weights(fit(_job(tmp_path / "ref", CheckpointStore(tmp_path / "ref" / "ckpt"))))
+    s3 = _Outage(monkeypatch)
+    s3.up()
+    boto3.client("s3", endpoint_url=s3.options["client_kwargs"]["endpoint_url"]).create_bucket(Bucket="outage")
+    store = CheckpointStore("s3://outage/pretrain", keep=1, storage_options=s3.options, scratch=tmp_path / "scratch",
+                            attempts=3, backoff_s=0.05)  # fmt: skip
+    seen = {}
+
+    def weather(done: int, metrics: dict) -> None:
+        if done == 2:
+            s3.down()  # the step-4 checkpoint finds no store
+        if done == 6:
+            s3.up()
+            seen["steps"] = store.steps()
+
+    caplog.set_level("WARNING")
+    try:
+        result = fit(_job(tmp_path / "run", store, on_step=weather))
+    finally:
+        s3.down()
+    assert result.step == 8
+    assert seen["steps"] == [0]  # keep=1 and a failed upload: the last good checkpoint is still there
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("pipeline")]
+    assert any("upload of checkpoint step 4 to s3://outage/pretrain failed (attempt 1/3" in m for m in messages)
+    assert any("attempt 2/3" in m and "retrying in 0.1 s" in m for m in messages)
+    assert any("failed 3 times" in m and "training goes on" in m for m in messages)
+    got = _weights(result)
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) <= 1e-6
+    s3.up()
+    assert store.steps() == [8] and store.latest().meta["step"] == 8
 
 
 def test_time_based_checkpoints(tmp_path):
