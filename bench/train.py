@@ -1,8 +1,13 @@
 """Training benchmarks on synthetic windows, printed as one JSON object.
 
-    python bench/train.py [--params params.yaml] [--steps 12] [--skip memory,restart]
+    python bench/train.py [--params params.yaml] [--steps 12] [--skip memory,restart] [--compare fp32,bf16]
+    python bench/train.py --skip throughput,compare,memory,restart --data data/tokenize --base data/pretrain/base
 
 - throughput: tokens/s of the base (pretrain loop) and of the QLoRA fine-tune, median over steps after warmup
+- compare: the loop's alternatives (COMPARE: precision, attention mask, fused AdamW, torch.compile, threads, batch)
+  one step each in turn, per stage; tokens/s and tokens per CPU second as ratios to the first
+- quality (with --data, a tokenize stage's folder): each QUALITY variant trains the params' full schedule on those
+  windows; valid loss at each eval step (equal tokens), and the last one again in fp32
 - checkpoint: size (MB) and write time (s) of a full-weights (pretrain) and an adapter-only (finetune) checkpoint
 - memory: peak memory of one fine-tune on the same base as QLoRA (4-bit NF4), LoRA fp32, LoRA bf16 (each variant in
   its own process: CPU peak RSS only grows); `weights_mb` is the model's parameter + buffer bytes
@@ -28,6 +33,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_choices import COMPARE, STAGES, bench_compare, bench_quality, quality_run  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -207,10 +215,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per measurement")
-    parser.add_argument("--skip", default="", help="comma list of: throughput, memory, restart")
+    parser.add_argument("--skip", default="", help="comma list of: throughput, compare, memory, restart, quality")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one memory variant
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help="a tokenize stage's folder: also compare valid loss (quality)")
+    parser.add_argument("--base", type=Path, help="base folder fine-tune quality starts from (a pretrain's base/)")
+    parser.add_argument("--quality-stages", default="pretrain,finetune")
+    parser.add_argument("--compare", default="", help=f"comma list of {', '.join(COMPARE)} (first = reference)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved steps per compare variant")
+    parser.add_argument("--quality-run", help=argparse.SUPPRESS)  # internal: one quality variant
     args = parser.parse_args()
+    if args.quality_run:
+        spec = json.loads(args.quality_run)
+        print(json.dumps(quality_run(args.data, spec["stage"], args.params, spec["overrides"], args.base)))
+        return
     if args.variant:
         print(json.dumps(memory_variant(args.workdir, args.variant, args.steps)))
         return
@@ -223,10 +241,16 @@ def main() -> None:
         if "throughput" not in skip:
             result["pretrain"] = bench_loop(root, "pretrain")
             result["finetune_qlora"] = bench_loop(root, "finetune")
+        if "compare" not in skip:
+            names = args.compare.split(",") if args.compare else list(COMPARE)
+            result["compare"] = {stage: bench_compare(root, stage, args.rounds, names) for stage in STAGES}
         if "memory" not in skip:
             result["memory"] = bench_memory(root, min(args.steps, 6))
         if "restart" not in skip:
             result["restart"] = bench_restart(root)
+        if args.data is not None and "quality" not in skip:
+            stages = args.quality_stages.split(",")
+            result["quality"] = bench_quality(args.params, args.data.resolve(), args.base, stages)
     print(json.dumps(result, indent=2))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from pipeline.core.config import LoopConfig
+from pipeline.core.device import native_bf16
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
 from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, UploadFailed, stop_on_signals
 from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate
@@ -127,6 +128,13 @@ class _Run:
     trainable: list[torch.nn.Parameter]
 
 
+def resolve_precision(mixed_precision: str) -> str:
+    """`mixed_precision` resolved: auto = bf16 where the training device computes bfloat16 natively, else no."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if native_bf16("cuda" if torch.cuda.is_available() else "cpu") else "no"
+
+
 def make_accelerator(mixed_precision: str):
     """An `Accelerator` for this loop (scheduler stepped by us, once per optimizer step).
 
@@ -136,6 +144,7 @@ def make_accelerator(mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    mixed_precision = resolve_precision(mixed_precision)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainInputError("mixed_precision fp16 needs CUDA; use bf16 or no on CPU")
     AcceleratorState._reset_state()  # several trainings in one process (tests, bench) may differ in precision
@@ -379,5 +388,5 @@ def fit(job: TrainJob) -> TrainResult:
             if tracker is not None:
                 tracker.close("FAILED")
             raise
-    model = run.acc.unwrap_model(run.model)
+    model = run.acc.unwrap_model(run.model, keep_fp32_wrapper=False)  # plain forward: no autocast of mixed precision
     return TrainResult(model, run.acc, run.state.step, run.state.run_id, resumed, metrics)

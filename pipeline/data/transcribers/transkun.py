@@ -23,6 +23,7 @@ import pretty_midi
 from tqdm import tqdm
 
 from pipeline.core.config import TranscribeConfig
+from pipeline.core.device import native_bf16
 from pipeline.data.transcribers.base import (
     TranscriberError,
     Transcription,
@@ -75,15 +76,7 @@ def precision(tcfg: TranscribeConfig) -> str:
     supports it; a CPU with AVX-512 BF16 or AMX), else float32 (emulated bfloat16 is slower than float32)."""
     if tcfg.precision != "auto":
         return tcfg.precision
-    import torch
-
-    if pick_device(tcfg.device) == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to tell, take the safe one
-        return "float32"
-    return "bfloat16" if " avx512_bf16" in flags or " amx_bf16" in flags else "float32"
+    return "bfloat16" if native_bf16(pick_device(tcfg.device)) else "float32"
 
 
 def model_id(tcfg: TranscribeConfig) -> str:

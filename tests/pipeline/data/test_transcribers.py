@@ -131,12 +131,7 @@ def test_precision_auto_takes_bfloat16_only_where_the_cpu_computes_it(monkeypatc
     assert tk.precision(TranscribeConfig(precision="float32")) == "float32"
     assert tk.precision(TranscribeConfig(precision="bfloat16")) == "bfloat16"
     cpuinfo = tmp_path / "cpuinfo"
-    real = tk.Path
-
-    def fake_path(text, *rest):
-        return cpuinfo if str(text) == "/proc/cpuinfo" else real(text, *rest)
-
-    monkeypatch.setattr(tk, "Path", fake_path)
+    monkeypatch.setattr("pipeline.core.device.CPUINFO", cpuinfo)
     auto = TranscribeConfig(precision="auto", device="cpu")
     cpuinfo.write_text("flags\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n")
     assert tk.precision(auto) == "bfloat16" and tk.model_id(auto).endswith("/bf16")

@@ -1,0 +1,170 @@
+"""The training loop's alternatives side by side, for `bench/train.py` (`compare` and `quality` sections)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from subprocess import PIPE
+
+STAGES = ("pretrain", "finetune")
+MAIN = Path(__file__).with_name("train.py")  # runs one quality variant per process (--quality-run)
+
+# Side by side, interleaved step by step (the machine is shared: ratios to "fp32" are the figures to read; with one
+# torch thread, `cpu_ratio` (tokens per CPU second) is the least disturbed by other processes).
+# Each starts from today's loop: fp32, attention mask passed, AdamW foreach, torch's default threads, eager.
+COMPARE = {
+    "fp32": {},
+    "fp32_no_mask": {"mask": False},
+    "bf16": {"bf16": True},
+    "bf16_no_mask": {"bf16": True, "mask": False},
+    "bf16_fused_adamw": {"bf16": True, "fused": True},
+    "bf16_compile": {"bf16": True, "compile": True},
+    "bf16_1_thread": {"bf16": True, "threads": 1},
+    "bf16_batch_x2": {"bf16": True, "batch": 2},
+}
+
+
+def _compare_step(root: Path, stage: str, spec: dict):
+    """A closure training one step of `stage` as `spec` says; returns (seconds, non-pad tokens) per call."""
+    import contextlib
+
+    import torch
+
+    from pipeline.core.config import load_config
+    from pipeline.train.dataset import Batches, TokenWindows
+    from pipeline.train.finetune import qlora_model
+    from pipeline.train.model import Vocab, build_base
+
+    cfg = load_config(root / "params.yaml")
+    loop, corpus = getattr(cfg, stage), cfg.stage_dir("tokenize") / ("base" if stage == "pretrain" else "style")
+    torch.manual_seed(0)
+    if stage == "pretrain":
+        model = build_base(cfg.model, Vocab(cfg.tokenize.vocab_size, 0, 1, 2), cfg.tokenize.max_seq_len)
+    else:
+        model = qlora_model(cfg.stage_dir("pretrain") / "base", cfg.finetune, torch.device("cpu"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if spec.get("fused") else {"foreach": True}
+    opt = torch.optim.AdamW(params, lr=loop.lr, betas=(0.9, 0.95), weight_decay=loop.weight_decay, **fused)
+    forward = torch.compile(model) if spec.get("compile") else model
+    data = Batches(TokenWindows(corpus / "train.npy", 0), loop.batch_size * spec.get("batch", 1), cfg.project.seed)
+    threads, position = spec.get("threads") or torch.get_num_threads(), [0]
+
+    def step() -> tuple[float, int]:
+        batch = data.get(0, position[0] % data.per_epoch)
+        position[0] += 1
+        tokens = int(batch["attention_mask"].sum())
+        if spec.get("mask", True) is False:
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        amp = torch.autocast("cpu", dtype=torch.bfloat16) if spec.get("bf16") else contextlib.nullcontext()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with amp:
+            loss = forward(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, loop.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        torch.set_num_threads(before)
+        return seconds, cpu, tokens
+
+    return step
+
+
+def bench_compare(root: Path, stage: str, rounds: int, names: list[str]) -> dict:
+    """tokens/s of each COMPARE variant, one step each in turn for `rounds` rounds; ratios to the first per round."""
+    steps = {name: _compare_step(root, stage, COMPARE[name]) for name in names}
+    warm = {}
+    for name, step in steps.items():  # first steps: torch.compile compiles, allocators and caches settle
+        t0 = time.perf_counter()
+        step(), step()
+        warm[name] = round(time.perf_counter() - t0, 1)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            seconds, cpu_s, tokens = step()
+            wall[name].append(tokens / seconds)
+            cpu[name].append(tokens / cpu_s)
+
+    def ratio(v: list[float], ref: list[float]) -> float:
+        return round(statistics.median(a / b for a, b in zip(v, ref, strict=True)), 3)
+
+    ref, ref_cpu = wall[names[0]], cpu[names[0]]
+    return {name: {"tokens_per_s": round(statistics.median(wall[name]), 1), "ratio": ratio(wall[name], ref),
+                   "tokens_per_cpu_s": round(statistics.median(cpu[name]), 1), "cpu_ratio": ratio(cpu[name], ref_cpu),
+                   "first_two_steps_s": warm[name]} for name in names}  # fmt: skip
+
+
+def quality_run(tok_dir: Path, stage: str, params: Path, overrides: dict, base_dir: Path | None) -> dict:
+    """One real training of `stage` on a tokenize stage's windows (`tok_dir`) with `overrides` of its loop section.
+
+    Returns the valid loss at each eval step (with the tokens trained by then), the median tokens/s and the wall
+    time; the style for fine-tuning is the first folder under `tok_dir/style`.
+    """
+    import torch
+
+    from pipeline.core.config import load_config
+    from pipeline.train.checkpoint import CheckpointStore
+    from pipeline.train.dataset import TokenWindows, dataset_info
+    from pipeline.train.finetune import qlora_model
+    from pipeline.train.loop import TrainJob, evaluate, fit
+    from pipeline.train.model import Vocab, build_base
+
+    cfg = load_config(params)
+    cfg = cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(update={**overrides, "system_metrics": False})})
+    vocab, loop = Vocab.from_info(dataset_info(tok_dir)), getattr(cfg, stage)
+    corpus = tok_dir / "base" if stage == "pretrain" else sorted((tok_dir / "style").iterdir())[0]
+    if stage == "pretrain":
+        build = lambda device: build_base(cfg.model, vocab, cfg.tokenize.max_seq_len).to(device)  # noqa: E731
+    else:
+        build = lambda device: qlora_model(base_dir, cfg.finetune, device)  # noqa: E731
+    curve, speeds = [], []
+
+    def on_step(step: int, metrics: dict) -> None:
+        speeds.append(metrics.get("tokens_per_s", 0.0))
+        if "valid_loss" in metrics:
+            curve.append([step, round(metrics["valid_loss"], 4)])
+            print(json.dumps({"progress": curve[-1]}), flush=True)  # a long run's partial curve
+
+    with tempfile.TemporaryDirectory(prefix="jam-bench-quality-") as tmp:
+        job = TrainJob(build, TokenWindows(corpus / "train.npy", vocab.pad_id),
+                       TokenWindows(corpus / "valid.npy", vocab.pad_id), loop, CheckpointStore(Path(tmp), keep=1),
+                       cfg.project.seed, "bench", every_steps=loop.max_steps, every_s=1e9,
+                       adapter_only=stage == "finetune", on_step=on_step)  # fmt: skip
+        t0 = time.perf_counter()
+        result = fit(job)
+        seconds = time.perf_counter() - t0
+    final = evaluate(result.model, job.valid_ds, result.accelerator, loop.batch_size)  # fit's model runs in fp32
+    return {"valid_loss": curve, "final_valid_loss_fp32": round(final, 4), "corpus": corpus.name,
+            "tokens_per_s": round(statistics.median(speeds[2:] or speeds), 1), "train_s": round(seconds, 1),
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
+QUALITY = {"fp32": {"mixed_precision": "no"}, "bf16": {"mixed_precision": "bf16"}}  # loop overrides compared
+
+
+def bench_quality(params: Path, data: Path, base: Path | None, stages: list[str]) -> dict:
+    """Each QUALITY variant of each stage trained on the real windows in `data`, side by side (own processes)."""
+    procs = {}
+    for stage in stages:  # all at once, one torch thread each: the losses do not depend on the timing
+        for name, over in QUALITY.items():
+            cmd = [sys.executable, str(MAIN), "--params", str(params), "--data", str(data),
+                   "--quality-run", json.dumps({"stage": stage, "overrides": over})]  # fmt: skip
+            cmd += ["--base", str(base)] if base is not None else []
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            procs[stage, name] = subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env)
+    results: dict = {stage: {} for stage in stages}
+    for (stage, name), proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=7200)
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        results[stage][name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": stderr[-800:]}
+    return results
