@@ -32,11 +32,19 @@ def fold_tempo(bpm: float, default: float) -> float:
     return round(bpm, 2)
 
 
-def _tracked(default: float, **signal) -> float:
+def _tracked(envelope: np.ndarray, default: float) -> float:
+    """Tempo of an onset-strength envelope (TEMPO_SAMPLE_RATE / ONSET_HOP frames), folded; `default` without onsets.
+
+    librosa.feature.tempo is the estimate beat_track returns, without beat_track's numba-compiled beat placement
+    (not needed here): two worker processes compiling that into librosa's shared numba cache at once left a corrupt
+    cache on a fresh install, after which every call segfaulted.
+    """
     import librosa
 
+    if not np.any(envelope):  # beat_track's rule: no onsets, no tempo
+        return default
     try:
-        tempo, _ = librosa.beat.beat_track(sr=TEMPO_SAMPLE_RATE, hop_length=ONSET_HOP, **signal)
+        tempo = librosa.feature.tempo(onset_envelope=envelope, sr=TEMPO_SAMPLE_RATE, hop_length=ONSET_HOP)
         bpm = float(np.atleast_1d(tempo)[0])
     except Exception as err:  # librosa raises ParameterError and others on degenerate input
         log.debug("tempo estimation failed: %s", err)
@@ -45,12 +53,17 @@ def _tracked(default: float, **signal) -> float:
 
 
 def estimate_tempo(audio: np.ndarray, sr: int, default: float) -> float:
-    """Global tempo in BPM of audio by librosa beat tracking, folded into `TEMPO_RANGE_BPM`; `default` if it fails."""
+    """Global tempo in BPM of audio by librosa's beat tracker, folded into `TEMPO_RANGE_BPM`; `default` if it fails."""
     import librosa
 
     if sr != TEMPO_SAMPLE_RATE:
         audio = librosa.resample(audio, orig_sr=sr, target_sr=TEMPO_SAMPLE_RATE)
-    return _tracked(default, y=audio)
+    try:
+        envelope = librosa.onset.onset_strength(y=audio, sr=TEMPO_SAMPLE_RATE, hop_length=ONSET_HOP)
+    except Exception as err:
+        log.debug("onset strength failed: %s", err)
+        return default
+    return _tracked(envelope, default)
 
 
 def notes_tempo(onsets_s: Iterable[float], weights: Iterable[float], default: float) -> float:
@@ -61,4 +74,4 @@ def notes_tempo(onsets_s: Iterable[float], weights: Iterable[float], default: fl
     frames = np.round(onsets * TEMPO_SAMPLE_RATE / ONSET_HOP).astype(int)
     envelope = np.zeros(frames.max() + 1, np.float32)
     np.add.at(envelope, frames, w)
-    return _tracked(default, onset_envelope=envelope)
+    return _tracked(envelope, default)
