@@ -89,6 +89,7 @@ def world(tmp_path_factory):
             "quantization": "none",
             "lr": 1e-3,
             "train_embeddings": False,
+            "replay": 0.25,  # rehearsal: what keeps the base corpus's NLL within evaluate.max_forgetting
         },
         checkpoint={"every_steps": 1000},
     )
