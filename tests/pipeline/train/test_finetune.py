@@ -131,7 +131,8 @@ BAD = {
                         TrainInputError, "missing dataset"),
     "ids out of vocab": (_ids_out_of_vocab, {}, TrainInputError, "outside the vocabulary"),
     "vocab mismatch": (_other_vocab_base, {}, VocabMismatch, "vocab_size 96 != tokenizer vocab_size 128"),
-    "batch too large": (None, {"batch_size": 64}, TrainInputError, "larger than the 32 training windows"),
+    "batch too large": (None, {"batch_size": 64, "replay": 0.0}, TrainInputError,
+                        "larger than the 32 training windows"),
     # 32 style windows + 11 replayed base windows
     "batch too large with replay": (None, {"batch_size": 64, "replay": 0.25}, TrainInputError,
                                     "larger than the 43 training windows"),
