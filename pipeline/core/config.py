@@ -289,8 +289,8 @@ class FinetuneConfig(LoopConfig):
     # base corpus (NLL), at 160 +35 % (classical +23 %), with held-out NLL ratios 0.63 and 0.71
     max_steps: int = Field(160, ge=1)
     eval_every: int = Field(60, ge=1)
-    # fp32: bf16 (auto) ran 1.21x the tokens per CPU second at equal valid loss, but its demo adapters forgot more
-    # (folk +51 % of the base corpus NLL against +35 %, over the 0.40 gate) and classical attribution fell to 0.58
+    # fp32 until bf16 (auto: 1.21x the tokens per CPU second, equal valid loss) is checked with replay in a whole
+    # `make demo`; without replay both gave the same demo figures (README "Measured")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     quantization: Literal["nf4", "fp4", "none"] = "nf4"  # base weights in 4 bit (bitsandbytes); none = LoRA on fp32
     double_quant: bool = True  # quantize the 4-bit block scales too (~0.4 bit/weight saved)
