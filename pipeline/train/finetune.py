@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.config import Config, FinetuneConfig, section_json
+from pipeline.core.config import Config, section_json
 from pipeline.core.files import sha256_file, sha256_text, windows_dir
 from pipeline.core.items import StageReport
+from pipeline.core.training import FinetuneConfig
 from pipeline.registry.client import mlflow_client
 from pipeline.registry.tracking import (
     BASE_PATH_TAG,

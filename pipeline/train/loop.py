@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from pipeline.core.config import LoopConfig
 from pipeline.core.device import native_bf16
+from pipeline.core.training import LoopConfig
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
 from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, UploadFailed, stop_on_signals
 from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate

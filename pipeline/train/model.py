@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from pipeline.core.config import FinetuneConfig, ModelConfig
 from pipeline.core.files import sha256_file
+from pipeline.core.training import FinetuneConfig, ModelConfig
 from realtime.bundle_format import base_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
