@@ -10,7 +10,7 @@ Phases over `--items` files (`pipeline.data.base._folder_jobs`, `pipeline.core.i
                   so this is the driver's own cost, not MIDI parsing or file creation)
   index_load      the next run opens the index: journal replayed, snapshot written
   cached_rerun    nothing changed: every item checked fresh (key + output exists) and reported cached
-Windows over `--pieces` synthetic sequences of ~`--tokens` ids (`pipeline.data.tokenize._write_split`):
+Windows over `--pieces` synthetic sequences of ~`--tokens` ids (`pipeline.data.windows._write_split`):
   streamed (memory-mapped, the stage's writer) vs in_memory (the former np.concatenate + np.save), same bytes.
 """
 
@@ -93,7 +93,7 @@ def bench_index(root: Path, out_dir: Path, n: int) -> dict[str, Any]:
 
 def bench_windows(work: Path, pieces: int, tokens: int) -> dict[str, Any]:
     from pipeline.core.config import TokenizeConfig
-    from pipeline.data.tokenize import _framed, _write_split, window_ids
+    from pipeline.data.windows import _framed, _write_split, window_ids
 
     rng = np.random.default_rng(0)
     seqs = []

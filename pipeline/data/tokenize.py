@@ -35,13 +35,13 @@ from pipeline.core.files import (
     read_json,
     sha256_file,
     sha256_text,
-    windows_dir,
     write_json,
 )
 from pipeline.core.items import ItemIndex, ItemResult, Job, StageReport, raise_if_all_failed, run_jobs
 from pipeline.data.note_lengths import length_counts, length_stats, merge_counts
 from pipeline.data.roundtrip import roundtrip_counts
 from pipeline.data.split import load_split, style_splits
+from pipeline.data.windows import write_windows
 from realtime.bundle_format import SPECIAL_TOKENS, load_tokenizer, special_ids  # one loader, one id convention
 
 STAGE_VERSION = "2"  # bump when the per-piece encoding changes, to invalidate the cache
@@ -235,24 +235,6 @@ def encode_file(tokenizer: miditok.MusicTokenizer, path: Path) -> tuple[np.ndarr
     return ids, {**roundtrip_counts(tokenizer, score, decoded), "note_lengths": length_counts(decoded)}
 
 
-def n_windows(n_ids: int, max_seq_len: int, overlap: int) -> int:
-    """Windows `window_ids` cuts from `n_ids` ids: 1 + ceil((n - L) / (L - overlap)) for n > L, else 1."""
-    return 1 + max(0, -(-(n_ids - max_seq_len) // (max_seq_len - overlap)))
-
-
-def window_ids(ids: np.ndarray, max_seq_len: int, overlap: int, pad_id: int) -> np.ndarray:
-    """Cut one sequence into windows of `max_seq_len` sharing `overlap` tokens; the last is PAD-padded.
-
-    Returns:
-        int32 (n_windows, max_seq_len), `n_windows(len(ids), ...)` rows.
-    """
-    stride = max_seq_len - overlap
-    count = n_windows(len(ids), max_seq_len, overlap)
-    padded = np.full((count - 1) * stride + max_seq_len, pad_id, dtype=np.int32)
-    padded[: len(ids)] = ids
-    return np.lib.stride_tricks.sliding_window_view(padded, max_seq_len)[::stride].copy()
-
-
 # ---------------------------------------------------------------- driver
 
 
@@ -325,46 +307,6 @@ def encode_items(items: list[Item], out_dir: Path, report: StageReport, workers:
 def _save_npy(dest: Path, array: np.ndarray) -> None:
     with atomic_path(dest) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-
-
-def write_windows(items: list[Item], done: dict, out_dir: Path, tc: TokenizeConfig, ids: dict[str, int]) -> dict:
-    """Write every corpus's `<split>.npy` (base, and each style's; empty ones too). Returns per-split counts."""
-    counts = {}
-    for style in dict.fromkeys([None, *(i.style for i in items if i.style)]):
-        folder = windows_dir(out_dir, style)
-        for split in C.SPLITS:
-            chosen = [i for i in items if i.style == style and i.split == split and i.key in done]
-            seqs = [out_dir / done[i.key]["outputs"][0] for i in chosen]
-            rel = folder.relative_to(out_dir).as_posix()
-            counts[f"{rel}/{split}"] = _write_split(folder / f"{split}.npy", seqs, tc, ids)
-    return counts
-
-
-def _write_split(dest: Path, seqs: list[Path], tc: TokenizeConfig, ids: dict[str, int]) -> dict:
-    """Stream the pieces' windows into one int32 (n_windows, max_seq_len) `.npy`, memory-mapped while written.
-
-    Memory is one piece's windows, not the corpus's (a base corpus of thousands of hours is GBs of windows); the
-    file is the same bytes `np.save` would write, and training reads it memory-mapped (`TokenWindows`).
-    """
-    lengths = [len(np.load(p, mmap_mode="r")) + 2 for p in seqs]  # + BOS, EOS; reads only the headers
-    rows = [n_windows(n, tc.max_seq_len, tc.overlap) for n in lengths]
-    with atomic_path(dest) as tmp:
-        if not sum(rows):  # numpy cannot map zero bytes
-            np.save(tmp, np.zeros((0, tc.max_seq_len), dtype=np.int32))
-        else:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(sum(rows), tc.max_seq_len))
-            start = 0
-            for path, count in zip(seqs, rows, strict=True):
-                out[start : start + count] = window_ids(_framed(np.load(path), ids), tc.max_seq_len, tc.overlap,
-                                                        ids["pad_id"])  # fmt: skip
-                start += count
-            out.flush()
-            del out  # unmapped before the rename
-    return {"pieces": len(seqs), "tokens": sum(lengths), "windows": sum(rows)}
-
-
-def _framed(seq: np.ndarray, ids: dict[str, int]) -> np.ndarray:
-    return np.concatenate([[ids["bos_id"]], seq, [ids["eos_id"]]]).astype(np.int32)
 
 
 def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageReport:

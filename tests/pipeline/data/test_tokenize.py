@@ -22,8 +22,8 @@ from pipeline.data.tokenize import (
     load_tokenizer,
     make_tokenizer,
     roundtrip_counts,
-    window_ids,
 )
+from pipeline.data.windows import window_ids
 
 TPQ = 480
 # Distinctive pitch sets per piece: windows can be traced back to the pieces they came from.
@@ -307,7 +307,7 @@ def test_each_style_gets_its_own_windows(tmp_path):
 
 def test_windows_are_streamed_into_the_bytes_np_save_writes(tmp_path):
     from pipeline.core.config import TokenizeConfig
-    from pipeline.data.tokenize import _framed, _write_split, n_windows
+    from pipeline.data.windows import _framed, _write_split, n_windows
 
     rng = np.random.default_rng(0)
     seqs = []
