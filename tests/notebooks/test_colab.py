@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.train.test_model import tiny_cfg, write_base_bundle, write_params, write_token_data
+from tests.pipeline.train.test_model import write_project
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -28,10 +28,7 @@ ADAPTER = Path("data/finetune/bundle/adapters/style/adapter_model.safetensors")
 
 def _project(root: Path) -> Path:
     """A DVC project folder with token data, a base bundle and params (what the data stages would leave)."""
-    root.mkdir()
-    write_token_data(root / "data")
-    write_base_bundle(tiny_cfg(root, **OVER), seed=0)
-    write_params(root, **OVER)
+    write_project(root, **OVER)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=env)
     return root

@@ -112,6 +112,16 @@ def write_base_bundle(cfg: Config, seed: int = 0) -> Path:
     return out
 
 
+def write_project(root: Path, **over: dict) -> Path:
+    """A new project folder `root` as the stages before fine-tuning leave it: token data, an untrained base bundle
+    and params.yaml, all with the TINY params and `over` merged in."""
+    root.mkdir()
+    write_token_data(root / "data")
+    write_base_bundle(tiny_cfg(root, **over), seed=0)
+    write_params(root, **over)
+    return root
+
+
 # ---- tests ------------------------------------------------------------------------------------------------------
 
 

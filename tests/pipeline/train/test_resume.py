@@ -19,19 +19,12 @@ from safetensors.torch import load_file
 
 from pipeline.core.constants import EXIT_PREEMPTED
 from tests.pipeline.train.test_checkpoint import moto_s3
-from tests.pipeline.train.test_model import tiny_cfg, write_base_bundle, write_params, write_token_data
+from tests.pipeline.train.test_model import tiny_cfg, write_params, write_project, write_token_data
 
 REPO = Path(__file__).resolve().parents[3]
 STEPS = 16  # optimizer steps; checkpoints every 4
 OVER = {"finetune": {"max_steps": STEPS, "eval_every": 4}, "checkpoint": {"every_steps": 4}}
 ADAPTER = Path("data/finetune/bundle/adapters/style/adapter_model.safetensors")
-
-
-def _prepare(root: Path) -> None:
-    root.mkdir()
-    write_token_data(root / "data")
-    write_base_bundle(tiny_cfg(root, **OVER), seed=0)
-    write_params(root, **OVER)
 
 
 def _launch(root: Path) -> subprocess.Popen:
@@ -73,8 +66,8 @@ def _history(root: Path) -> tuple[list, dict[str, list[tuple[int, float]]]]:
 
 def test_sigterm_and_sigkill_resume_exactly(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    _prepare(straight)
-    _prepare(broken)
+    write_project(straight, **OVER)
+    write_project(broken, **OVER)
     reference = _launch(straight)  # runs beside the interrupted chain
 
     rc, log = _signal_at(_launch(broken), rf"step 3/{STEPS}", signal.SIGTERM)
