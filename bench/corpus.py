@@ -20,9 +20,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import struct
-import tempfile
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -31,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python bench/corpus.py`: bench.scratch and pipeline from this checkout
 PER = 10_000  # figures are also given per this many items
 
 
@@ -130,8 +131,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8000, help="mean ids per piece (a few minutes of piano)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     args = ap.parse_args()
-    work = args.dir or Path(tempfile.mkdtemp(prefix="jam-corpus-"))
-    try:
+    from bench.scratch import scratch_dir
+
+    with scratch_dir(args.dir, "jam-corpus-") as work:
         t0 = time.perf_counter()
         make_folder(work / "folder", args.items)
         made_s = time.perf_counter() - t0
@@ -145,9 +147,6 @@ def main() -> None:
             "windows": bench_windows(work / "windows", args.pieces, args.tokens),
         }
         print(json.dumps(result, indent=2))
-    finally:
-        if args.dir is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

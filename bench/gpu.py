@@ -22,7 +22,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -150,12 +149,12 @@ def main() -> None:
     for key, value in {"HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():  # fmt: skip
         os.environ.setdefault(key, value)
+    from bench.scratch import scratch_dir
     from pipeline.core.config import load_config
 
     steps = 2 if args.dry_run else args.steps
-    root = args.keep or Path(tempfile.mkdtemp(prefix="jam-gpu-"))
-    started = time.perf_counter()
-    try:
+    with scratch_dir(args.keep, "jam-gpu-") as root:
+        started = time.perf_counter()
         tree = yaml.safe_load((REPO / "params-gpu.yaml").read_text())
         defaults = load_config(REPO / "params.yaml")
         style = next(iter(defaults.styles))
@@ -181,9 +180,6 @@ def main() -> None:
         result["latency"] = latency(cfg.stage_dir("finetune") / "bundle")
         result["wall_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps(result, indent=2))
-    finally:
-        if args.keep is None:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
