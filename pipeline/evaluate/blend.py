@@ -23,9 +23,19 @@ MIN_SPAN = 0.5  # share attributed to A at weight 1 minus at weight 0, at least,
 
 def blend_problem(rows: list[dict[str, float]]) -> str | None:
     """Why a blend curve does not move with its weight (None: it does): the share attributed to A must not fall as
-    the weight on A rises, and must rise by at least MIN_SPAN from one end to the other."""
-    shares = [r["share"] for r in sorted(rows, key=lambda r: r["weight"])]
-    falls = [f"{a:.2f} -> {b:.2f}" for a, b in itertools.pairwise(shares) if b < a]
+    the weight on A rises, and must rise by at least MIN_SPAN from one end to the other.
+
+    A fall counts when it leaves the 95 % bootstrap interval of the later share (`ci_high` below the earlier
+    share): the shares are estimated from a few dozen samples each, so a dip within that interval is sampling
+    noise, not a blend moving the wrong way. Rows without CIs are taken as exact.
+    """
+    ordered = sorted(rows, key=lambda r: r["weight"])
+    shares = [r["share"] for r in ordered]
+    falls = [
+        f"{a['share']:.2f} -> {b['share']:.2f}"
+        for a, b in itertools.pairwise(ordered)
+        if b.get("ci_high", b["share"]) < a["share"]
+    ]
     if falls:
         return f"attribution falls as the weight rises ({', '.join(falls)})"
     if shares[-1] - shares[0] < MIN_SPAN:

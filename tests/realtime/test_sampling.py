@@ -91,3 +91,17 @@ def test_no_note_ends_at_its_onset():
     g = GrammarProcessor(ops, pad_id=0, bos_id=1, eos_id=2, model_vocab=len(ops))
     g.prepare(pending_velocity=False, leading=False, allow_eos=False, just_started=[60], sounding=[60, 62])
     assert allowed(g) == {5, 7, 9}  # NoteOff_60 right after its NoteOn, and the id 8 holding an empty note
+
+
+def test_a_note_off_of_a_silent_pitch_gives_its_probability_to_the_sounding_notes_offs():
+    """The chance that some note ends is the model's: only *which* note ends is corrected."""
+    g = grammar()
+    logits = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.5, 0.2, 1.5, 0.0]])
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, sounding=[60])
+    probs = torch.softmax(g(None, logits), dim=-1)[0]
+    raw = torch.softmax(logits[0, [5, 6, 7]], dim=-1)  # TimeShift, NoteOff_60, NoteOff_62 (60 is held: no NoteOn)
+    assert torch.allclose(probs[[5, 6]], torch.stack([raw[0], raw[1] + raw[2]]))
+    assert probs[7] == 0  # NoteOff_62 ends nothing
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False)  # nothing sounds: nothing to give it to
+    probs = torch.softmax(g(None, logits), dim=-1)[0]
+    assert torch.allclose(probs[[3, 5]], torch.softmax(logits[0, [3, 5]], dim=-1))

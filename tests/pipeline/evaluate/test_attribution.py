@@ -74,3 +74,8 @@ def test_a_blend_must_move_attribution_with_its_weight():
     assert blend_problem(rows(0.0, 0.12, 0.67, 0.79, 0.92)) is None  # the demo model, measured
     assert "falls as the weight rises (0.67 -> 0.60)" in blend_problem(rows(0.0, 0.67, 0.6, 0.9))
     assert "moves 0.30 from one end" in blend_problem(rows(0.4, 0.5, 0.7))  # the prompt, not the weight, decides
+    noisy = rows(0.0, 0.2, 0.15, 0.6, 0.9)
+    noisy[2]["ci_high"] = 0.3  # the dip lies within the later share's 95 % interval: sampling noise
+    assert blend_problem(noisy) is None
+    noisy[2]["ci_high"] = 0.18
+    assert "falls as the weight rises (0.20 -> 0.15)" in blend_problem(noisy)
