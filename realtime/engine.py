@@ -99,6 +99,7 @@ class Engine:
         sampling: Sampling | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_note_beats: float | None = None,
+        max_polyphony: int | None = None,
     ):
         self.model = model if isinstance(model, LeanLlama) else LeanLlama.from_module(model)
         self.codec = codec
@@ -106,6 +107,7 @@ class Engine:
         self.sampling = sampling or Sampling()
         self.clock = clock
         self.max_note_beats = max_note_beats
+        self.max_polyphony = max_polyphony  # no model note starts while this many sound (None: no limit)
         self.generator = torch.Generator(device="cpu")
         self.reseed(self.sampling.seed)
         vocab = self.model.shape.vocab
@@ -195,6 +197,8 @@ class Engine:
         pending = state.decoder.pending_pitch is not None
         overdue, budget, fresh = ([], None, []) if pending else self._note_budget(state)
         sounding = state.model_open[-1] if state.model_open else {}
+        if self.max_polyphony is not None and sum(map(len, sounding.values())) >= self.max_polyphony:
+            strikes = False  # the polyphony rule: a note must end (or time pass) before another starts
         self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh, sounding, strikes)
         return sample_token(state.logits, self.processors, self.generator), bool(overdue)
 

@@ -41,7 +41,9 @@ def make_engine(bundle: Bundle, settings: JamSettings) -> Engine:
     sampling = Sampling(settings.temperature, settings.top_p, settings.top_k, settings.seed)
     max_len = min(settings.max_seq_len or bundle.max_seq_len, bundle.max_seq_len)
     max_note = settings.max_note_beats or bundle.max_note_beats
-    return Engine(bundle.model, TokenCodec(bundle.tokenizer), max_len, sampling, max_note_beats=max_note)
+    poly = settings.max_polyphony or bundle.max_polyphony
+    codec = TokenCodec(bundle.tokenizer)
+    return Engine(bundle.model, codec, max_len, sampling, max_note_beats=max_note, max_polyphony=poly)
 
 
 def _sigterm_as_interrupt() -> Callable[[], None]:

@@ -115,6 +115,12 @@ class RealtimeSettings(BaseModel):
         description="Beats; decoding forces a model note's NoteOff once it has sounded this long. "
         "None: the bundle's (the training corpus's 99.5th percentile note length).",
     )
+    max_polyphony: int | None = Field(
+        None,
+        ge=1,
+        description="Model notes sounding at once, at most: no note starts while this many sound. "
+        "None: the bundle's (the training corpus's 99.5th percentile of notes sounding at an onset).",
+    )
     max_note_s: float = Field(
         10.0,
         gt=0,

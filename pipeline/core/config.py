@@ -163,7 +163,8 @@ class TokenizeConfig(Section):
     bpe_max_files: int = Field(400, ge=1)  # files sampled (seeded) to train BPE; bounds its time
     bpe_max_tokens_per_file: int = Field(4096, ge=1)  # base tokens per file fed to BPE training; bounds its time
     # share of training notes (style + base train) at most `max_note_beats` long; the note-ending rule forces a
-    # NoteOff past it, so 0.995 leaves the corpus's own long notes alone and ends only the model's runaways
+    # NoteOff past it, so 0.995 leaves the corpus's own long notes alone and ends only the model's runaways; the same
+    # quantile of the notes sounding at an onset is the polyphony rule's `max_polyphony`
     note_length_quantile: float = Field(0.995, gt=0, le=1)
 
     @field_validator("beat_res")

@@ -1,8 +1,9 @@
-"""Note lengths of a corpus as its tokens carry them: the note-ending rule's limit comes from here.
+"""Note lengths and polyphony of a corpus as its tokens carry them: the decoding rules' limits come from here.
 
-Each encoded piece reports a sparse histogram of its decoded note lengths on a 1/8-beat grid (`length_counts`,
-item stats of the tokenize stage); the stage merges the training pieces' histograms and reports a high quantile
-(`tokenize.note_length_quantile`) as `max_note_beats`, which the training stages write into bundle.json.
+Each encoded piece reports sparse histograms of its decoded note lengths on a 1/8-beat grid (`length_counts`) and
+of the notes sounding at each of its onsets (`polyphony_counts`), item stats of the tokenize stage; the stage merges
+the training pieces' histograms and reports high quantiles (`tokenize.note_length_quantile`) as `max_note_beats` and
+`max_polyphony`, which the training stages write into bundle.json for the runner's note-ending and polyphony rules.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+import numpy as np
 from symusic import Score
 
 BINS_PER_BEAT = 8  # histogram resolution: the tokenizer's finest grid with the default beat_res
@@ -22,6 +24,15 @@ def length_counts(score: Score) -> dict[str, int]:
     return dict(counts)
 
 
+def polyphony_counts(score: Score) -> dict[str, int]:
+    """Count of onsets per number of notes sounding there (the new ones included) over every track of `score`."""
+    starts = np.sort([n.start for track in score.tracks for n in track.notes])
+    ends = np.sort([n.end for track in score.tracks for n in track.notes])
+    onsets = np.unique(starts)
+    sounding = np.searchsorted(starts, onsets, side="right") - np.searchsorted(ends, onsets, side="right")
+    return {str(k): int(v) for k, v in zip(*np.unique(sounding, return_counts=True), strict=True)}
+
+
 def merge_counts(histograms: Iterable[dict[str, int]]) -> dict[int, int]:
     """Sum sparse histograms (missing ones, from older cache entries, count as empty)."""
     total: Counter = Counter()
@@ -30,8 +41,8 @@ def merge_counts(histograms: Iterable[dict[str, int]]) -> dict[int, int]:
     return dict(total)
 
 
-def quantile_beats(counts: dict[int, int], q: float) -> float | None:
-    """The smallest length (beats) at or below which a share `q` of the notes lie; None without notes."""
+def quantile_bin(counts: dict[int, int], q: float) -> int | None:
+    """The smallest bin at or below which a share `q` of the counts lie; None without counts."""
     n = sum(counts.values())
     if not n:
         return None
@@ -39,8 +50,14 @@ def quantile_beats(counts: dict[int, int], q: float) -> float | None:
     for bin_, count in sorted(counts.items()):
         seen += count
         if seen >= q * n:
-            return bin_ / BINS_PER_BEAT
-    return max(counts) / BINS_PER_BEAT
+            return bin_
+    return max(counts)
+
+
+def quantile_beats(counts: dict[int, int], q: float) -> float | None:
+    """The smallest length (beats) at or below which a share `q` of the notes lie; None without notes."""
+    bin_ = quantile_bin(counts, q)
+    return None if bin_ is None else bin_ / BINS_PER_BEAT
 
 
 def length_stats(counts: dict[int, int], q: float) -> dict[str, float | int | None]:
@@ -52,4 +69,17 @@ def length_stats(counts: dict[int, int], q: float) -> dict[str, float | int | No
         "quantile": q,
         "max_note_beats": quantile_beats(counts, q),
         "longest_beats": max(counts) / BINS_PER_BEAT if counts else None,
+    }
+
+
+def polyphony_stats(counts: dict[int, int], q: float) -> dict[str, float | int | None]:
+    """What the tokenize report says about notes sounding at an onset: `max_polyphony` is the `q` quantile."""
+    n = sum(counts.values())
+    return {
+        "onsets": n,
+        "mean": round(sum(k * v for k, v in counts.items()) / n, 3) if n else None,
+        "p50": quantile_bin(counts, 0.5),
+        "quantile": q,
+        "max_polyphony": quantile_bin(counts, q),
+        "most": max(counts) if counts else None,
     }

@@ -38,13 +38,13 @@ from pipeline.core.files import (
     write_json,
 )
 from pipeline.core.items import ItemIndex, ItemResult, Job, StageReport, raise_if_all_failed, run_jobs
-from pipeline.data.note_lengths import length_counts, length_stats, merge_counts
+from pipeline.data.note_lengths import length_counts, length_stats, merge_counts, polyphony_counts, polyphony_stats
 from pipeline.data.roundtrip import roundtrip_counts
 from pipeline.data.split import load_split, style_splits
 from pipeline.data.windows import write_windows
 from realtime.bundle_format import SPECIAL_TOKENS, load_tokenizer, special_ids  # one loader, one id convention
 
-STAGE_VERSION = "2"  # bump when the per-piece encoding changes, to invalidate the cache
+STAGE_VERSION = "3"  # bump when the per-piece encoding or its stats change, to invalidate the cache (3: polyphony)
 TOKENIZER_NAME = "tokenizer.json"
 VOCAB_META_NAME = "vocab.json"
 CACHE_DIR = "cache"
@@ -227,12 +227,13 @@ def encode_file(tokenizer: miditok.MusicTokenizer, path: Path) -> tuple[np.ndarr
 
     Returns:
         (ids without BOS/EOS, `roundtrip_counts` of encode -> decode plus `note_lengths`: the decoded notes'
-        length histogram, `note_lengths.length_counts`).
+        length histogram, `note_lengths.length_counts`, and `polyphony`: `note_lengths.polyphony_counts`).
     """
     score = load_piano_score(path)
     ids = encode_score(tokenizer, score)
     decoded = decode_ids(tokenizer, ids)
-    return ids, {**roundtrip_counts(tokenizer, score, decoded), "note_lengths": length_counts(decoded)}
+    counts = {"note_lengths": length_counts(decoded), "polyphony": polyphony_counts(decoded)}
+    return ids, {**roundtrip_counts(tokenizer, score, decoded), **counts}
 
 
 # ---------------------------------------------------------------- driver
@@ -325,8 +326,10 @@ def run_tokenize(cfg: Config, inputs: dict[str, Path], out_dir: Path) -> StageRe
     counts = write_windows(items, done, out_dir, cfg.tokenize, ids)
     report.outputs = len(counts)
     report.stats = _stats(cfg.tokenize, tokenizer, ids, bpe_stats, done, counts)
-    train = [done[i.key]["stats"].get("note_lengths") for i in items if i.split == "train" and i.key in done]
-    report.stats["note_lengths"] = length_stats(merge_counts(train), cfg.tokenize.note_length_quantile)
+    train = [done[i.key]["stats"] for i in items if i.split == "train" and i.key in done]
+    q = cfg.tokenize.note_length_quantile
+    report.stats["note_lengths"] = length_stats(merge_counts(t.get("note_lengths") for t in train), q)
+    report.stats["polyphony"] = polyphony_stats(merge_counts(t.get("polyphony") for t in train), q)
     report.stats["tokenizer_sha256"] = sha256_file(out_dir / TOKENIZER_NAME)  # logged by training runs
     report.finish(out_dir, section_json(cfg.tokenize))
     raise_if_all_failed(report)

@@ -57,8 +57,10 @@ def make_engine(model, tokenizer, cfg: Config, meta: dict, max_len: int) -> Engi
     """The runner's engine over `model` with `jam play`'s sampling controls and note limit."""
     rt = cfg.realtime
     note_limit = rt.max_note_beats or meta.get("max_note_beats") or RC.DEFAULT_MAX_NOTE_BEATS
+    poly = rt.max_polyphony or meta.get("max_polyphony")
     sampling = Sampling(rt.temperature, rt.top_p, rt.top_k)
-    return Engine(model, TokenCodec(tokenizer), max_len, sampling, max_note_beats=float(note_limit))
+    limits = {"max_note_beats": float(note_limit), "max_polyphony": int(poly) if poly else None}
+    return Engine(model, TokenCodec(tokenizer), max_len, sampling, **limits)
 
 
 def continue_prompt(engine: Engine, prompt: list[int], n_tokens: int, seed: int, tempo_bpm: float) -> list[int]:

@@ -44,7 +44,7 @@ from pipeline.registry.tracking import BASE_RUN_TAG, STYLE_TAG
 from realtime.bundle_format import BundleError, load_tokenizer, read_bundle
 
 STAGE = "evaluate"
-EVAL_VERSION = "3"  # bump when a metric changes, to re-evaluate every run (3: styles, shared prompts, attribution)
+EVAL_VERSION = "4"  # bump when a metric or the sampler changes, to re-evaluate every run (4: NoteOff mass, polyphony)
 
 __all__ = ["EvaluateError", "run_evaluate"]
 
@@ -77,7 +77,7 @@ class ModelEval:
 def eval_key(cfg: Config, data: EvalData) -> str:
     """Hash of everything an evaluation depends on besides the model: params (the runner's sampling controls and
     note limit included), test data, metric code version."""
-    rt = cfg.realtime.model_dump(include={"temperature", "top_p", "top_k", "max_note_beats"})
+    rt = cfg.realtime.model_dump(include={"temperature", "top_p", "top_k", "max_note_beats", "max_polyphony"})
     return sha256_text(section_json(cfg.evaluate), json.dumps(rt, sort_keys=True), data.key, EVAL_VERSION)[:16]
 
 

@@ -51,12 +51,15 @@ def up_to_date(stage: str, out_dir: Path, fingerprint: str, bundle_dir: Path) ->
 def bundle_meta(cfg: Config, result: TrainResult | None, tokenizer: Path, **extra: object) -> dict[str, object]:
     """bundle.json keys besides the layout: playback defaults, the run, its step and final metrics, the config.
 
-    `max_note_beats` (the note-ending rule's limit) is the tokenize report's quantile of the training corpus's
-    note lengths, read beside `tokenizer` (left out when that report predates it: the runner's default applies).
+    `max_note_beats` and `max_polyphony` (the note-ending and polyphony rules' limits) are the tokenize report's
+    quantiles of the training corpus's note lengths and of the notes sounding at an onset, read beside `tokenizer`
+    (each left out when that report predates it: the runner's default applies).
     """
     done = {"source_run_id": result.run_id, "step": result.step, "metrics": result.metrics} if result else {}
-    lengths = ((read_json(tokenizer.parent / C.REPORT_NAME) or {}).get("stats") or {}).get("note_lengths") or {}
-    note = {"max_note_beats": lengths["max_note_beats"]} if lengths.get("max_note_beats") else {}
+    stats = (read_json(tokenizer.parent / C.REPORT_NAME) or {}).get("stats") or {}
+    limits = {"max_note_beats": (stats.get("note_lengths") or {}).get("max_note_beats"),
+              "max_polyphony": (stats.get("polyphony") or {}).get("max_polyphony")}  # fmt: skip
+    note = {k: v for k, v in limits.items() if v}
     return {"tempo_bpm": cfg.finetune.tempo_bpm, "max_seq_len": cfg.tokenize.max_seq_len, "source_run_id": "",
             **note, "config": cfg.model_dump(mode="json"), **done, **extra}  # fmt: skip
 

@@ -162,6 +162,23 @@ def test_every_model_note_ends_within_the_limit(engine, seed):
         assert all((state.cursor - t) * 2.0 <= 1.0 + slack + 1e-6 for t in times), pitch
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_no_more_model_notes_sound_than_the_polyphony_limit(engine, seed):
+    """The polyphony rule: no note starts while `max_polyphony` model notes sound (an id may strike several: BPE)."""
+    engine.max_polyphony = 2
+    engine.reseed(seed)
+    state = engine.start(0.0, 120.0)
+    play_phrase(engine, state, seed=seed)
+    state, out = engine.generate_chunk(state, ChunkContext(until=state.cursor + 10.0, max_tokens=120))
+    strikes_per_id = max(sum(op[0] == "on" for op in ops) for ops in engine.codec.ops)
+    sounding, most = 0, 0
+    for event in out.events:
+        sounding += {"on": 1, "off": -1}.get(event.kind, 0)
+        most = max(most, sounding)
+    assert sum(e.kind == "on" for e in out.events) > 2  # it played
+    assert most <= 2 + strikes_per_id - 1
+
+
 def test_prompt_start_keeps_human_notes_open_and_ends_at_now(engine):
     ids = engine.codec.encode([*engine.codec.prefix_tokens, "NoteOn_60", "Velocity_63", "TimeShift_1.0.8"])
     state = engine.start(5.0, 120.0, prompt=ids)

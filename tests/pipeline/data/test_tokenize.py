@@ -171,6 +171,9 @@ def test_run_writes_windows_and_report(built):
     lengths = stats["note_lengths"]  # the note-ending rule's limit: a high quantile of the train notes' lengths
     assert lengths["notes"] > 0 and lengths["quantile"] == 0.995
     assert 0 < lengths["p50_beats"] <= lengths["max_note_beats"] <= lengths["longest_beats"]
+    poly = stats["polyphony"]  # the polyphony rule's limit: the same quantile of the notes sounding at an onset
+    assert poly["onsets"] > 0 and poly["quantile"] == 0.995
+    assert 1 <= poly["p50"] <= poly["max_polyphony"] <= poly["most"]
     base_vocab = len(make_tokenizer(cfg.tokenize))
     assert base_vocab < stats["vocab_size"] <= 420
     for corpus in ("style/solo", "base"):

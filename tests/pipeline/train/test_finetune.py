@@ -54,6 +54,7 @@ def test_pretrain_then_finetune_bundle_in_mlflow(tmp_path):
     assert info["config"]["finetune"]["lora_r"] == 4 and info["config"] == cfg.model_dump(mode="json")
     tok_report = json.loads((cfg.stage_dir("tokenize") / "report.json").read_text())
     assert info["max_note_beats"] == tok_report["stats"]["note_lengths"]["max_note_beats"] > 0  # for the runner
+    assert info["max_polyphony"] == tok_report["stats"]["polyphony"]["max_polyphony"] >= 1
     fingerprints = base_report.stats["fingerprint"][:8], report.stats["style"]["fingerprint"][:8]
     assert base_run.info.run_name == f"pretrain-{fingerprints[0]}"
     assert run.info.run_name == f"finetune-style-r4-{fingerprints[1]}"

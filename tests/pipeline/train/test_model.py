@@ -91,7 +91,8 @@ def write_token_data(
     (tok / "tokenizer.json").write_text(json.dumps({"synthetic": True, "vocab_size": vocab.size}))
     stats = {"vocab_size": vocab.size, "pad_id": vocab.pad_id, "bos_id": vocab.bos_id, "eos_id": vocab.eos_id,
              "kind": "MIDILike", "max_seq_len": SEQ, "overlap": 8, "tokenizer_sha256": "0" * 64,
-             "note_lengths": {"notes": 100, "quantile": 0.995, "max_note_beats": 6.0}}  # fmt: skip
+             "note_lengths": {"notes": 100, "quantile": 0.995, "max_note_beats": 6.0},
+             "polyphony": {"onsets": 80, "quantile": 0.995, "max_polyphony": 7}}  # fmt: skip
     (tok / "report.json").write_text(json.dumps({"stage": "tokenize", "stats": stats}))
     corpora = [("base", n_base, 3, 0)] + [(f"style/{name}", n_style, 5 + 2 * i, 1 + i) for i, name in enumerate(styles)]
     for corpus, n, stride, seed in corpora:
