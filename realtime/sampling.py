@@ -21,7 +21,10 @@ here, so what is evaluated is what is heard. The grammar constraint (`GrammarPro
   (median 0.5; the real pieces' 0.55 and 0.5);
 - a Velocity anywhere but right after a NoteOn (it sets nothing: the decoder drops it);
 - ids that strike a key the model still holds (a piano key sounds once; the corpus has no such overlaps, and the
-  decoder would pair the NoteOff with the newer onset, leaving a note without duration).
+  decoder would pair the NoteOff with the newer onset, leaving a note without duration). Their probability moves
+  onto that key's NoteOffs: wanting to play a held pitch again is wanting it released first. Measured on the demo's
+  classical adapter (40 samples, with the two rules above): notes 0.95 -> 0.70 beats (median 0.5 -> 0.38; the real
+  pieces' 0.58 and 0.48), 5.1 -> 4.1 sounding at an onset (real: 4.0).
 
 Processors are called directly on one (1, vocab) row, `processor(None, scores)` as transformers' are. The warpers
 are written out here (a few lines each, tested equal to transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper`
@@ -126,6 +129,8 @@ class GrammarProcessor:
         self.banned = self.no_eos
         # (ids ending no sounding note, ids ending one) this step: the first's probability moves onto the second
         self.transfer: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (k, size) masks per held pitch: (ids striking it again, ids ending it): the first's probability moves on
+        self.restrike: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def prepare(
         self,
@@ -152,7 +157,7 @@ class GrammarProcessor:
             strikes: whether an id may start a note (False: continuous mode's density cap is reached, or as many
                 model notes sound as the polyphony rule allows).
         """
-        self.transfer = None
+        self.transfer = self.restrike = None
         if pending_velocity:
             self.banned = self.vel
             return
@@ -179,6 +184,13 @@ class GrammarProcessor:
         right = useful & ~self.banned
         if bool(right.any()) and bool(wrong.any()):
             self.transfer = (wrong, right)
+        pitches = [p for p in held if p in self.strikes and p in self.ends]
+        if pitches:
+            again = torch.stack([self.strikes[p] for p in pitches])
+            release = torch.stack([self.ends[p] for p in pitches]) & ~self.banned
+            keep = release.any(dim=1) & (again & ~banned).any(dim=1)  # a held key the model may want again
+            if bool(keep.any()):
+                self.restrike = ((again & ~banned)[keep], release[keep])
 
     def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.transfer is not None:  # useful NoteOffs scaled by (P(useless) + P(useful)) / P(useful)
@@ -187,6 +199,13 @@ class GrammarProcessor:
             lse_w = torch.logsumexp(scores[..., wrong], dim=-1, keepdim=True)
             lse_r = torch.logsumexp(scores[..., right], dim=-1, keepdim=True)
             scores = torch.where(right, scores + (torch.logaddexp(lse_w, lse_r) - lse_r), scores)
+        if self.restrike is not None:  # each held pitch's NoteOffs scaled by (P(strike again) + P(end)) / P(end)
+            n = scores.shape[-1]
+            again, release = self.restrike[0][:, :n], self.restrike[1][:, :n]
+            lse_a = torch.logsumexp(scores.masked_fill(~again, float("-inf")), dim=-1, keepdim=True)  # (k, 1)
+            lse_e = torch.logsumexp(scores.masked_fill(~release, float("-inf")), dim=-1, keepdim=True)
+            gain = torch.where(release, torch.logaddexp(lse_a, lse_e) - lse_e, 0.0).amax(dim=0)  # (n,)
+            scores = scores + gain
         return scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
 
 

@@ -97,11 +97,22 @@ def test_a_note_off_of_a_silent_pitch_gives_its_probability_to_the_sounding_note
     """The chance that some note ends is the model's: only *which* note ends is corrected."""
     g = grammar()
     logits = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.5, 0.2, 1.5, 0.0]])
-    g.prepare(pending_velocity=False, leading=False, allow_eos=False, sounding=[60])
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, sounding=[62])
     probs = torch.softmax(g(None, logits), dim=-1)[0]
-    raw = torch.softmax(logits[0, [5, 6, 7]], dim=-1)  # TimeShift, NoteOff_60, NoteOff_62 (60 is held: no NoteOn)
-    assert torch.allclose(probs[[5, 6]], torch.stack([raw[0], raw[1] + raw[2]]))
-    assert probs[7] == 0  # NoteOff_62 ends nothing
+    raw = torch.softmax(logits[0, [3, 5, 6, 7]], dim=-1)  # NoteOn_60, TimeShift, NoteOff_60, NoteOff_62
+    assert torch.allclose(probs[[3, 5, 7]], torch.stack([raw[0], raw[1], raw[3] + raw[2]]))
+    assert probs[6] == 0  # NoteOff_60 ends nothing
     g.prepare(pending_velocity=False, leading=False, allow_eos=False)  # nothing sounds: nothing to give it to
     probs = torch.softmax(g(None, logits), dim=-1)[0]
     assert torch.allclose(probs[[3, 5]], torch.softmax(logits[0, [3, 5]], dim=-1))
+
+
+def test_striking_a_held_key_again_gives_its_probability_to_that_keys_note_off():
+    """A model that wants to play a held pitch again wants it released first (a key sounds once)."""
+    g = grammar()
+    logits = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0, 0.5, 0.2, 1.5, 0.0]])
+    g.prepare(pending_velocity=False, leading=False, allow_eos=False, sounding=[60, 62])
+    probs = torch.softmax(g(None, logits), dim=-1)[0]
+    raw = torch.softmax(logits[0, [3, 5, 6, 7]], dim=-1)  # NoteOn_60 (banned: 60 is held), TimeShift, the NoteOffs
+    assert probs[3] == 0
+    assert torch.allclose(probs[[5, 6, 7]], torch.stack([raw[1], raw[2] + raw[0], raw[3]]))
