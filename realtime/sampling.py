@@ -193,20 +193,23 @@ class GrammarProcessor:
                 self.restrike = ((again & ~banned)[keep], release[keep])
 
     def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.transfer is not None:  # useful NoteOffs scaled by (P(useless) + P(useful)) / P(useful)
-            n = scores.shape[-1]
-            wrong, right = self.transfer[0][:n], self.transfer[1][:n]
-            lse_w = torch.logsumexp(scores[..., wrong], dim=-1, keepdim=True)
-            lse_r = torch.logsumexp(scores[..., right], dim=-1, keepdim=True)
-            scores = torch.where(right, scores + (torch.logaddexp(lse_w, lse_r) - lse_r), scores)
-        if self.restrike is not None:  # each held pitch's NoteOffs scaled by (P(strike again) + P(end)) / P(end)
-            n = scores.shape[-1]
-            again, release = self.restrike[0][:, :n], self.restrike[1][:, :n]
-            lse_a = torch.logsumexp(scores.masked_fill(~again, float("-inf")), dim=-1, keepdim=True)  # (k, 1)
-            lse_e = torch.logsumexp(scores.masked_fill(~release, float("-inf")), dim=-1, keepdim=True)
-            gain = torch.where(release, torch.logaddexp(lse_a, lse_e) - lse_e, 0.0).amax(dim=0)  # (n,)
-            scores = scores + gain
-        return scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
+        n = scores.shape[-1]
+        if self.transfer is not None:  # useless NoteOffs' probability onto the useful ones
+            scores = _give(scores, self.transfer[0][None, :n], self.transfer[1][None, :n])
+        if self.restrike is not None:  # each held key's strikes' probability onto its NoteOffs
+            scores = _give(scores, self.restrike[0][:, :n], self.restrike[1][:, :n])
+        return scores.masked_fill(self.banned[:n], float("-inf"))
+
+
+def _give(scores: torch.Tensor, source: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """Scale each row's `dest` ids' probabilities by (P(source) + P(dest)) / P(dest), in logits.
+
+    `scores` (1, n); `source`, `dest` (k, n) bool, each `dest` row non-empty. An id in several rows takes the
+    largest factor. The `source` ids are banned by the caller, so their probability ends up on `dest`.
+    """
+    lse_s = torch.logsumexp(scores.masked_fill(~source, float("-inf")), dim=-1, keepdim=True)  # (k, 1)
+    lse_d = torch.logsumexp(scores.masked_fill(~dest, float("-inf")), dim=-1, keepdim=True)
+    return scores + torch.where(dest, torch.logaddexp(lse_s, lse_d) - lse_d, 0.0).amax(dim=0)
 
 
 def _any_op(ops: list[tuple], kind: str, size: int) -> torch.Tensor:
