@@ -9,6 +9,10 @@ note-ending rule, which `validity_rate` and the duration/polyphony overlaps of `
 the demo: with note length and chord size among the features, every generation lay outside the real pieces' range
 (7-16 notes sounding at an onset against 3.6-3.8) and was attributed to one style, and held-out real pieces were
 attributed correctly 0.75 of the time; without them, 0.92, and each adapter's continuations to its own style.
+How well a model can score is bounded by how well the classifier knows the real player at a sample's length:
+`passage_attribution` cuts the held-out real pieces into passages as long as the model's continuations and
+reports their share, the figure a perfect imitation would get (logged beside `style_attribution`). On the demo,
+real classical passages of 14 beats were attributed to their style 0.65 of the time (whole pieces: 0.92).
 A scaled logistic regression (scikit-learn) is trained on the windows of every style's train pieces (never the
 held-out pieces the prompts come from); a piece's style is the one with the highest mean log-probability over its
 windows.
@@ -105,6 +109,28 @@ class StyleClassifier:
         """Share of `pieces` (style -> real pieces, held out from training) predicted as their own style."""
         hits = [self.predict(p) == style for style, ps in pieces.items() for p in ps]
         return float(np.mean(hits)) if hits else float("nan")
+
+
+def passages(notes: Sequence[F.Note], length_beats: float) -> list[list[F.Note]]:
+    """The piece cut into consecutive passages of `length_beats` by onset (a last one shorter than half is dropped)."""
+    if not notes or length_beats <= 0:
+        return []
+    first, last = min(n.start for n in notes), max(n.end for n in notes)
+    starts = np.arange(first, max(first, last - length_beats / 2) + 1e-9, length_beats)
+    return [[n for n in notes if a <= n.start < a + length_beats] for a in starts]
+
+
+def passage_attribution(
+    clf: StyleClassifier, pieces: Sequence[Sequence[F.Note]], style: str, length_beats: float
+) -> dict[str, float]:
+    """Share of passages of `length_beats` cut from real `pieces` of `style` that `clf` attributes to it.
+
+    Returns:
+        {"share", "passages"}; share is nan when no passage could be cut.
+    """
+    cut = [c for p in pieces for c in passages(p, length_beats)]
+    hits = [clf.predict(c) == style for c in cut]
+    return {"share": float(np.mean(hits)) if hits else float("nan"), "passages": float(len(cut))}
 
 
 def attribution(

@@ -133,6 +133,25 @@ def note_density(notes: Sequence[Note], window_beats: float) -> np.ndarray:
     return np.array([len(_onsets(g)) / length for g, length in note_windows(notes, window_beats)], float)
 
 
+DIATONIC = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1], float)  # the major scale's pitch classes (and its modes)
+KEY_MIN_NOTES = 4  # fewer notes in a window: no key to judge
+
+
+def out_of_key(notes: Sequence[Note], window_beats: float) -> np.ndarray:
+    """Per window of at least KEY_MIN_NOTES notes: the share of its notes outside the diatonic scale that holds
+    most of them (any of the 12 transpositions; natural minor and the church modes are the same sets).
+
+    Independent of key and tokenizer; a harmonic minor's leading tone or a passing chromatic note counts as out.
+    """
+    out = []
+    for group, _ in note_windows(notes, window_beats):
+        if len(group) < KEY_MIN_NOTES:
+            continue
+        pcs = np.bincount([n.pitch % 12 for n in group], minlength=12) / len(group)
+        out.append(1.0 - max(float(np.roll(DIATONIC, k) @ pcs) for k in range(12)))
+    return np.array(out, float)
+
+
 def feature_values(notes: Sequence[Note], window_beats: float = 8.0) -> dict[str, np.ndarray]:
     """Every feature's sample values for one piece (empty arrays for no notes).
 

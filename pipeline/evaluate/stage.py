@@ -29,7 +29,7 @@ from pipeline.evaluate import confidence as CI
 from pipeline.evaluate import features as F
 from pipeline.evaluate import plots
 from pipeline.evaluate import samples as S
-from pipeline.evaluate.attribution import attribution
+from pipeline.evaluate.attribution import attribution, passage_attribution
 from pipeline.evaluate.testset import EvalData, EvaluateError, load_eval_data
 from pipeline.registry.client import RunsError, mlflow_client
 from pipeline.registry.runs import (
@@ -44,7 +44,7 @@ from pipeline.registry.tracking import BASE_RUN_TAG, STYLE_TAG
 from realtime.bundle_format import BundleError, load_tokenizer, read_bundle
 
 STAGE = "evaluate"
-EVAL_VERSION = "4"  # bump when a metric or the sampler changes, to re-evaluate every run (4: NoteOff mass, polyphony)
+EVAL_VERSION = "5"  # bump when a metric or the sampler changes, to re-evaluate every run (5: real passages, key)
 
 __all__ = ["EvaluateError", "run_evaluate"]
 
@@ -154,14 +154,27 @@ def score(model, gens: Generations, data: EvalData, style: str, cfg: Config) -> 
         "style_score_ci_low": lo,
         "style_score_ci_high": hi,
         **{f"oa_{k}": v for k, v in oa.items()},
+        # tonality, beside the style score rather than in it: mean share of a window's notes out of its key
+        "out_of_key": _mean_out_of_key(gens.pieces, ec.window_beats),
+        "out_of_key_real": _mean_out_of_key(list(test.pieces.values()), ec.window_beats),
     }
     if data.classifier is not None:  # every sample counts: an undecodable one is attributed to no style
         att = attribution(data.classifier, [n or [] for n in gens.notes], style, n_boot, seed)
         metrics.update(style_attribution=att["share"], style_attribution_ci_low=att["ci_low"],
                        style_attribution_ci_high=att["ci_high"])  # fmt: skip
+        spans = [max(n.end for n in p) - min(n.start for n in p) for p in gens.pieces if p]
+        if spans:  # what real passages of the samples' length score: a perfect imitation's attribution
+            ref = passage_attribution(data.classifier, list(test.pieces.values()), style, float(np.median(spans)))
+            metrics.update(style_attribution_real=ref["share"], style_attribution_real_passages=ref["passages"])
     if data.base_windows is not None:
         metrics["base_corpus_nll"] = mean_nll(model, data.base_windows, data.pad_id, ec.batch_size)
     return ModelEval(metrics=metrics, values=values, gens=gens, nll_sums=sums, nll_counts=counts)
+
+
+def _mean_out_of_key(pieces: list[list[F.Note]], window_beats: float) -> float:
+    values = [F.out_of_key(p, window_beats) for p in pieces if p]
+    values = np.concatenate(values) if values else np.zeros(0)
+    return float(values.mean()) if values.size else float("nan")
 
 
 def _one_sample(tokenizer, ids, seed, item, i, data: EvalData, cfg: Config, out_dir: Path, tempo: float):

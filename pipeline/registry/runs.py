@@ -26,8 +26,9 @@ PARAM_COLUMNS = {"lora_r": ("lora_r", "lora.r", "r"), "steps": ("max_steps", "st
 # Training logs the whole resolved config flattened ("finetune.lora_r"); a run's own section holds its values.
 ROLE_SECTIONS = {"finetune": "finetune", "base": "pretrain"}
 # Metrics with a logged bootstrap CI (`<name>_ci_low/_high`) show it beside the value.
+# style_attribution_real: real held-out passages of the samples' length, what a perfect imitation would score
 METRIC_COLUMNS = ("test_nll", "nll_ratio", "validity_rate", "style_score", "style_attribution",
-                  "base_style_attribution", "base_corpus_nll_change")  # fmt: skip
+                  "style_attribution_real", "base_style_attribution", "base_corpus_nll_change")  # fmt: skip
 
 
 @dataclass

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from pipeline.evaluate import features as F
-from pipeline.evaluate.attribution import AttributionError, StyleClassifier, attribution, window_vectors
+from pipeline.evaluate.attribution import (
+    AttributionError,
+    StyleClassifier,
+    attribution,
+    passage_attribution,
+    passages,
+    window_vectors,
+)
 from pipeline.evaluate.blend import blend_plan, blend_problem
 
 
@@ -53,6 +60,17 @@ def test_attribution_share_and_ci(clf):
     att = attribution(clf, samples, "fiddle", n_boot=200, seed=0)
     assert att["share"] == pytest.approx(0.75) and att["ci_low"] < 0.75 < att["ci_high"] <= 1.0
     assert attribution(clf, [[]] * 4, "fiddle", 50, 0)["share"] == 0.0  # unjudgeable samples count as misses
+
+
+def test_real_passages_of_a_samples_length_give_the_reference_share(clf):
+    piece = _melody(40, beats=32)
+    cut = passages(piece, 12.0)  # 32 beats: 0-12, 12-24, 24-32 (8 beats, over half a passage: kept)
+    assert [len(c) for c in cut] == [24, 24, 16] and sum(map(len, cut)) == len(piece)
+    assert len(passages(piece, 20.0)) == 2 and passages([], 8.0) == []
+    ref = passage_attribution(clf, _set(_melody, range(40, 43)), "fiddle", 12.0)
+    assert ref == {"share": 1.0, "passages": 9.0}
+    assert passage_attribution(clf, _set(_chorale, range(40, 43)), "fiddle", 12.0)["share"] == 0.0
+    assert np.isnan(passage_attribution(clf, [], "fiddle", 12.0)["share"])
 
 
 def test_a_classifier_needs_two_styles_with_windows():

@@ -42,6 +42,15 @@ def test_windowed_range_and_density():
     assert F.note_density(notes, window_beats=100.0).tolist() == [pytest.approx(8 / 7.5)]
 
 
+def test_out_of_key_share_per_window_in_any_key():
+    assert F.out_of_key(_scale(), 8.0).tolist() == [0.0]  # C major
+    assert F.out_of_key(F.transpose(_scale(), 5), 8.0).tolist() == [0.0]  # F major: still in a key
+    chromatic = [Note(60 + i, float(i) / 2, float(i) / 2 + 0.4, 80) for i in range(12)]  # 12 pitch classes
+    assert F.out_of_key(chromatic, 8.0).tolist() == [pytest.approx(5 / 12)]  # the best scale holds 7 of 12
+    assert F.out_of_key(_chords(), 8.0).tolist() == [0.0]  # a triad and its fifth: four notes, one window
+    assert F.out_of_key(_scale()[:3], 8.0).size == 0  # too few notes for a key
+
+
 def test_feature_values_of_empty_piece_are_empty():
     values = F.feature_values([])
     assert set(values) == set(F.FEATURES)

@@ -175,6 +175,10 @@ def test_evaluate_end_to_end(world):
         "style_attribution_ci_low",
         "style_attribution_ci_high",
         "base_style_attribution",
+        "style_attribution_real",
+        "style_attribution_real_passages",
+        "out_of_key",
+        "out_of_key_real",
         "attribution_classifier_accuracy",
         *(f"oa_{f}" for f in F.FEATURES),
         *(f"base_oa_{f}" for f in F.FEATURES),
@@ -185,6 +189,8 @@ def test_evaluate_end_to_end(world):
     assert m["nll_ratio"] == pytest.approx(m["test_nll"] / m["base_test_nll"], rel=1e-6)
     assert 0.0 <= m["validity_rate"] <= 1.0 and 0.0 <= m["style_score"] <= 1.0
     assert m["style_attribution_ci_low"] <= m["style_attribution"] <= m["style_attribution_ci_high"]
+    assert 0.0 <= m["style_attribution_real"] <= 1.0 and m["style_attribution_real_passages"] >= 1
+    assert 0.0 <= m["out_of_key"] <= 1.0 and 0.0 <= m["out_of_key_real"] <= 1.0
     assert m["test_nll"] != m["base_test_nll"]  # the adapter changes the model
     assert ft.tags["jam.eval_key"] == report.stats["eval_key"]
     high = client.get_run(runs["high"]).data.metrics  # same bundle, other style: other test set, same samples
