@@ -39,8 +39,6 @@ class Bundle:
     adapters: dict[str, float] = field(default_factory=dict)  # adapter name -> weight folded in
     max_seq_len: int = 256
     tempo_bpm: float = C.DEFAULT_TEMPO_BPM
-    max_note_beats: float = C.DEFAULT_MAX_NOTE_BEATS  # the note-ending rule's limit (bundle.json, else the default)
-    max_polyphony: int | None = None  # model notes sounding at once, at most (bundle.json; None: no limit)
     load_s: float = 0.0  # seconds from load_bundle call to ready
 
     def describe(self) -> str:
@@ -244,7 +242,5 @@ def load_bundle(
         adapters=plan,
         max_seq_len=max_len,
         tempo_bpm=float(meta.get("tempo_bpm") or C.DEFAULT_TEMPO_BPM),
-        max_note_beats=float(meta.get("max_note_beats") or C.DEFAULT_MAX_NOTE_BEATS),
-        max_polyphony=int(meta["max_polyphony"]) if meta.get("max_polyphony") else None,
         load_s=time.perf_counter() - started,
     )

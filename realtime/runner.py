@@ -14,6 +14,7 @@ import torch
 
 from realtime import constants as C
 from realtime.bundle import Bundle, load_bundle
+from realtime.bundle_format import note_limits
 from realtime.codec import TokenCodec
 from realtime.engine import Engine, Sampling
 from realtime.session import JamSession
@@ -40,8 +41,7 @@ def make_engine(bundle: Bundle, settings: JamSettings) -> Engine:
     """A streaming engine over a prepared bundle with the settings' sampling controls."""
     sampling = Sampling(settings.temperature, settings.top_p, settings.top_k, settings.seed)
     max_len = min(settings.max_seq_len or bundle.max_seq_len, bundle.max_seq_len)
-    max_note = settings.max_note_beats or bundle.max_note_beats
-    poly = settings.max_polyphony or bundle.max_polyphony
+    max_note, poly = note_limits(bundle.meta, settings.max_note_beats, settings.max_polyphony)
     codec = TokenCodec(bundle.tokenizer)
     return Engine(bundle.model, codec, max_len, sampling, max_note_beats=max_note, max_polyphony=poly)
 

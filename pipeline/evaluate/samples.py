@@ -15,8 +15,7 @@ import numpy as np
 
 from pipeline.core.audio import fluidsynth_missing, render_fluidsynth
 from pipeline.core.config import Config
-from realtime import constants as RC
-from realtime.bundle_format import special_ids
+from realtime.bundle_format import note_limits, special_ids
 from realtime.codec import TokenCodec
 from realtime.engine import ChunkContext, Engine, Sampling
 
@@ -56,11 +55,9 @@ def make_prompts(tokenizer, paths: dict[str, Path], prompt_tokens: int) -> tuple
 def make_engine(model, tokenizer, cfg: Config, meta: dict, max_len: int) -> Engine:
     """The runner's engine over `model` with `jam play`'s sampling controls and note limit."""
     rt = cfg.realtime
-    note_limit = rt.max_note_beats or meta.get("max_note_beats") or RC.DEFAULT_MAX_NOTE_BEATS
-    poly = rt.max_polyphony or meta.get("max_polyphony")
+    max_note, poly = note_limits(meta, rt.max_note_beats, rt.max_polyphony)
     sampling = Sampling(rt.temperature, rt.top_p, rt.top_k)
-    limits = {"max_note_beats": float(note_limit), "max_polyphony": int(poly) if poly else None}
-    return Engine(model, TokenCodec(tokenizer), max_len, sampling, **limits)
+    return Engine(model, TokenCodec(tokenizer), max_len, sampling, max_note_beats=max_note, max_polyphony=poly)
 
 
 def continue_prompt(engine: Engine, prompt: list[int], n_tokens: int, seed: int, tempo_bpm: float) -> list[int]:

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from realtime.bundle import BundleError, adapter_plan, load_bundle, load_model, resolve_bundle
-from realtime.bundle_format import read_bundle, write_bundle
+from realtime.bundle_format import note_limits, read_bundle, write_bundle
 from realtime.lora import UnsupportedAdapter, adapter_deltas, blend_deltas, merge_adapters
 
 X = torch.tensor([[1, 40, 41, 200, 300, 7]])
@@ -77,6 +77,13 @@ def test_adapter_plan_defaults_blends_and_normalizes():
 def lean_logits(model) -> torch.Tensor:
     """The runner's forward over X (prefill, all positions)."""
     return model.forward(X[0].tolist(), model.new_cache(), keep=X.shape[1])
+
+
+def test_note_limits_take_the_override_then_the_bundle_then_the_default():
+    meta = {"max_note_beats": 3.5, "max_polyphony": 9}
+    assert note_limits(meta) == (3.5, 9)
+    assert note_limits(meta, max_note_beats=6.0, max_polyphony=4) == (6.0, 4)
+    assert note_limits({}) == (8.0, None)  # an older bundle: the default limit, no polyphony rule
 
 
 def test_load_bundle_folds_the_default_adapter(tiny_bundle_master):
