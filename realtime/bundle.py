@@ -111,6 +111,19 @@ def adapter_plan(meta: dict, adapters: dict[str, float] | None, normalize: bool)
     return plan
 
 
+def note_limits(
+    meta: dict[str, Any], max_note_beats: float | None = None, max_polyphony: int | None = None
+) -> tuple[float, int | None]:
+    """The note rules' limits for a bundle: (beats a model note may sound, model notes sounding at once or None).
+
+    Each is the override where given (`realtime.max_note_beats` / `max_polyphony`), else bundle.json's (the training
+    corpus's quantiles), else DEFAULT_MAX_NOTE_BEATS / no limit. The runner and evaluation both ask here.
+    """
+    beats = max_note_beats or meta.get("max_note_beats") or C.DEFAULT_MAX_NOTE_BEATS
+    poly = max_polyphony or meta.get("max_polyphony")
+    return float(beats), (int(poly) if poly else None)
+
+
 def pick_device(name: str) -> torch.device:
     """`auto`: CUDA when present, else CPU."""
     if name == "cuda" and not torch.cuda.is_available():

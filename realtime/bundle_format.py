@@ -19,8 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from realtime.constants import DEFAULT_MAX_NOTE_BEATS
-
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = 1
 BUNDLE_ARTIFACT = "bundle"  # artifact path of the bundle folder inside a training run
@@ -94,19 +92,6 @@ def base_config(vocab_size: int, ids: dict[str, int], max_seq_len: int, **arch: 
 
 
 # ---------------------------------------------------------------- read
-
-
-def note_limits(
-    meta: dict[str, Any], max_note_beats: float | None = None, max_polyphony: int | None = None
-) -> tuple[float, int | None]:
-    """The note rules' limits for a bundle: (beats a model note may sound, model notes sounding at once or None).
-
-    Each is the override where given (`realtime.max_note_beats` / `max_polyphony`), else bundle.json's (the training
-    corpus's quantiles), else DEFAULT_MAX_NOTE_BEATS / no limit. The runner and evaluation both ask here.
-    """
-    beats = max_note_beats or meta.get("max_note_beats") or DEFAULT_MAX_NOTE_BEATS
-    poly = max_polyphony or meta.get("max_polyphony")
-    return float(beats), (int(poly) if poly else None)
 
 
 def read_bundle(path: Path | str) -> dict[str, Any]:

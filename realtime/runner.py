@@ -13,8 +13,7 @@ from collections.abc import Callable
 import torch
 
 from realtime import constants as C
-from realtime.bundle import Bundle, load_bundle
-from realtime.bundle_format import note_limits
+from realtime.bundle import Bundle, load_bundle, note_limits
 from realtime.codec import TokenCodec
 from realtime.engine import Engine, Sampling
 from realtime.session import JamSession

@@ -15,7 +15,8 @@ import numpy as np
 
 from pipeline.core.audio import fluidsynth_missing, render_fluidsynth
 from pipeline.core.config import Config
-from realtime.bundle_format import note_limits, special_ids
+from realtime.bundle import note_limits
+from realtime.bundle_format import special_ids
 from realtime.codec import TokenCodec
 from realtime.engine import ChunkContext, Engine, Sampling
 

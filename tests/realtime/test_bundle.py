@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from realtime.bundle import BundleError, adapter_plan, load_bundle, load_model, resolve_bundle
-from realtime.bundle_format import note_limits, read_bundle, write_bundle
+from realtime.bundle import BundleError, adapter_plan, load_bundle, load_model, note_limits, resolve_bundle
+from realtime.bundle_format import read_bundle, write_bundle
 from realtime.lora import UnsupportedAdapter, adapter_deltas, blend_deltas, merge_adapters
 
 X = torch.tensor([[1, 40, 41, 200, 300, 7]])
