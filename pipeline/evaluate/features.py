@@ -152,6 +152,12 @@ def out_of_key(notes: Sequence[Note], window_beats: float) -> np.ndarray:
     return np.array(out, float)
 
 
+def mean_out_of_key(pieces: Iterable[Sequence[Note]], window_beats: float) -> float:
+    """`out_of_key` over every judged window of `pieces`, averaged; nan when no window holds enough notes."""
+    values = np.concatenate([out_of_key(p, window_beats) for p in pieces if p] or [np.zeros(0)])
+    return float(values.mean()) if values.size else float("nan")
+
+
 def feature_values(notes: Sequence[Note], window_beats: float = 8.0) -> dict[str, np.ndarray]:
     """Every feature's sample values for one piece (empty arrays for no notes).
 

@@ -155,8 +155,8 @@ def score(model, gens: Generations, data: EvalData, style: str, cfg: Config) -> 
         "style_score_ci_high": hi,
         **{f"oa_{k}": v for k, v in oa.items()},
         # tonality, beside the style score rather than in it: mean share of a window's notes out of its key
-        "out_of_key": _mean_out_of_key(gens.pieces, ec.window_beats),
-        "out_of_key_real": _mean_out_of_key(list(test.pieces.values()), ec.window_beats),
+        "out_of_key": F.mean_out_of_key(gens.pieces, ec.window_beats),
+        "out_of_key_real": test.real_out_of_key,
     }
     if data.classifier is not None:  # every sample counts: an undecodable one is attributed to no style
         att = attribution(data.classifier, [n or [] for n in gens.notes], style, n_boot, seed)
@@ -169,12 +169,6 @@ def score(model, gens: Generations, data: EvalData, style: str, cfg: Config) -> 
     if data.base_windows is not None:
         metrics["base_corpus_nll"] = mean_nll(model, data.base_windows, data.pad_id, ec.batch_size)
     return ModelEval(metrics=metrics, values=values, gens=gens, nll_sums=sums, nll_counts=counts)
-
-
-def _mean_out_of_key(pieces: list[list[F.Note]], window_beats: float) -> float:
-    values = [F.out_of_key(p, window_beats) for p in pieces if p]
-    values = np.concatenate(values) if values else np.zeros(0)
-    return float(values.mean()) if values.size else float("nan")
 
 
 def _one_sample(tokenizer, ids, seed, item, i, data: EvalData, cfg: Config, out_dir: Path, tempo: float):

@@ -33,6 +33,7 @@ class StyleTest:
     windows: np.ndarray  # (n_windows, max_seq_len) int32, PAD-padded
     pieces: dict[str, list[F.Note]]  # item id -> notes in beats (sorted ids)
     real_values: dict[str, np.ndarray]  # pooled feature values of all its test pieces
+    real_out_of_key: float  # mean out-of-key share of its test pieces' windows (features.out_of_key)
 
 
 @dataclass
@@ -93,8 +94,11 @@ def _style_test(cfg: Config, tok_dir: Path, clean_dir: Path, style: str, ids: li
     pieces = read_pieces(piece_paths(clean_dir, ids))
     if not pieces:
         raise EvaluateError(f"empty test split: no readable test piece of style {style!r} under {clean_dir}")
-    real = F.pooled_values(pieces.values(), cfg.evaluate.window_beats)
-    return StyleTest(even_subset(windows, cfg.evaluate.max_windows), pieces, real)
+    beats = cfg.evaluate.window_beats
+    real = F.pooled_values(pieces.values(), beats)
+    return StyleTest(
+        even_subset(windows, cfg.evaluate.max_windows), pieces, real, F.mean_out_of_key(pieces.values(), beats)
+    )
 
 
 def _prompt_pieces(clean_dir: Path, parts: dict[str, dict[str, list[str]]], n: int) -> dict[str, tuple[str, Path]]:
