@@ -6,9 +6,9 @@
 What one step of `realtime.sampling` costs besides the forward: `prepare` (the grammar's mask from the stream's
 state), the grammar processor's call (the ban plus the two probability moves: unused NoteOffs onto sounding notes'
 NoteOffs, re-strikes of held keys onto their NoteOffs), top-p, and the draw (softmax + multinomial), and the whole
-`sample_token`. The vocabulary is synthetic but shaped like the demo's BPE one (MIDILike base tokens: NoteOn and
-NoteOff for 88 keys, 8 velocities, 32 time shifts, then random two-token merges up to `--vocab`): the grammar's
-cost depends on the vocabulary's size and the number of sounding notes, not on the model. Medians over rounds.
+`sample_token`. The vocabulary is the pipeline's MIDILike tokenizer BPE-trained to `--vocab` ids on random phrases
+(`realtime.synthetic.make_tokenizer`, as the random demo-size bundle is): the grammar's cost depends on the
+vocabulary's size and the number of sounding notes, not on the model's weights. Medians over rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import sys
 import time
@@ -26,22 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from realtime.codec import TokenCodec  # noqa: E402
 from realtime.sampling import GrammarProcessor, TopP, sample_token  # noqa: E402
-
-
-def vocabulary(size: int, seed: int = 0) -> list[tuple]:
-    """PAD, BOS, EOS, the MIDILike base tokens, then random merges of two base tokens up to `size` ids."""
-    base = (
-        [(("on", p),) for p in range(21, 109)]
-        + [(("vel", v),) for v in range(8)]
-        + [(("off", p),) for p in range(21, 109)]
-        + [(("shift", s / 8),) for s in range(1, 33)]
-    )
-    rng = random.Random(seed)
-    ops = [(), (), ()] + base
-    while len(ops) < size:
-        ops.append(rng.choice(base) + rng.choice(base))
-    return ops
+from realtime.synthetic import make_tokenizer  # noqa: E402
 
 
 def _per_call_ms(fn, n: int) -> float:
@@ -62,12 +48,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    grammar = GrammarProcessor(vocabulary(args.vocab), pad_id=0, bos_id=1, eos_id=2, model_vocab=args.vocab)
+    codec = TokenCodec(make_tokenizer(bpe_vocab=args.vocab))
+    grammar = GrammarProcessor(codec.ops, codec.pad_id, codec.bos_id, codec.eos_id, codec.vocab_size)
     top_p = TopP(args.top_p)
-    logits = torch.randn(args.vocab, generator=torch.Generator().manual_seed(0)) * 2
+    logits = torch.randn(codec.vocab_size, generator=torch.Generator().manual_seed(0)) * 2
     rows = logits[None]
     draw_gen = torch.Generator().manual_seed(0)
-    held = tuple(range(60, 60 + 3 * args.held, 3))
+    held = tuple(sorted(codec.pitches)[len(codec.pitches) // 2 :: 3][: args.held])  # middle of the keyboard, apart
 
     def prepare() -> None:
         grammar.prepare(False, False, True, shift_budget=2.0, sounding=held)
@@ -88,7 +75,7 @@ def main() -> None:
         json.dumps(
             {
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread",
-                "vocab": args.vocab,
+                "vocab": codec.vocab_size,
                 "held": args.held,
                 **{f"{name}_ms": round(statistics.median(ts), 4) for name, ts in times.items()},
             },
