@@ -136,7 +136,7 @@ class BaseCorpusConfig(Section):
     # per tune); bach chorales parse in ~0.08 s, a folk tune 0.04-0.3 s, palestrina ~0.2 s, monteverdi madrigals
     # ~0.6 s. Must not overlap demo.composers (the demo is held-out style data).
     composers: list[str] = ["bach", "palestrina", "monteverdi", "handel", "corelli"]
-    max_pieces: int = Field(150, ge=1)  # pieces at most (either source); music21 parsing ~0.2 s a score, cached
+    max_pieces: int = Field(300, ge=1)  # pieces at most (either source); music21 parsing ~0.2 s a score, cached
     # music21 scores played like a pianist (pipeline/data/perform.py: rubato, dynamics, chord spreads) at the beat a
     # listener hears, so the base speaks the surface of recordings as the style data does; a folder of MIDI is taken
     # as it is. Off in the demo: measured there with a broader base, it brought the base's NLL on the styles from
@@ -195,7 +195,9 @@ class EvaluateConfig(Section):
     # one sample per prompt per seed, fixed so runs compare on equal footing; 2 styles x 4 x 5 = 40 samples per
     # model keep the style_score CI ~0.03 and the attribution CI ~0.3 wide on the demo (24: ~0.4)
     seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
-    n_tokens: int = Field(256, ge=1)  # new tokens sampled per continuation
+    sample_beats: float = Field(32.0, gt=0)  # beats of playing per continuation (EOS never sampled)
+    n_tokens: int = Field(1024, ge=1)  # ids at most per continuation, whatever the beats (a model that
+    # never moves time must still stop)
     # sampling controls and note limit: the runner's own (`realtime.temperature/top_p/top_k/max_note_beats`)
     max_open_beats: float = Field(16.0, gt=0)  # a NoteOn still unmatched this many beats later is a hung note
     oa_method: Literal["kde", "hist"] = "kde"  # density estimate for overlapping areas (Yang & Lerch use KDE)

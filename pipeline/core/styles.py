@@ -17,7 +17,7 @@ class DemoPlayer(Section):
     """One demo "player": music21 corpus works in one style, rendered as piano."""
 
     composers: list[str] = Field(min_length=1)  # music21 corpus names (`corpus.getComposer`), one work each in turn
-    max_pieces: int = Field(15, ge=1)
+    max_pieces: int = Field(30, ge=1)
     # add a simple left hand (bass on the first beat, chord on the others; I/IV/V chosen per bar from the melody):
     # for single-line tunes, which a pianist would not play bare
     accompany: bool = False

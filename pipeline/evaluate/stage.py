@@ -44,7 +44,7 @@ from pipeline.registry.tracking import BASE_RUN_TAG, STYLE_TAG
 from realtime.bundle_format import BundleError, load_tokenizer, read_bundle
 
 STAGE = "evaluate"
-EVAL_VERSION = "5"  # bump when a metric or the sampler changes, to re-evaluate every run (5: real passages, key)
+EVAL_VERSION = "6"  # bump when a metric or the sampler changes, to re-evaluate every run (6: fixed-length samples)
 
 __all__ = ["EvaluateError", "run_evaluate"]
 
@@ -124,7 +124,7 @@ def generate(model, tokenizer, data: EvalData, cfg: Config, out_dir: Path, meta:
     max_len = int(meta.get("max_seq_len") or cfg.tokenize.max_seq_len)
     engine = S.make_engine(model, tokenizer, cfg, meta, max_len)
     tempo = float(meta.get("tempo_bpm") or cfg.finetune.tempo_bpm)
-    continuations = S.sample_continuations(engine, prompts, ec.seeds, ec.n_tokens, tempo)
+    continuations = S.sample_continuations(engine, prompts, ec.seeds, tempo, ec.n_tokens, ec.sample_beats)
     gens = Generations([], [], out_dir)
     for i, ids in enumerate(continuations):
         item = items[i % len(items)]

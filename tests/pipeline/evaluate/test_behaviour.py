@@ -139,7 +139,7 @@ def _answers(engine, tok, path: Path) -> list[list[F.Note]]:
     """The notes of one continuation per seed of the opening of `path`."""
     out = []
     for seed in SEEDS:
-        ids = S.continue_prompt(engine, _prompt(tok, path), N_TOKENS, seed, 120.0)
+        ids = S.continue_prompt(engine, _prompt(tok, path), seed, 120.0, N_TOKENS)
         score, _ = F.check_sample(tok, ids, max_open_beats=16.0)
         out.append(F.notes_from_score(score) if score is not None else [])
     return out
