@@ -11,8 +11,9 @@ the demo: with note length and chord size among the features, every generation l
 attributed correctly 0.75 of the time; without them, 0.92, and each adapter's continuations to its own style.
 How well a model can score is bounded by how well the classifier knows the real player at a sample's length:
 `passage_attribution` cuts the held-out real pieces into passages as long as the model's continuations and
-reports their share, the figure a perfect imitation would get (logged beside `style_attribution`). On the demo,
-real classical test passages of 14 beats were attributed to their style 0.69 of the time (whole pieces: 0.89).
+reports their share, the figure a perfect imitation would get (logged beside `style_attribution`). On the demo
+(30 pieces a player), real test passages of 32 beats were attributed to their style 0.73 (classical) and 1.00
+(folk) of the time, whole test pieces 0.93; with 15 pieces a player, 14-beat passages 0.69 and 0.93.
 A scaled logistic regression (scikit-learn) is trained on the windows of every style's train pieces (never the
 held-out pieces the prompts come from); a piece's style is the one with the highest mean log-probability over its
 windows.
