@@ -102,7 +102,7 @@ class FinetuneConfig(LoopConfig):
     # rehearsal against forgetting: this share of the training windows are base corpus windows (a seeded sample,
     # fixed per run), so the adapter keeps the base's general music while it learns the player; 0 = style only.
     # 0.1 in the demo: forgetting +2-3 % (without: folk +51 %, over the gate; 0.25: -5 % but less of each style)
-    replay: float = Field(0.1, ge=0, lt=1)
+    replay: float = Field(0.05, ge=0, lt=1)
 
 
 class CheckpointConfig(Section):
