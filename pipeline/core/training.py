@@ -101,7 +101,7 @@ class FinetuneConfig(LoopConfig):
     tempo_bpm: float = Field(120.0, gt=0)  # written to bundle.json: the runner's default tempo
     # rehearsal against forgetting: this share of the training windows are base corpus windows (a seeded sample,
     # fixed per run), so the adapter keeps the base's general music while it learns the player; 0 = style only.
-    # 0.1 in the demo: forgetting +2-3 % (without: folk +51 %, over the gate; 0.25: -5 % but less of each style)
+    # 0.05 in the demo: forgetting +5-9 % (0.1: +1-3 % but less of each style; without: folk +51 %, over the gate)
     replay: float = Field(0.05, ge=0, lt=1)
 
 
