@@ -50,8 +50,8 @@ sysdeps:
 piece = $$($(BIN)/python -c "import json; s = json.load(open('data/split/split.json'))['styles']['$(1)']; \
 	print('data/clean/style/' + sorted(s['test'])[0] + '.mid')")
 
-# The blend check plays 5 weights: on 3 of evaluate's 5 seeds (24 samples a weight) it keeps `make demo` near
-# 10 minutes after install on 2 cores; its span (0.12 -> 1.00 on the demo) is far above the 0.5 it needs.
+# The blend check plays 5 weights: on 3 of evaluate's 5 seeds (24 samples a weight) it generates 3/5 of the ids;
+# its span (0.12 -> 1.00 on the demo) is far above the 0.5 it needs.
 demo: venv sysdeps
 	$(BIN)/jam run
 	$(BIN)/jam phrases "$(call piece,classical)" out/demo-phrases.mid
