@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from realtime.codec import TokenCodec  # noqa: E402
-from realtime.sampling import GrammarProcessor, TopP, sample_token  # noqa: E402
-from realtime.synthetic import make_tokenizer  # noqa: E402
+from realtime.codec import TokenCodec
+from realtime.sampling import GrammarProcessor, TopP, sample_token
+from realtime.synthetic import make_tokenizer
 
 
 def _per_call_ms(fn, n: int) -> float:

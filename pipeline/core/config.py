@@ -50,19 +50,22 @@ class AcquireConfig(Section):
 
 class TranscribeConfig(Section):
     # transkun: piano-specific, key releases and the pedal (onset F1 0.98 on performances, README "Transcription");
-    # basic_pitch: any instrument, ~30x faster on a CPU. A style may name its own (`styles.<name>.transcriber`).
+    # basic_pitch: any instrument, ~15x faster on a CPU. A style may name its own (`styles.<name>.transcriber`).
     backend: TranscriberName = "transkun"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU (Transkun; Basic Pitch: CPU)
     note_ends: Literal["sounding", "key_release"] = "sounding"  # sounding: notes held on through the sustain pedal
     min_audio_s: float = Field(1.0, gt=0)  # seconds; shorter audio is reported, not transcribed
     # Transkun's segment loop: windows of segment_s every hop_s seconds (its conf: 16 / 8; 12 s: 1.5x fewer
-    # segments, >= 4x real time here with bfloat16, but onset F1 -0.005 and a key release 0.35 s early in a test)
+    # segments, 6.9x real time here with bfloat16, but a key release 0.35 s early in a test)
     segment_s: float = Field(16.0, gt=0)  # seconds
     hop_s: float = Field(8.0, gt=0)  # seconds
     quantize: bool = False  # int8 dynamic quantization of Transkun's Linear layers on CPU
     # bfloat16: autocast of Transkun's backbone + scorer (Viterbi in float32): 1.4-1.8x on a CPU with avx512_bf16;
     # auto: bfloat16 where the CPU (AVX-512 BF16, AMX) or the GPU computes it natively, else float32
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Transkun's attention and residual blocks on 4-D contiguous tensors: the same arithmetic through torch's fused
+    # kernels, 1.6x faster in bfloat16 on 2 cores (README "Transcription"); false: its forward as shipped
+    lean_forward: bool = True
     batch_segments: int = Field(1, ge=1)  # segments per forward (~+1 GB each; slower on 2 CPU cores: 0.85x at 2)
     # Basic Pitch
     model: Literal["icassp_2022"] = "icassp_2022"  # Basic Pitch's shipped model (run through ONNX)

@@ -65,7 +65,7 @@ class StyleConfig(Section):
     transcriber: TranscriberName | None = None
 
 
-# The demo's audio is rendered from scores: Basic Pitch transcribes it in seconds, where Transkun would add ~5-7
+# The demo's audio is rendered from scores: Basic Pitch transcribes it in seconds, where Transkun would add ~3-4
 # minutes to `make demo` on 2 CPU cores (README "Transcription"); a real player's recordings get `transcribe.backend`.
 DEFAULT_STYLES = {
     name: StyleConfig(sources=[f"data/demo/audio/{name}"], transcriber="basic_pitch") for name in DEFAULT_PLAYERS

@@ -62,6 +62,49 @@ def _in_bfloat16(inner: Any, device: str) -> Any:
     return Bfloat16()
 
 
+def _attention_forward(self: Any, query: Any, key: Any = None, value: Any = None) -> Any:
+    """`transkun.LayersTransformer.MultiHeadAttentionKernel.forward` (its exact-attention branch, the one the shipped
+    conf uses) with the batch dimensions folded into one before `scaled_dot_product_attention`: torch's fused CPU
+    kernel takes 4-D inputs only, and the shipped call passes 5-D (batch, rows, heads, length, dim), which falls
+    back to the unfused math path (a materialised softmax, NaN masking over it)."""
+    import torch.nn.functional as F
+
+    key = query if key is None else key
+    value = key if value is None else value
+    q, k, v = query @ self.q_proj_weight, key @ self.k_proj_weight, value @ self.v_proj_weight
+    lead = q.shape[:-2]
+
+    def heads(t: Any) -> Any:  # (..., length, heads * dim) -> (batch * rows, heads, length, dim)
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-2, -3).flatten(0, -4)
+
+    fetched = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+    return self.out_proj(fetched.unflatten(0, lead).transpose(-2, -3).flatten(-2, -1))
+
+
+def _residual_forward(self: Any, x: Any, *args: Any) -> Any:
+    """`transkun.LayersTransformer.ResBlock.forward` on a contiguous copy of `x`: the time-attention blocks get a
+    transposed view, and a Linear on a non-contiguous 4-D input makes torch expand its weight once per row
+    (a 78 MB copy per feed-forward layer) for a batched matmul."""
+    x = x.contiguous()
+    return x + self.dropout(self.module(self.norm(x), *args)) * self.scale
+
+
+def _lean(net: Any) -> None:
+    """Route `net`'s attention and residual blocks through the two forwards above: the same arithmetic through
+    torch's fused kernels (README "Transcription": the backbone 2.6x faster in bfloat16, 1.4x in float32, its
+    float32 outputs within 1.2e-4 of the shipped forward's; a whole file 1.6x faster in bfloat16)."""
+    import types
+
+    from transkun import LayersTransformer
+
+    net.backbone.useGradientCheckpoint = False  # on by default, even in inference: a warning per layer, no use
+    for module in net.modules():
+        if isinstance(module, LayersTransformer.MultiHeadAttentionKernel):
+            module.forward = types.MethodType(_attention_forward, module)
+        elif isinstance(module, LayersTransformer.ResBlock):
+            module.forward = types.MethodType(_residual_forward, module)
+
+
 def _package_dir() -> Path:
     import importlib.util
 
@@ -82,7 +125,11 @@ def precision(tcfg: TranscribeConfig) -> str:
 def model_id(tcfg: TranscribeConfig) -> str:
     """Names the weights and decoding code: part of every cache key."""
     version = importlib.metadata.version("transkun")
-    return f"transkun=={version}/{WEIGHTS}/q={tcfg.quantize}" + ("/bf16" if precision(tcfg) == "bfloat16" else "")
+    return (
+        f"transkun=={version}/{WEIGHTS}/q={tcfg.quantize}"
+        + ("/bf16" if precision(tcfg) == "bfloat16" else "")
+        + ("/lean" if tcfg.lean_forward else "")
+    )
 
 
 def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunModel:
@@ -116,6 +163,8 @@ def load_model(tcfg: TranscribeConfig, threads: int | None = None) -> TranskunMo
             f"transkun weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     net = net.eval()
+    if tcfg.lean_forward:
+        _lean(net)
     if tcfg.quantize and device == "cpu":
         # the positional-embedding builder reads its Linear's .weight directly: left in float
         names = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and "posEmbed" not in n}
