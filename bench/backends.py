@@ -4,12 +4,18 @@
     python bench/backends.py --model path/to/bundle --rounds 7
     python bench/backends.py --size gpu                       # params-gpu.yaml's shape, random weights
     python bench/backends.py --compile                        # + transformers static cache + torch.compile (minutes)
+    python bench/backends.py --aoti                           # + the decode step compiled by AOTInductor (gcc)
+    python bench/backends.py --onnx                           # + the decode step in ONNX Runtime (needs onnx, below)
 
 Per backend: `decode_ms` (one id after 128 cached, median over rounds of 64-step runs), `prefill_128_ms` (128 ids
 into an empty cache), `max_abs_diff` of its logits against transformers' eager forward on the same ids (prefill, all
 positions, and the decode steps), and both times as ratios to transformers eager. Rounds interleave the backends,
 so machine load hits them alike. The runner plays `lean` (realtime/llama.py); the others are here to be measured.
-ONNX Runtime with KV-cache inputs is not measured: exporting needs the `onnx` package, which is not installed.
+
+`--aoti` and `--onnx` run the lean forward's decode step (one id at a position, the preallocated KV cache as an
+input, the new keys and values as an output that Python writes into the cache) compiled ahead of time: by
+AOTInductor to a shared library (torch + a C++ compiler), or exported to ONNX and run by onnxruntime (installed;
+exporting needs `pip install onnx onnxscript onnx-ir ml_dtypes`, not in the venv). Their prefill is lean's.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+import torch.nn.functional as F
 
 from realtime.bundle import load_model
 from realtime.llama import LeanLlama
@@ -102,7 +109,93 @@ class Lean:
         cache.length = length
 
 
-def make_backends(model: torch.nn.Module, compile_: bool) -> dict[str, object]:
+class DecodeStep(torch.nn.Module):
+    """LeanLlama's arithmetic for one id at position `pos` over a preallocated cache, in plain tensor ops that
+    export: (token (1,), pos (1,), kv (layers, 2, kv_heads, max_len, head_dim); positions < pos valid) ->
+    (logits (1, vocab), new keys and values (layers, 2, kv_heads, head_dim)). Weights are buffers (constants)."""
+
+    def __init__(self, lean: LeanLlama):
+        super().__init__()
+        self.shape = lean.shape
+        tables = {"embed": lean.embed, "cos": lean.cos, "sin": lean.sin, "floor": lean.norm_floor, "head": lean.head.t}
+        for name, tensor in tables.items():
+            self.register_buffer(name, tensor)
+        for i, layer in enumerate(lean.layers):
+            for name in ("qkv", "o", "gate_up", "down"):
+                self.register_buffer(f"l{i}_{name}", getattr(layer, name).t)
+
+    def _rms(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt((x * x).sum(-1, keepdim=True) + self.floor * self.floor)
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.shape
+        group = s.heads // s.kv_heads
+        x = self.embed.index_select(0, token)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)
+        valid = torch.arange(kv.shape[3])[None, None, :] < pos  # (1, 1, max_len)
+        news = []
+        for i in range(s.layers):
+            w = {n: getattr(self, f"l{i}_{n}") for n in ("qkv", "o", "gate_up", "down")}
+            qkv = (x @ w["qkv"] / self._rms(x)).view(1, -1, s.head_dim)
+            qkv = qkv * cos + qkv.roll(s.head_dim // 2, -1) * sin
+            q, new = qkv[0, : s.heads].view(s.kv_heads, group, s.head_dim), qkv[0, s.heads :].view(2, s.kv_heads, -1)
+            news.append(new)
+            cached = torch.bmm(q, kv[i, 0].transpose(1, 2)).masked_fill(~valid, float("-inf"))  # (kv, group, len)
+            own = (q * new[0][:, None, :]).sum(-1, keepdim=True)  # the new id attends to itself
+            probs = torch.softmax(torch.cat((cached, own), -1), -1)
+            attn = torch.bmm(probs[..., :-1], kv[i, 1]) + probs[..., -1:] * new[1][:, None, :]
+            x = x + attn.reshape(1, -1) @ w["o"]
+            gate, up = (x @ w["gate_up"] / self._rms(x)).chunk(2, -1)
+            x = x + (F.silu(gate) * up) @ w["down"]
+        return x @ self.head / self._rms(x), torch.stack(news)
+
+
+class CompiledStep(Lean):
+    """A `DecodeStep` compiled for decoding (kind "aoti", "onnx"; "eager": not compiled); prefill is lean's, into
+    the same cache."""
+
+    def __init__(self, model: LeanLlama, kind: str, folder: Path):
+        super().__init__(model)
+        step = DecodeStep(model).eval()
+        example = (torch.tensor([3]), torch.tensor([1]), model.new_cache().kv)
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if kind == "eager":  # the module itself (tests: what the compiled kinds compute)
+                self.run = step
+            elif kind == "aoti":
+                package = torch._inductor.aoti_compile_and_package(
+                    torch.export.export(step, example), package_path=str(folder / "step.pt2")
+                )
+                loader = torch._inductor.aoti_load_package(package).loader  # boxed_run: no pytree per call
+                self.run = lambda t, p, kv: loader.boxed_run([t, p, kv])
+            else:
+                import onnxruntime
+
+                program = torch.onnx.export(step, example, dynamo=True, verbose=False)
+                program.save(str(folder / "step.onnx"))
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+                session = onnxruntime.InferenceSession(str(folder / "step.onnx"), options)
+                names = [i.name for i in session.get_inputs()]
+
+                def run(t: torch.Tensor, p: torch.Tensor, kv: torch.Tensor) -> list[torch.Tensor]:
+                    feeds = dict(zip(names, (t.numpy(), p.numpy(), kv.numpy()), strict=True))  # numpy views
+                    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+                self.run = run
+        self.compile_s = time.perf_counter() - started
+
+    def step(self, token: int, cache: object) -> torch.Tensor:
+        logits, new = self.run(torch.tensor([token]), torch.tensor([cache.length]), cache.kv)
+        cache.kv.select(3, cache.length).copy_(new)
+        cache.length += 1
+        return logits[0]
+
+
+def make_backends(
+    model: torch.nn.Module, compile_: bool, steps: tuple[str, ...] = (), folder: Path | None = None
+) -> dict[str, object]:
     """Every alternative over the same (merged) transformers model."""
     from torch.ao.quantization import quantize_dynamic
 
@@ -117,6 +210,8 @@ def make_backends(model: torch.nn.Module, compile_: bool) -> dict[str, object]:
         "lean_int8": Lean(LeanLlama.from_module(model, quantization="dynamic_int8")),
         "lean_bfloat16": Lean(LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16)),
     }
+    for kind in steps:  # "aoti", "onnx"
+        out[f"lean_step_{kind}"] = CompiledStep(LeanLlama.from_module(model), kind, folder)
     if compile_:
         out["transformers_static_compile"] = HFStaticCompiled(load_copy(model), model.config.max_position_embeddings)
     return out
@@ -181,6 +276,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
+    ap.add_argument("--aoti", action="store_true", help="also the decode step compiled by AOTInductor")
+    ap.add_argument("--onnx", action="store_true", help="also the decode step in ONNX Runtime (needs onnx)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,7 +286,18 @@ def main() -> None:
         name = str(path) if path else f"random {args.size or 'demo'}: {SIZES[args.size or 'demo']}"
         model = load_model(path or random_model(SIZES[args.size or "demo"], Path(tmp)))
         ids = torch.randint(3, model.config.vocab_size, (CTX + STEPS,), generator=torch.Generator().manual_seed(0))
-        result = compare(make_backends(model, args.compile), ids.tolist(), args.rounds)
+        steps = tuple(k for k, on in (("aoti", args.aoti), ("onnx", args.onnx)) if on)
+        if args.onnx:
+            try:
+                import onnx  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError as err:
+                sys.exit(f"--onnx: {err}; pip install onnx onnxscript onnx-ir ml_dtypes")
+        backends = make_backends(model, args.compile, steps, Path(tmp))
+        result = compare(backends, ids.tolist(), args.rounds)
+        for label, backend in backends.items():
+            if hasattr(backend, "compile_s"):
+                result[label]["compile_s"] = round(backend.compile_s, 1)
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"model": name, "params_m": round(params / 1e6, 3),
                       "threads": args.threads, "cpu": platform.processor() or platform.machine(),
