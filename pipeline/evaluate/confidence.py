@@ -31,9 +31,10 @@ def style_score_ci(
 ) -> tuple[float, float]:
     """Bootstrap over generated samples of the style score against the real test pieces' pooled features."""
     values = [F.feature_values(p, window_beats) for p in pieces]
+    real_dists = F.distributions(real, method)  # the same every resample
 
     def score(idx: np.ndarray) -> float:
         pooled = {k: np.concatenate([values[i][k] for i in idx]) for k in real}
-        return F.style_score(F.compare_sets(pooled, real, method))
+        return F.style_score(F.compare_sets(pooled, real, method, real_dists))
 
     return bootstrap_ci(len(values), score, n_boot, seed) if values else (float("nan"), float("nan"))
