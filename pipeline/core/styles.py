@@ -65,8 +65,8 @@ class StyleConfig(Section):
     transcriber: TranscriberName | None = None
 
 
-# The demo's audio is rendered from scores: Basic Pitch transcribes it in seconds, where Transkun would add ~3-4
-# minutes to `make demo` on 2 CPU cores (README "Transcription"); a real player's recordings get `transcribe.backend`.
+# The demo's audio is rendered from scores: Basic Pitch transcribes its 25 minutes in 39 s, where Transkun took
+# 5 min 53 s on 2 CPU cores (README "Transcription"); a real player's recordings get `transcribe.backend`.
 DEFAULT_STYLES = {
     name: StyleConfig(sources=[f"data/demo/audio/{name}"], transcriber="basic_pitch") for name in DEFAULT_PLAYERS
 }
