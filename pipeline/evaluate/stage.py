@@ -124,7 +124,8 @@ def generate(model, tokenizer, data: EvalData, cfg: Config, out_dir: Path, meta:
     max_len = int(meta.get("max_seq_len") or cfg.tokenize.max_seq_len)
     engine = S.make_engine(model, tokenizer, cfg, meta, max_len)
     tempo = float(meta.get("tempo_bpm") or cfg.finetune.tempo_bpm)
-    continuations = S.sample_continuations(engine, prompts, ec.seeds, tempo, ec.n_tokens, ec.sample_beats)
+    with S.runner_threads(cfg):
+        continuations = S.sample_continuations(engine, prompts, ec.seeds, tempo, ec.n_tokens, ec.sample_beats)
     gens = Generations([], [], out_dir)
     for i, ids in enumerate(continuations):
         item = items[i % len(items)]
@@ -361,9 +362,10 @@ def run_evaluate(
     targets = _targets(cfg, run_id, session.client)
     report.items_in = len(targets)
     torch.manual_seed(cfg.project.seed)
-    # The runner's thread count (as `jam play` sets it); an explicit call also matters with the same number: torch's
-    # implicit default was measured 10x slower per token here (2-core container, OpenMP pool sized from the host).
-    torch.set_num_threads(cfg.realtime.threads or torch.get_num_threads())
+    # Scoring on every core, generation at the runner's count (`generate`). The explicit call matters even with the
+    # same number: torch's implicit default was measured 10x slower per token here (2-core container, OpenMP pool
+    # sized from the host).
+    torch.set_num_threads(torch.get_num_threads())
     for run in targets:
         if not force and run.tags.get(EVAL_KEY_TAG) == session.key:
             report.cached.append(run.run_id)
