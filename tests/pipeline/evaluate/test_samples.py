@@ -55,3 +55,20 @@ def test_the_id_cap_cuts_the_same_stream_and_still_ends_every_note(tiny):
     assert short[:12] == longer[:12]  # same seed, same ids; the cap only stops the stream early
     score, problems = F.check_sample(tok, short, max_open_beats=64.0)
     assert score is not None and not _unended(problems), problems  # the closing NoteOffs end every note
+
+
+def test_generation_runs_at_the_runners_thread_count_and_gives_the_callers_back():
+    import torch
+
+    before = torch.get_num_threads()
+    cfg = Config.model_validate({"realtime": {"threads": 1}})
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError), S.runner_threads(cfg):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("a failed generation still gives the threads back")
+        assert torch.get_num_threads() == 2
+        with S.runner_threads(Config.model_validate({"realtime": {"threads": 0}})):  # 0: the caller's count
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
