@@ -33,7 +33,7 @@ class ProjectConfig(Section):
     mlflow_uri: str = "sqlite:///mlruns/mlflow.db"
     artifact_dir: Path = Path("mlruns/artifacts")
     seed: int = 1234
-    workers: int = Field(2, ge=1)  # processes for per-item CPU work (transcription)
+    workers: int = Field(2, ge=1)  # processes for per-item CPU work (transcription, evaluation's samples)
     # where the item-wise stages (acquire, transcribe, clean, augment, tokenize) run their items: local processes,
     # or a Dask cluster (pipeline/core/cluster.py says why Dask); same outputs either way
     executor: Literal["processes", "dask"] = "processes"

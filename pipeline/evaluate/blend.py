@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.core.config import Config
 from pipeline.core.files import write_json
 from pipeline.evaluate.attribution import attribution
+from pipeline.evaluate.samples import ContinuationPool
 from pipeline.evaluate.stage import generate
 from pipeline.evaluate.testset import EvalData, EvaluateError
 from realtime.bundle_format import load_tokenizer, read_bundle
@@ -74,10 +75,12 @@ def blend_curve(
                             f"and a style in params ({sorted(data.styles)})")  # fmt: skip
     tokenizer = load_tokenizer(bundle / info["tokenizer"])
     rows = []
-    for w in weights:
-        model = load_model(bundle, adapters=blend_plan(a, b, w), normalize=cfg.realtime.normalize_weights)
-        gens = generate(model, tokenizer, data, cfg, out_dir / f"w{w:.2f}", info)
-        share = attribution(data.classifier, [n or [] for n in gens.notes], a, cfg.evaluate.bootstrap, cfg.project.seed)
-        rows.append({"weight": float(w), **share})
+    with ContinuationPool(cfg) as pool:
+        for w in weights:
+            model = load_model(bundle, adapters=blend_plan(a, b, w), normalize=cfg.realtime.normalize_weights)
+            gens = generate(model, tokenizer, data, cfg, out_dir / f"w{w:.2f}", info, pool)
+            notes = [n or [] for n in gens.notes]
+            share = attribution(data.classifier, notes, a, cfg.evaluate.bootstrap, cfg.project.seed)
+            rows.append({"weight": float(w), **share})
     write_json(out_dir / "blend.json", {"a": a, "b": b, "rows": rows})
     return rows

@@ -15,8 +15,9 @@ attributed to its style; 32 beats without EOS: 0.85 (folk 0.90 -> 1.00, the base
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,28 +87,67 @@ def continue_prompt(
     return res.ids + (state.ids[-closing:] if closing else [])
 
 
-@contextmanager
-def runner_threads(cfg: Config) -> Iterator[None]:
-    """Torch at the jam runner's thread count (`realtime.threads`, as `jam play` sets it) while generating, so what
-    is evaluated is what is played; the caller's count is back after. Likelihood scoring stays on the caller's:
-    its batched forwards ran 1.8x faster on 2 threads than on 1 (the demo's test windows, the same NLL to 1e-15)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.realtime.threads or before)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+class ContinuationPool:
+    """Samples continuations on `project.workers` spawned processes, or inline; at the runner's thread count.
+
+    Generation runs at `realtime.threads` (as `jam play` sets it), so what is evaluated is what is played; likelihood
+    scoring stays on the caller's count: its batched forwards ran 1.8x faster on 2 threads than on 1 (the demo's
+    test windows, the same NLL to 1e-15). Inline, the caller's count is back after.
+
+    Every sample reseeds the engine's generator (`seed * 1000 + prompt index`) and starts a fresh stream, so where
+    a sample runs changes none of its ids: the pool returns the lists inline sampling returns, in the same
+    order (tests/pipeline/evaluate/test_samples.py). The processes live as long as the pool (one `jam evaluate`
+    or blend check), so each model costs one pickled engine per process, not a start. Generation is most of an
+    evaluation (40 continuations of 32 beats: ~16k ids a model), and one generating process uses one core.
+    A CUDA engine samples inline.
+    """
+
+    def __init__(self, cfg: Config):
+        self.threads = cfg.realtime.threads
+        self.workers = max(1, min(cfg.project.workers, os.cpu_count() or 1))
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> ContinuationPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def sample(
+        self, engine: Engine, prompts: np.ndarray, seeds: list[int], tempo_bpm: float, max_tokens: int, beats: float
+    ) -> list[list[int]]:
+        """New token ids per (seed, prompt), seed-major; the seed of sample i is `seed * 1000 + prompt index`."""
+        jobs = [(row.tolist(), seed * 1000 + i) for seed in seeds for i, row in enumerate(prompts)]
+        n = min(self.workers, len(jobs))
+        if n <= 1 or engine.model.device.type != "cpu":
+            before = torch.get_num_threads()
+            torch.set_num_threads(self.threads or before)
+            try:
+                return _continue_all(engine, jobs, tempo_bpm, max_tokens, beats)
+            finally:
+                torch.set_num_threads(before)
+        if self._pool is None:  # spawn, not fork: evaluation runs inside Prefect/MLflow processes (see core.items)
+            threads = self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=torch.set_num_threads,
+                                             initargs=(threads,))  # fmt: skip
+        parts = [jobs[k::n] for k in range(n)]  # interleaved: long and short samples spread over the processes
+        futures = [self._pool.submit(_continue_all, engine, part, tempo_bpm, max_tokens, beats) for part in parts]
+        out: list[list[int]] = [[] for _ in jobs]
+        for k, future in enumerate(futures):
+            out[k::n] = future.result()
+        return out
 
 
-def sample_continuations(
-    engine: Engine, prompts: np.ndarray, seeds: list[int], tempo_bpm: float, max_tokens: int, beats: float
+def _continue_all(
+    engine: Engine, jobs: list[tuple[list[int], int]], tempo_bpm: float, max_tokens: int, beats: float
 ) -> list[list[int]]:
-    """New token ids per (seed, prompt), seed-major; the seed of sample i is `seed * 1000 + prompt index`."""
-    return [
-        continue_prompt(engine, row.tolist(), seed * 1000 + i, tempo_bpm, max_tokens, beats)
-        for seed in seeds
-        for i, row in enumerate(prompts)
-    ]
+    return [continue_prompt(engine, prompt, seed, tempo_bpm, max_tokens, beats) for prompt, seed in jobs]
 
 
 def render_wav(midi_path: Path, wav_path: Path, cfg: Config, length_s: float) -> str | None:

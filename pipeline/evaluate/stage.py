@@ -113,9 +113,11 @@ def mean_nll(model, windows: np.ndarray, pad_id: int, batch_size: int) -> float:
 # ---------------------------------------------------------------- one model
 
 
-def generate(model, tokenizer, data: EvalData, cfg: Config, out_dir: Path, meta: dict) -> Generations:
-    """Continue every shared prompt at every seed through the runner's engine; MIDI, piano rolls, WAVs to
-    `out_dir`."""
+def generate(
+    model, tokenizer, data: EvalData, cfg: Config, out_dir: Path, meta: dict, pool: S.ContinuationPool
+) -> Generations:
+    """Continue every shared prompt at every seed through the runner's engine (on `pool`'s processes); MIDI, piano
+    rolls, WAVs to `out_dir`."""
     ec = cfg.evaluate
     try:
         items, prompts = S.make_prompts(tokenizer, data.prompt_paths, ec.prompt_tokens)
@@ -124,8 +126,7 @@ def generate(model, tokenizer, data: EvalData, cfg: Config, out_dir: Path, meta:
     max_len = int(meta.get("max_seq_len") or cfg.tokenize.max_seq_len)
     engine = S.make_engine(model, tokenizer, cfg, meta, max_len)
     tempo = float(meta.get("tempo_bpm") or cfg.finetune.tempo_bpm)
-    with S.runner_threads(cfg):
-        continuations = S.sample_continuations(engine, prompts, ec.seeds, tempo, ec.n_tokens, ec.sample_beats)
+    continuations = pool.sample(engine, prompts, ec.seeds, tempo, ec.n_tokens, ec.sample_beats)
     gens = Generations([], [], out_dir)
     for i, ids in enumerate(continuations):
         item = items[i % len(items)]
@@ -234,6 +235,7 @@ class Session:
     key: str
     client: Any
     root: Path
+    pool: S.ContinuationPool
     force: bool = False
     base_gens: dict[str, Generations] = field(default_factory=dict)
     base_logs: dict[str, bool] = field(default_factory=dict)  # base run id -> log to it (it was not current)
@@ -270,12 +272,12 @@ def evaluate_run(session: Session, run: RunSummary) -> dict:
     if not info["default_adapter"]:
         raise EvaluateError("fine-tune bundle has no default adapter to evaluate")
     model = load_model(bundle)  # as the jam runner plays it
-    ev = score(model, generate(model, tokenizer, data, cfg, out, info), data, style, cfg)
+    ev = score(model, generate(model, tokenizer, data, cfg, out, info, session.pool), data, style, cfg)
     base_model = load_model(bundle, adapters={})
     base_id = run.tags.get(BASE_RUN_TAG) or f"{run.run_id}_base"
     if base_id not in session.base_gens:
         base_out = _fresh_dir(session.root / "runs" / base_id)
-        session.base_gens[base_id] = generate(base_model, tokenizer, data, cfg, base_out, info)
+        session.base_gens[base_id] = generate(base_model, tokenizer, data, cfg, base_out, info, session.pool)
     base = score(base_model, session.base_gens[base_id], data, style, cfg)
     _write_outputs(_mkdir(base.gens.out_dir / style), base, None, data, style, cfg.evaluate)
     if run.tags.get(BASE_RUN_TAG):
@@ -290,7 +292,7 @@ def evaluate_run(session: Session, run: RunSummary) -> dict:
 
 def _evaluate_base_alone(session: Session, run: RunSummary, model, tokenizer, info: dict, out: Path) -> dict:
     cfg, data = session.cfg, session.data
-    gens = generate(model, tokenizer, data, cfg, out, info)
+    gens = generate(model, tokenizer, data, cfg, out, info, session.pool)
     metrics = {}
     for style in data.styles:
         ev = score(model, gens, data, style, cfg)
@@ -358,7 +360,8 @@ def run_evaluate(
 
     report = StageReport(stage=STAGE)
     data = load_eval_data(cfg, inputs)
-    session = Session(cfg, data, eval_key(cfg, data), mlflow_client(cfg), out_dir, force)
+    pool = S.ContinuationPool(cfg)
+    session = Session(cfg, data, eval_key(cfg, data), mlflow_client(cfg), out_dir, pool, force)
     targets = _targets(cfg, run_id, session.client)
     report.items_in = len(targets)
     torch.manual_seed(cfg.project.seed)
@@ -366,17 +369,18 @@ def run_evaluate(
     # same number: torch's implicit default was measured 10x slower per token here (2-core container, OpenMP pool
     # sized from the host).
     torch.set_num_threads(torch.get_num_threads())
-    for run in targets:
-        if not force and run.tags.get(EVAL_KEY_TAG) == session.key:
-            report.cached.append(run.run_id)
-            continue
-        try:
-            report.stats[run.run_id] = evaluate_run(session, run)
-            report.processed.append(run.run_id)
-        except (EvaluateError, RunsError, BundleError) as err:
-            report.failed[run.run_id] = str(err)
-        except Exception as err:  # one broken run must not stop the others
-            report.failed[run.run_id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    with pool:
+        for run in targets:
+            if not force and run.tags.get(EVAL_KEY_TAG) == session.key:
+                report.cached.append(run.run_id)
+                continue
+            try:
+                report.stats[run.run_id] = evaluate_run(session, run)
+                report.processed.append(run.run_id)
+            except (EvaluateError, RunsError, BundleError) as err:
+                report.failed[run.run_id] = str(err)
+            except Exception as err:  # one broken run must not stop the others
+                report.failed[run.run_id] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     logged_bases = sorted(b for b, logged in session.base_logs.items() if logged)
     report.outputs = len(report.processed) + len(logged_bases)
     report.stats.update(eval_key=session.key, base_runs_logged=logged_bases, attribution=data.classifier_note)

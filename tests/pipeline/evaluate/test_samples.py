@@ -57,18 +57,46 @@ def test_the_id_cap_cuts_the_same_stream_and_still_ends_every_note(tiny):
     assert score is not None and not _unended(problems), problems  # the closing NoteOffs end every note
 
 
-def test_generation_runs_at_the_runners_thread_count_and_gives_the_callers_back():
+def _pool_cfg(workers: int, threads: int = 1) -> Config:
+    return Config.model_validate({"project": {"workers": workers}, "realtime": {"threads": threads}})
+
+
+def test_the_pool_samples_the_ids_inline_sampling_does_in_the_same_order(tiny):
+    import numpy as np
+
+    engine, tok = tiny
+    bos = special_ids(tok)["bos_id"]
+    prompts = np.asarray([[bos], [bos], [bos]])  # the same prompt: only the seed tells samples apart
+    args = (prompts, [0, 1], 120.0, 60, 16.0)
+    with S.ContinuationPool(_pool_cfg(1)) as inline, S.ContinuationPool(_pool_cfg(2)) as pool:
+        expected = inline.sample(engine, *args)
+        assert pool.sample(engine, *args) == expected
+        assert pool.sample(engine, *args) == expected  # the processes are reused: nothing carried between models
+        assert pool._pool is not None
+    assert len(expected) == 6 and len({tuple(ids) for ids in expected}) == 6  # seed * 1000 + i: every one differs
+    assert expected[4] == S.continue_prompt(engine, [bos], 1001, 120.0, 60, 16.0)  # seed-major order
+
+
+def test_generation_runs_at_the_runners_thread_count_and_gives_the_callers_back(tiny, monkeypatch):
+    import numpy as np
     import torch
 
+    engine, _ = tiny
+    seen = []
+
+    def failing(*args):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("a failed generation still gives the threads back")
+
+    monkeypatch.setattr(S, "_continue_all", failing)
     before = torch.get_num_threads()
-    cfg = Config.model_validate({"realtime": {"threads": 1}})
     try:
         torch.set_num_threads(2)
-        with pytest.raises(RuntimeError), S.runner_threads(cfg):
-            assert torch.get_num_threads() == 1
-            raise RuntimeError("a failed generation still gives the threads back")
-        assert torch.get_num_threads() == 2
-        with S.runner_threads(Config.model_validate({"realtime": {"threads": 0}})):  # 0: the caller's count
-            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            S.ContinuationPool(_pool_cfg(1, threads=1)).sample(engine, np.asarray([[1]]), [0], 120.0, 8, 4.0)
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):  # 0: the caller's count
+            S.ContinuationPool(_pool_cfg(1, threads=0)).sample(engine, np.asarray([[1]]), [0], 120.0, 8, 4.0)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
