@@ -163,6 +163,10 @@ class CompiledStep(Lean):
             warnings.simplefilter("ignore")
             if kind == "eager":  # the module itself (tests: what the compiled kinds compute)
                 self.run = step
+            elif kind == "torchscript":  # traced and frozen: TorchScript's interpreter, no compiler needed
+                traced = torch.jit.freeze(torch.jit.trace(step, example, check_trace=False))
+                traced = torch.jit.optimize_for_inference(traced)
+                self.run = traced
             elif kind == "aoti":
                 package = torch._inductor.aoti_compile_and_package(
                     torch.export.export(step, example), package_path=str(folder / "step.pt2")
@@ -210,7 +214,7 @@ def make_backends(
         "lean_int8": Lean(LeanLlama.from_module(model, quantization="dynamic_int8")),
         "lean_bfloat16": Lean(LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16)),
     }
-    for kind in steps:  # "aoti", "onnx"
+    for kind in steps:  # "aoti", "onnx", "torchscript"
         out[f"lean_step_{kind}"] = CompiledStep(LeanLlama.from_module(model), kind, folder)
     if compile_:
         out["transformers_static_compile"] = HFStaticCompiled(load_copy(model), model.config.max_position_embeddings)
@@ -278,6 +282,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also transformers static cache + torch.compile")
     ap.add_argument("--aoti", action="store_true", help="also the decode step compiled by AOTInductor")
     ap.add_argument("--onnx", action="store_true", help="also the decode step in ONNX Runtime (needs onnx)")
+    ap.add_argument("--torchscript", action="store_true", help="also the decode step traced by TorchScript")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -286,7 +291,9 @@ def main() -> None:
         name = str(path) if path else f"random {args.size or 'demo'}: {SIZES[args.size or 'demo']}"
         model = load_model(path or random_model(SIZES[args.size or "demo"], Path(tmp)))
         ids = torch.randint(3, model.config.vocab_size, (CTX + STEPS,), generator=torch.Generator().manual_seed(0))
-        steps = tuple(k for k, on in (("aoti", args.aoti), ("onnx", args.onnx)) if on)
+        steps = tuple(
+            k for k, on in (("aoti", args.aoti), ("onnx", args.onnx), ("torchscript", args.torchscript)) if on
+        )
         if args.onnx:
             try:
                 import onnx  # noqa: F401

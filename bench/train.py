@@ -34,7 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_choices import COMPARE, STAGES, bench_compare, bench_quality, quality_run  # noqa: E402
+from train_choices import COMPARE, STAGES, bench_compare, bench_processes, bench_quality, quality_run  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -73,7 +73,8 @@ def make_workdir(root: Path, params: Path, steps: int) -> Path:
     cfg = load_config(root / "params.yaml")
     seq, vocab = cfg.tokenize.max_seq_len, Vocab(cfg.tokenize.vocab_size, 0, 1, 2)
     tok = cfg.stage_dir("tokenize")
-    for corpus, n in WINDOWS.items():
+    corpora = {**WINDOWS, **{f"style/{name}": WINDOWS["style"] for name in cfg.styles}}  # the stage's layout too
+    for corpus, n in corpora.items():
         (tok / corpus).mkdir(parents=True, exist_ok=True)
         np.save(tok / corpus / "train.npy", _windows(n, seq, vocab.size, 0))
         np.save(tok / corpus / "valid.npy", _windows(max(4, n // 10), seq, vocab.size, 1))
@@ -223,6 +224,12 @@ def main() -> None:
     parser.add_argument("--quality-stages", default="pretrain,finetune")
     parser.add_argument("--compare", default="", help=f"comma list of {', '.join(COMPARE)} (first = reference)")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved steps per compare variant")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="also time N torchrun processes of one thread against one process (whole runs)",
+    )
     parser.add_argument("--quality-run", help=argparse.SUPPRESS)  # internal: one quality variant
     args = parser.parse_args()
     if args.quality_run:
@@ -244,6 +251,8 @@ def main() -> None:
         if "compare" not in skip:
             names = args.compare.split(",") if args.compare else list(COMPARE)
             result["compare"] = {stage: bench_compare(root, stage, args.rounds, names) for stage in STAGES}
+        if args.processes > 1:
+            result["processes"] = bench_processes(root, list(STAGES), max(1, args.rounds // 4), args.processes)
         if "memory" not in skip:
             result["memory"] = bench_memory(root, min(args.steps, 6))
         if "restart" not in skip:

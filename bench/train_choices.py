@@ -24,6 +24,7 @@ COMPARE = {
     "bf16": {"bf16": True},
     "bf16_no_mask": {"bf16": True, "mask": False},
     "bf16_fused_adamw": {"bf16": True, "fused": True},
+    "fp32_compile": {"compile": True},
     "bf16_compile": {"bf16": True, "compile": True},
     "bf16_1_thread": {"bf16": True, "threads": 1},
     "bf16_batch_x2": {"bf16": True, "batch": 2},
@@ -168,3 +169,50 @@ def bench_quality(params: Path, data: Path, base: Path | None, stages: list[str]
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
         results[stage][name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": stderr[-800:]}
     return results
+
+
+def _stage_speed(root: Path, stage: str, processes: int, batch_size: int) -> float:
+    """Median tokens/s (all processes) of one `python -m pipeline.train --stage` run after its first two steps."""
+    env = {**os.environ, "PYTHONPATH": str(MAIN.parents[1]), "TQDM_DISABLE": "1"}
+    entry = ["-m", "pipeline.train", "--stage", stage, "-p", "params.yaml", "--fresh",
+             "--set", f"{stage}.batch_size={batch_size}", "--set", f"{stage}.system_metrics=false"]  # fmt: skip
+    if processes == 1:
+        cmd = [sys.executable, *entry]
+    else:  # one thread per process; gloo on loopback
+        env["OMP_NUM_THREADS"] = "1"
+        with __import__("socket").socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torchrun = Path(sys.executable).with_name("torchrun")
+        cmd = [str(torchrun), "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), *entry]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{stage} x{processes}: {(proc.stdout + proc.stderr)[-1500:]}")
+    speeds = [float(m) for m in __import__("re").findall(r"tokens_per_s ([\d.e+]+)", proc.stdout + proc.stderr)]
+    return statistics.median(speeds[2:] or speeds)
+
+
+def bench_processes(root: Path, stages: list[str], rounds: int, processes: int) -> dict:
+    """One process on every core vs `processes` torchrun processes of one thread each, the same global batch.
+
+    Whole `python -m pipeline.train` runs of the params' steps, alternating for `rounds` rounds; the ratio is per
+    round (the machine is shared). Two processes follow one process's curve to float noise
+    (tests/pipeline/train/test_multiprocess.py).
+    """
+    from pipeline.core.config import load_config
+
+    cfg = load_config(root / "params.yaml")
+    out = {}
+    for stage in stages:
+        batch = getattr(cfg, stage).batch_size
+        if batch % processes:
+            raise ValueError(f"{stage}.batch_size {batch} is not a multiple of {processes} processes")
+        one, many = [], []
+        for _ in range(rounds):
+            one.append(_stage_speed(root, stage, 1, batch))
+            many.append(_stage_speed(root, stage, processes, batch // processes))
+        out[stage] = {"one_process_tokens_per_s": [round(v) for v in one],
+                      f"{processes}_processes_tokens_per_s": [round(v) for v in many],
+                      "ratio": round(statistics.median(b / a for a, b in zip(one, many, strict=True)), 3)}  # fmt: skip
+    return out
