@@ -32,9 +32,18 @@ def _save(fig, path: Path) -> Path:
 
 
 def _roll(ax, notes: Sequence[Note], title: str, color: str) -> None:
-    for n in notes:
-        alpha = 0.3 + 0.7 * n.velocity / 127
-        ax.broken_barh([(n.start, n.end - n.start)], (n.pitch - 0.4, 0.8), color=color, alpha=alpha)
+    """One bar per note, more opaque the louder; all in one collection (an artist per note took ~1 s a roll)."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import to_rgba
+
+    if notes:
+        box = np.asarray([[n.start, n.end, n.pitch - 0.4, n.pitch + 0.4] for n in notes])
+        x0, x1, y0, y1 = box.T
+        verts = np.stack([np.c_[x0, y0], np.c_[x0, y1], np.c_[x1, y1], np.c_[x1, y0]], axis=1)
+        colors = np.tile(to_rgba(color), (len(notes), 1))
+        colors[:, 3] = 0.3 + 0.7 * np.asarray([n.velocity for n in notes]) / 127
+        ax.add_collection(PolyCollection(verts, facecolors=colors, edgecolors=colors))  # as broken_barh(color=)
+        ax.autoscale_view()
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("beats")
     if not notes:
