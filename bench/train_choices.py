@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -180,7 +182,7 @@ def _stage_speed(root: Path, stage: str, processes: int, batch_size: int) -> flo
         cmd = [sys.executable, *entry]
     else:  # one thread per process; gloo on loopback
         env["OMP_NUM_THREADS"] = "1"
-        with __import__("socket").socket() as s:
+        with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         torchrun = Path(sys.executable).with_name("torchrun")
@@ -189,7 +191,7 @@ def _stage_speed(root: Path, stage: str, processes: int, batch_size: int) -> flo
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{stage} x{processes}: {(proc.stdout + proc.stderr)[-1500:]}")
-    speeds = [float(m) for m in __import__("re").findall(r"tokens_per_s ([\d.e+]+)", proc.stdout + proc.stderr)]
+    speeds = [float(m) for m in re.findall(r"tokens_per_s ([\d.e+]+)", proc.stdout + proc.stderr)]
     return statistics.median(speeds[2:] or speeds)
 
 

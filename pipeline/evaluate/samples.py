@@ -139,8 +139,12 @@ class ContinuationPool:
         parts = [jobs[k::n] for k in range(n)]  # interleaved: long and short samples spread over the processes
         futures = [self._pool.submit(_continue_all, engine, part, tempo_bpm, max_tokens, beats) for part in parts]
         out: list[list[int]] = [[] for _ in jobs]
-        for k, future in enumerate(futures):
-            out[k::n] = future.result()
+        try:
+            for k, future in enumerate(futures):
+                out[k::n] = future.result()
+        except BaseException:  # a crashed process breaks the pool: the next model starts a fresh one
+            self.close()
+            raise
         return out
 
 

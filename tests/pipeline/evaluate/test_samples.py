@@ -100,3 +100,15 @@ def test_generation_runs_at_the_runners_thread_count_and_gives_the_callers_back(
         assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_failed_sample_raises_and_the_next_model_gets_fresh_processes(tiny):
+    import numpy as np
+
+    engine, tok = tiny
+    bos = special_ids(tok)["bos_id"]
+    with S.ContinuationPool(_pool_cfg(2)) as pool:
+        with pytest.raises(IndexError):  # an id past the vocabulary fails inside a worker
+            pool.sample(engine, np.asarray([[bos, 10**6], [bos, 10**6]]), [0], 120.0, 8, 4.0)
+        assert pool._pool is None
+        assert len(pool.sample(engine, np.asarray([[bos], [bos]]), [0], 120.0, 8, 4.0)) == 2
