@@ -99,7 +99,8 @@ class ContinuationPool:
     order (tests/pipeline/evaluate/test_samples.py). The processes live as long as the pool (one `jam evaluate`
     or blend check), so each model costs one pickled engine per process, not a start. Generation is most of an
     evaluation (40 continuations of 32 beats: ~16k ids a model), and one generating process uses one core.
-    A CUDA engine samples inline.
+    A CUDA engine samples inline. Not `core.items.run_jobs`: that driver caches and records items in an index and
+    starts its processes per call; these are id lists returned in order, to processes kept across models.
     """
 
     def __init__(self, cfg: Config):
