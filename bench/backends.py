@@ -10,7 +10,9 @@
 Per backend: `decode_ms` (one id after 128 cached, median over rounds of 64-step runs), `prefill_128_ms` (128 ids
 into an empty cache), `max_abs_diff` of its logits against transformers' eager forward on the same ids (prefill, all
 positions, and the decode steps), and both times as ratios to transformers eager. Rounds interleave the backends,
-so machine load hits them alike. The runner plays `lean` (realtime/llama.py); the others are here to be measured.
+so machine load hits them alike. The runner plays `lean` (realtime/llama.py: torch ops for prefills, the decode
+step compiled by numba, realtime/kernels.py); `lean_torch` is the same forward with its decode step in torch ops;
+the others are here to be measured.
 
 `--aoti` and `--onnx` run the lean forward's decode step (one id at a position, the preallocated KV cache as an
 input, the new keys and values as an output that Python writes into the cache) compiled ahead of time: by
@@ -211,6 +213,7 @@ def make_backends(
         "transformers_eager": HFEager(model),
         "transformers_int8": HFEager(hf_int8),
         "lean": Lean(LeanLlama.from_module(model)),
+        "lean_torch": Lean(LeanLlama.from_module(model, decode="torch")),
         "lean_int8": Lean(LeanLlama.from_module(model, quantization="dynamic_int8")),
         "lean_bfloat16": Lean(LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16)),
     }

@@ -4,9 +4,9 @@
     python bench/sampler.py --vocab 2048 --held 8 --rounds 5
 
 What one step of `realtime.sampling` costs besides the forward: `prepare` (the grammar's mask from the stream's
-state), the grammar processor's call (the ban plus the two probability moves: unused NoteOffs onto sounding notes'
-NoteOffs, re-strikes of held keys onto their NoteOffs), top-p, and the draw (softmax + multinomial), and the whole
-`sample_token`. The vocabulary is the pipeline's MIDILike tokenizer BPE-trained to `--vocab` ids on random phrases
+state), the grammar's probability moves (unused NoteOffs onto sounding notes' NoteOffs, re-strikes of held keys onto
+their NoteOffs: `moved`), the draw (ban, top-p, inverse CDF: `kernels.draw`), and a whole step (`prepare` and
+`sample_token`). The vocabulary is the pipeline's MIDILike tokenizer BPE-trained to `--vocab` ids on random phrases
 (`realtime.synthetic.make_tokenizer`, as the random demo-size bundle is): the grammar's cost depends on the
 vocabulary's size and the number of sounding notes, not on the model's weights. Medians over rounds.
 """
@@ -23,10 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
 
+from realtime import kernels
 from realtime.codec import TokenCodec
-from realtime.sampling import GrammarProcessor, TopP, sample_token
+from realtime.sampling import GrammarProcessor, Sampling, sample_token
 from realtime.synthetic import make_tokenizer
 
 
@@ -50,10 +52,10 @@ def main() -> None:
     torch.set_num_threads(1)
     codec = TokenCodec(make_tokenizer(bpe_vocab=args.vocab))
     grammar = GrammarProcessor(codec.ops, codec.pad_id, codec.bos_id, codec.eos_id, codec.vocab_size)
-    top_p = TopP(args.top_p)
+    sampling = Sampling(top_p=args.top_p)
     logits = torch.randn(codec.vocab_size, generator=torch.Generator().manual_seed(0)) * 2
-    rows = logits[None]
-    draw_gen = torch.Generator().manual_seed(0)
+    scores = logits.numpy()
+    rng = np.random.default_rng(0)
     held = tuple(sorted(codec.pitches)[len(codec.pitches) // 2 :: 3][: args.held])  # middle of the keyboard, apart
 
     def prepare() -> None:
@@ -61,10 +63,9 @@ def main() -> None:
 
     parts = {
         "prepare": prepare,
-        "grammar_call": lambda: grammar(None, rows),
-        "top_p": lambda: top_p(None, rows),
-        "draw": lambda: torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=draw_gen).item(),
-        "step": lambda: (prepare(), sample_token(logits, [grammar, top_p], draw_gen)),
+        "moved": lambda: grammar.moved(scores),
+        "draw": lambda: kernels.draw(scores, grammar.banned, 1.0, 0, args.top_p, rng.random()),
+        "step": lambda: (prepare(), sample_token(logits, grammar, sampling, rng)),
     }
     prepare()  # the grammar call's masks: those of this state
     times: dict[str, list[float]] = {name: [] for name in parts}

@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from realtime import constants as C
 from realtime.codec import Decoder, NoteEvent, TokenCodec
 from realtime.llama import KVCache, LeanLlama
-from realtime.sampling import SHIFT_EPS, GrammarProcessor, Sampling, sample_token, warpers
+from realtime.sampling import SHIFT_EPS, GrammarProcessor, Sampling, sample_token
 
 __all__ = ["ChunkContext", "ChunkResult", "Engine", "Sampling", "StreamState", "sample_token"]
 
@@ -108,18 +109,13 @@ class Engine:
         self.clock = clock
         self.max_note_beats = max_note_beats
         self.max_polyphony = max_polyphony  # no model note starts while this many sound (None: no limit)
-        self.generator = torch.Generator(device="cpu")
         self.reseed(self.sampling.seed)
         vocab = self.model.shape.vocab
         self.grammar = GrammarProcessor(codec.ops, codec.pad_id, codec.bos_id, codec.eos_id, vocab)
-        self.processors = [self.grammar, *warpers(self.sampling)]
 
     def reseed(self, seed: int | None) -> None:
         """Restart the sampling generator at `seed` (None: a fresh random state)."""
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
     # ------------------------------------------------------------ model calls
 
@@ -200,7 +196,7 @@ class Engine:
         if self.max_polyphony is not None and sum(map(len, sounding.values())) >= self.max_polyphony:
             strikes = False  # the polyphony rule: a note must end (or time pass) before another starts
         self.grammar.prepare(pending, leading, allow_eos, overdue, budget, fresh, sounding, strikes)
-        return sample_token(state.logits, self.processors, self.generator), bool(overdue)
+        return sample_token(state.logits, self.grammar, self.sampling, self.rng), bool(overdue)
 
     # ------------------------------------------------------------ stream edits
 

@@ -14,6 +14,12 @@ Exact rearrangements of the transformers weights (equal logits to 1e-4: tests/re
   and values go into the cache with one copy.
 `quantization="dynamic_int8"` swaps the projections for fbgemm's dynamic int8 linear (not exact: opt-in).
 
+The decode step (one id, the jam's and evaluation's hot path) runs compiled where it can: float32 on the CPU
+without quantization, `decode="auto"` calls realtime/kernels.py's numba function over the same folded weights and
+the same cache (numpy views of these tensors: nothing is copied), also for up to `STEPS_MAX` ids one by one; the
+torch ops below stay the path for longer prefills (torch's fused attention), other dtypes and devices, and
+`decode="torch"`.
+
 The cache holds `(layers, 2, kv_heads, max_len, head_dim)`; a forward writes positions `length ...` and raises
 `length`; cropping lowers it; a fresh window sets it to 0. Nothing is allocated per step but the ops' outputs.
 """
@@ -24,11 +30,17 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 WEIGHT_PREFIX = "model."  # transformers' key prefix of the decoder stack (LlamaForCausalLM.model)
 QUANTIZATIONS = ("none", "dynamic_int8")
+DECODES = ("auto", "compiled", "torch")  # the one-id step: compiled where possible, compiled or fail, torch ops
+# up to this many ids run as compiled steps, one by one (a human chord folded in, a few rest ids); more as one torch
+# prefill. Measured on the demo model, one thread, after 128 ids: 2 ids 2.19 ms torch / 0.67 steps, 4 2.61 / 1.22,
+# 8 2.70 / 2.55, 12 3.32 / 3.66
+STEPS_MAX = 8
 
 
 class UnsupportedModel(ValueError):
@@ -90,6 +102,8 @@ class KVCache:
         self.values = [kv[1] for kv in self.layer]
         self.max_len = max_len
         self.length = 0
+        # the compiled decode step's view of the same memory (CPU float32 only)
+        self.array = self.kv.numpy() if self.kv.device.type == "cpu" and dtype == torch.float32 else None
 
     def crop(self, remove: int) -> None:
         """Forget the last `remove` positions."""
@@ -139,9 +153,13 @@ class _Layer:
 class LeanLlama:
     """The forward over one LlamaForCausalLM's weights; see the module docstring."""
 
-    def __init__(self, shape: LlamaShape, weights: dict[str, torch.Tensor], quantization: str = "none"):
+    def __init__(
+        self, shape: LlamaShape, weights: dict[str, torch.Tensor], quantization: str = "none", decode: str = "auto"
+    ):
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization {quantization!r}: expected one of {QUANTIZATIONS}")
+        if decode not in DECODES:
+            raise ValueError(f"decode {decode!r}: expected one of {DECODES}")
         self.shape, self.quantization = shape, quantization
         self.embed = weights["embed_tokens.weight"]  # (vocab, hidden)
         self.dtype, self.device = self.embed.dtype, self.embed.device
@@ -151,6 +169,7 @@ class LeanLlama:
         self.layers = [_layer(shape, weights, f"layers.{i}.", linear) for i in range(shape.layers)]
         self.params = sum(w.numel() for w in weights.values())
         self._tables(shape.max_positions)
+        self._step = self._compiled_step(decode)
 
     @classmethod
     def from_state_dict(
@@ -160,17 +179,46 @@ class LeanLlama:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         quantization: str = "none",
+        decode: str = "auto",
     ) -> LeanLlama:
         """From a LlamaConfig dict and LlamaForCausalLM's state dict (`model.` prefix; lm_head absent when tied)."""
         shape = LlamaShape.from_config(config)
         weights = {k.removeprefix(WEIGHT_PREFIX): v.detach().to(dtype=dtype, device=device) for k, v in state.items()}
-        return cls(shape, weights, quantization)
+        return cls(shape, weights, quantization, decode)
 
     @classmethod
-    def from_module(cls, model: torch.nn.Module, quantization: str = "none") -> LeanLlama:
+    def from_module(cls, model: torch.nn.Module, quantization: str = "none", decode: str = "auto") -> LeanLlama:
         """From a loaded transformers LlamaForCausalLM, in its dtype and on its device."""
         w = model.get_input_embeddings().weight
-        return cls.from_state_dict(model.config.to_dict(), model.state_dict(), w.dtype, w.device, quantization)
+        return cls.from_state_dict(model.config.to_dict(), model.state_dict(), w.dtype, w.device, quantization, decode)
+
+    def _compiled_step(self, decode: str):
+        """The compiled one-id step over these weights (None: the torch ops). Loads (or, the first time on a
+        machine, compiles) it now, so that the first note never waits for it."""
+        able = self.dtype == torch.float32 and self.device.type == "cpu" and self.quantization == "none"
+        if decode == "torch" or (decode == "auto" and not able):
+            return None
+        if not able:
+            raise ValueError(f"decode='compiled' needs float32 on the CPU without quantization, not {self.describe()}")
+        from realtime.kernels import decode_step
+
+        # (layers, in, out) stacks; each layer's tensors become views of them, so the weights are held once
+        stacks = {}
+        for name in ("qkv", "o", "gate_up", "down"):
+            stack = torch.stack([getattr(layer, name).t for layer in self.layers])
+            for i, layer in enumerate(self.layers):
+                getattr(layer, name).t = stack[i]
+            stacks[name] = stack.numpy()
+        floor2 = np.float32(self.norm_floor.item() ** 2)
+        tables = (self.embed.numpy(), self.cos.numpy(), self.sin.numpy(), floor2)
+        weights = (stacks["qkv"], stacks["o"], stacks["gate_up"], stacks["down"], self.head.t.numpy())
+        heads = self.shape.heads
+
+        def step(token: int, pos: int, kv: np.ndarray) -> np.ndarray:
+            return decode_step(token, pos, *tables, *weights, kv, heads)
+
+        step(0, 0, self.new_cache(1).array)
+        return step
 
     def _tables(self, max_len: int) -> None:
         """RoPE cos/sin per position for the q|k|v row (v: cos 1, sin 0; sin's first half negated: `roll` then
@@ -192,9 +240,10 @@ class LeanLlama:
         self.norm_floor = torch.tensor(math.sqrt(s.hidden * s.eps), dtype=torch.float32, device=self.device)
 
     def describe(self) -> str:
-        """The backend in a few words, e.g. `lean-torch float32 cpu`."""
+        """The backend in a few words: `lean-numba float32 cpu` (the decode step compiled), `lean-torch ...`."""
         quant = "" if self.quantization == "none" else f" {self.quantization}"
-        return f"lean-torch {str(self.dtype).removeprefix('torch.')}{quant} {self.device}"
+        step = "numba" if getattr(self, "_step", None) is not None else "torch"
+        return f"lean-{step} {str(self.dtype).removeprefix('torch.')}{quant} {self.device}"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty cache for windows of up to `max_len` ids (default and limit: the model's positions)."""
@@ -220,6 +269,10 @@ class LeanLlama:
         end = start + n
         if n == 0 or end > cache.max_len:
             raise ValueError(f"{start} cached + {n} new ids: need 1 to {cache.max_len - start}")
+        if n <= STEPS_MAX and self._step is not None and cache.array is not None:
+            rows = [self._step(token, start + i, cache.array) for i, token in enumerate(ids)][-keep:]
+            cache.length = end
+            return torch.from_numpy(rows[0][None] if len(rows) == 1 else np.stack(rows))
         x = self._embed(ids)
         cos, sin = self.cos[start:end], self.sin[start:end]
         for i, layer in enumerate(self.layers):

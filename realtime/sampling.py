@@ -1,4 +1,4 @@
-"""THE sampler: temperature/top-k/top-p warpers (transformers' arithmetic, op for op) plus the project's grammar.
+"""THE sampler: the project's grammar, then temperature, top-k and top-p as transformers' warpers filter, and a draw.
 
 `jam play` (through `realtime.engine.Engine`) and `jam evaluate` (which drives the same engine) sample every token
 here, so what is evaluated is what is heard. The grammar constraint (`GrammarProcessor`) bans, per step:
@@ -26,21 +26,27 @@ here, so what is evaluated is what is heard. The grammar constraint (`GrammarPro
   classical adapter (40 samples, with the two rules above): notes 0.95 -> 0.70 beats (median 0.5 -> 0.38; the real
   pieces' 0.58 and 0.48), 5.1 -> 4.1 sounding at an onset (real: 4.0).
 
-Processors are called directly on one (1, vocab) row, `processor(None, scores)` as transformers' are. The warpers
-are written out here (a few lines each, tested equal to transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper`
-and `TopPLogitsWarper` bit for bit) so that the runner does not import transformers: 0.6 s of every start.
+A step is `GrammarProcessor.prepare` (the stream's state as masks), then `sample_token`: the grammar's probability
+moves and the draw run compiled (realtime/kernels.py `grammar_masks`, `sample`: two calls where numpy's masks and
+torch's warpers, sort, softmax and multinomial made ~40; per generated id of the demo model's engine loop, `prepare`
+0.10 -> 0.05 ms and `sample_token` 0.41 -> 0.08 ms; bench/sampler.py times the parts). The filters
+keep the ids transformers' `TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` keep (tested
+against them), without importing transformers in the runner (0.6 s of every start). The draw takes a uniform number
+from the caller's numpy generator (the engine's, reseeded per evaluation sample), inverse-CDF over the kept ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
+from realtime import kernels
+
 SHIFT_EPS = 1e-6  # beats: a shift landing exactly on the note limit is allowed
+PITCHES = 128  # MIDI
 
 
 @dataclass
@@ -53,60 +59,12 @@ class Sampling:
     seed: int | None = None
 
 
-class LogitsProcessor(Protocol):
-    """transformers' processor call: `(input_ids or None, scores (1, vocab)) -> scores`."""
-
-    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class Temperature:
-    temperature: float
-
-    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperature
-
-
-@dataclass(frozen=True)
-class TopK:
-    top_k: int
-
-    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        kth = torch.topk(scores, min(self.top_k, scores.size(-1)))[0][..., -1, None]
-        return scores.masked_fill(scores < kth, -float("inf"))
-
-
-@dataclass(frozen=True)
-class TopP:
-    top_p: float
-
-    def __call__(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
-        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - self.top_p)
-        remove[..., -1:] = 0  # the most likely id always stays
-        return scores.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
-
-
-def warpers(sampling: Sampling) -> list[LogitsProcessor]:
-    """Warpers for the enabled controls, in transformers `generate`'s order (temperature, top-k, top-p)."""
-    out: list[LogitsProcessor] = []
-    if sampling.temperature != 1.0:
-        out.append(Temperature(sampling.temperature))
-    if sampling.top_k > 0:
-        out.append(TopK(sampling.top_k))
-    if sampling.top_p < 1.0:
-        out.append(TopP(sampling.top_p))
-    return out
-
-
 class GrammarProcessor:
-    """The token grammar as a logits processor; `prepare` sets what the next step may sample.
+    """The token grammar; `prepare` sets what the next step may sample (`banned`) and which probability moves.
 
-    Masks are precomputed per vocabulary (bool, True = banned) as numpy arrays: a step is a few dozen ORs and ANDs
-    over vocabulary-long rows and a few small reductions, each ~1-2 us in numpy against ~3-5 us of torch dispatch
-    (bench/sampler.py, 1024 ids, 4 notes held: `prepare` 0.074-0.081 -> 0.030 ms, the call 0.137-0.155 -> 0.066;
-    the same ids drawn). The scores come in and go out as torch tensors, viewed without a copy on the CPU.
+    Masks are precomputed per vocabulary (bool, True = banned): per rule a row, per pitch a row of the ids that
+    open with its NoteOff, end it, or strike it. A step combines them in one compiled pass (realtime/kernels.py
+    `grammar_masks`; in numpy it was a few dozen ORs and ANDs of ~1-2 us each: bench/sampler.py).
     """
 
     def __init__(self, ops: list[tuple], pad_id: int, bos_id: int, eos_id: int, model_vocab: int):
@@ -130,7 +88,18 @@ class GrammarProcessor:
         self.strikes = _first_of(ops, size, "on", "off")  # pitch -> ids striking `pitch` before any NoteOff of it
         self.any_strike = _any_op(ops, "on", size)  # ids that start a note
         self.any_end = np.logical_or.reduce(list(self.ends.values())) if self.ends else np.zeros(size, dtype=bool)
+        per_pitch = np.zeros((3, PITCHES, size), dtype=bool)
+        for row, table in enumerate((self.off_first, self.ends, self.strikes)):
+            for pitch, mask in table.items():
+                if 0 <= pitch < PITCHES:
+                    per_pitch[row, pitch] = mask
+        self._per_pitch = per_pitch
+        self._rows = np.stack(
+            [self.base, self.no_eos, self.lead, self.vel, self.empty_note | self.vel_first, self.any_end,
+             self.any_strike]
+        )  # fmt: skip
         self.banned = self.no_eos
+        self.moves = (np.zeros((0, size), dtype=bool), np.zeros((2, 0, size), dtype=bool))  # the kernel's layout
         # (1, size) masks (ids ending no sounding note, ids ending one) this step: the first's probability moves on
         self.transfer: tuple[np.ndarray, np.ndarray] | None = None
         # (k, size) masks per held pitch: (ids striking it again, ids ending it): the first's probability moves on
@@ -161,66 +130,37 @@ class GrammarProcessor:
             strikes: whether an id may start a note (False: continuous mode's density cap is reached, or as many
                 model notes sound as the polyphony rule allows).
         """
-        self.transfer = self.restrike = None
-        if pending_velocity:
-            self.banned = self.vel
-            return
-        forced = [self.off_first[p] for p in overdue if p in self.off_first]
-        if forced:
-            self.banned = self.no_eos | ~np.logical_or.reduce(forced)
-            return
-        banned = (self.lead if leading else self.base if allow_eos else self.no_eos) | self.empty_note | self.vel_first
-        if shift_budget is not None and not leading:
-            banned = banned | (self.shift_beats > shift_budget + SHIFT_EPS)
-        for pitch in just_started:  # any id ending it, not only one opening with its NoteOff (BPE merges NoteOffs)
-            if pitch in self.ends:
-                banned = banned | self.ends[pitch]
-        held = list(sounding)
-        may_end = [self.ends[p] for p in held if p in self.ends]
-        useful = np.logical_or.reduce(may_end) if may_end else np.zeros_like(banned)
-        wrong = self.any_end & ~useful & ~banned
-        banned = banned | (self.any_end & ~useful)
-        if not strikes and not leading:
-            banned = banned | self.any_strike
-        restrikes = [self.strikes[p] for p in held if p in self.strikes]
-        self.banned = banned | np.logical_or.reduce(restrikes) if restrikes else banned
-        right = useful & ~self.banned
-        if right.any() and wrong.any():
-            self.transfer = (wrong[None], right[None])
-        pitches = [p for p in held if p in self.strikes and p in self.ends]
-        if pitches:
-            again = np.stack([self.strikes[p] for p in pitches]) & ~banned
-            release = np.stack([self.ends[p] for p in pitches]) & ~self.banned
-            keep = release.any(axis=1) & again.any(axis=1)  # a held key the model may want again
-            if keep.any():
-                self.restrike = (again[keep], release[keep])
+        # the rules, in the kernel's order: a pending Velocity comes first; an overdue note's NoteOff is forced;
+        # else the base mask (an answer's first id opens with a NoteOn; EOS only where the chunk may end), no empty
+        # note nor stray Velocity, no shift past the note limit, no NoteOff right after its own NoteOn (any id
+        # ending the pitch: BPE merges NoteOffs), no NoteOff of a silent pitch (its probability moves onto the
+        # sounding notes' NoteOffs), no note at all when strikes are off, no re-strike of a held key (its
+        # probability moves onto that key's NoteOffs)
+        flags = np.array([pending_velocity, leading, allow_eos, strikes], dtype=np.int64)
+        budget = -1.0 if shift_budget is None else shift_budget + SHIFT_EPS
+        banned, transfer, restrike = kernels.grammar_masks(
+            self._rows, self._per_pitch, flags, self.shift_beats, budget, _pitches(overdue), _pitches(just_started),
+            _pitches(sounding),
+        )  # fmt: skip
+        self.banned, self.moves = banned, (transfer, restrike)
+        self.transfer = (transfer[:1], transfer[1:]) if len(transfer) else None
+        self.restrike = (restrike[0], restrike[1]) if restrike.shape[1] else None
 
-    def __call__(self, input_ids: torch.LongTensor | None, scores: torch.FloatTensor) -> torch.FloatTensor:
-        n = scores.shape[-1]
-        x = scores.numpy(force=True)[0]  # (n,): a view on CPU
+    def moved(self, scores: np.ndarray) -> np.ndarray:
+        """(n,) float32 logits with this step's probability moves applied (a copy; banned ids are left as they
+        are: `banned` says which to skip). The moved-from ids are banned, so their probability ends up on the
+        others: each move scales its `dest` ids' probabilities by (P(source) + P(dest)) / P(dest)."""
+        x = np.array(scores, dtype=np.float32)
         if self.transfer is not None:  # useless NoteOffs' probability onto the useful ones
-            x = _give(x, self.transfer[0][:, :n], self.transfer[1][:, :n])
+            kernels.give(x, *self.transfer)
         if self.restrike is not None:  # each held key's strikes' probability onto its NoteOffs
-            x = _give(x, self.restrike[0][:, :n], self.restrike[1][:, :n])
-        return torch.from_numpy(np.where(self.banned[:n], np.float32(-np.inf), x)[None]).to(scores.device)
+            kernels.give(x, *self.restrike)
+        return x
 
 
-def _give(scores: np.ndarray, source: np.ndarray, dest: np.ndarray) -> np.ndarray:
-    """Scale each row's `dest` ids' probabilities by (P(source) + P(dest)) / P(dest), in logits.
-
-    `scores` (n,) finite logits; `source`, `dest` (k, n) bool, every row of each non-empty. An id in several rows
-    takes the largest factor. The `source` ids are banned by the caller, so their probability ends up on `dest`.
-    """
-    to = _row_logsumexp(scores, dest)
-    factor = np.logaddexp(_row_logsumexp(scores, source), to) - to
-    return scores + np.where(dest, factor[:, None], np.float32(0.0)).max(axis=0)
-
-
-def _row_logsumexp(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """(k,) log of the summed exp(scores) over each row's True ids (each row non-empty)."""
-    picked = np.where(masks, scores, np.float32(-np.inf))
-    top = picked.max(axis=1)
-    return top + np.log(np.exp(picked - top[:, None]).sum(axis=1))
+def _pitches(pitches: Iterable[int]) -> np.ndarray:
+    """int64 MIDI pitches (0-127) for the kernel."""
+    return np.array([p for p in pitches if 0 <= p < PITCHES], dtype=np.int64)
 
 
 def _any_op(ops: list[tuple], kind: str, size: int) -> np.ndarray:
@@ -267,11 +207,10 @@ def _first_of(ops: list[tuple], size: int, kind: str, before: str) -> dict[int, 
 
 
 def sample_token(
-    logits: torch.Tensor, processors: Iterable[LogitsProcessor], generator: torch.Generator | None = None
+    logits: torch.Tensor | np.ndarray, grammar: GrammarProcessor, sampling: Sampling, rng: np.random.Generator
 ) -> int:
-    """One id drawn from a (vocab,) logits vector after the processors (grammar first, then warpers)."""
-    x = logits.unsqueeze(0)  # (1, vocab): the processors' batch layout
-    for processor in processors:
-        x = processor(None, x)
-    probs = torch.softmax(x[0], dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """One id drawn from (vocab,) logits: the grammar's moves and bans (as prepared), then the sampling controls."""
+    scores = logits.numpy(force=True) if isinstance(logits, torch.Tensor) else logits
+    u = rng.random()
+    return int(kernels.sample(scores, grammar.banned, *grammar.moves, sampling.temperature, sampling.top_k,
+                              sampling.top_p, u))  # fmt: skip

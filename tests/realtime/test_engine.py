@@ -130,7 +130,7 @@ def test_rest_appended_ahead_can_be_retracted(engine, full_logits):
 def test_answers_open_with_a_complete_note(engine, seed):
     """The first id of an answer opens with a NoteOn and a NoteOn is always followed by its Velocity, so the first
     event comes after one or two ids whatever the model prefers."""
-    engine.generator.manual_seed(seed)
+    engine.reseed(seed)
     state = engine.start(0.0, 120.0)
     play_phrase(engine, state, seed=seed)
     engine.append_rest(state, 1.6)

@@ -1,5 +1,6 @@
-"""The runner's forward computes the transformers model's logits: prefill, one id at a time, after crops and
-re-prefills, with grouped-query attention, another RoPE theta, separate or tied output heads, and merged adapters."""
+"""The runner's forward computes the transformers model's logits: prefill, one id at a time (the compiled step and
+the torch ops), after crops and re-prefills, with grouped-query attention, another RoPE theta, separate or tied
+output heads, and merged adapters."""
 
 from __future__ import annotations
 
@@ -40,31 +41,38 @@ SHAPES = {
 }
 
 
+@pytest.mark.parametrize("decode", ["compiled", "torch"])
 @pytest.mark.parametrize("arch", SHAPES.values(), ids=SHAPES.keys())
-def test_prefill_and_steps_equal_transformers(arch):
+def test_prefill_and_steps_equal_transformers(arch, decode):
     model = make_model(**arch)
-    lean = LeanLlama.from_module(model)
+    lean = LeanLlama.from_module(model, decode=decode)
+    assert lean.describe().startswith("lean-numba" if decode == "compiled" else "lean-torch")
     ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = reference(ids, model)
     cache = lean.new_cache()
     torch.testing.assert_close(lean.forward(ids, cache, keep=len(ids)), ref, atol=ATOL, rtol=0)
     assert cache.length == len(ids)
     cache = lean.new_cache()
-    first = lean.forward(ids[:10], cache, keep=10)  # a prefill, then one id at a time and a few at a time
-    steps = [lean.forward([i], cache) for i in ids[10:30]] + [lean.forward(ids[30:], cache, keep=10)]
+    first = lean.forward(ids[:10], cache, keep=10)  # a prefill, one id at a time, a few (compiled: one by one), more
+    steps = [lean.forward([i], cache) for i in ids[10:25]]
+    steps += [lean.forward(ids[25:30], cache, keep=5), lean.forward(ids[30:], cache, keep=10)]
     torch.testing.assert_close(torch.cat([first, *steps]), ref, atol=ATOL, rtol=0)
 
 
-def test_crop_and_reprefill_equal_transformers():
+@pytest.mark.parametrize("decode", ["compiled", "torch"])
+def test_crop_and_reprefill_equal_transformers(decode):
     """What the engine does to a window: take back unplayed ids, rewind, restart the window at position 0."""
     model = make_model(num_key_value_heads=2)
-    lean = LeanLlama.from_module(model)
+    lean = LeanLlama.from_module(model, decode=decode)
     ids = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     cache = lean.new_cache()
     lean.forward(ids[:30], cache)
     cache.crop(12)  # crop_unplayed / retract
     got = lean.forward(ids[40:45], cache, keep=5)  # other ids where the cropped ones were
     torch.testing.assert_close(got, reference(ids[:18] + ids[40:45], model)[-5:], atol=ATOL, rtol=0)
+    cache.crop(3)  # one id at a time where those were: the step writes over the cropped positions
+    steps = torch.cat([lean.forward([i], cache) for i in ids[50:54]])
+    torch.testing.assert_close(steps, reference(ids[:18] + ids[40:42] + ids[50:54], model)[-4:], atol=ATOL, rtol=0)
     cache.length = 0  # a slide: the kept half re-prefilled from position 0
     window = ids[30:60]
     lean.forward(window[:-1], cache)
@@ -83,6 +91,11 @@ def test_cache_bounds_and_unsupported_configs():
     for change in ({"attention_bias": True}, {"hidden_act": "gelu"}, {"rope_parameters": {"rope_type": "llama3"}}):
         with pytest.raises(UnsupportedModel):
             LeanLlama.from_state_dict({**cfg, **change}, make_model().state_dict())
+    state = make_model().state_dict()
+    with pytest.raises(ValueError, match="decode='compiled' needs float32"):
+        LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16, decode="compiled")
+    assert LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16).describe().startswith("lean-torch")
+    assert LeanLlama.from_module(make_model(), quantization="dynamic_int8").describe().startswith("lean-torch")
 
 
 def test_int8_and_bfloat16_stay_close():
