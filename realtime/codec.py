@@ -4,7 +4,8 @@ Human input becomes base tokens (`TimeShift_*` for the time since the stream's e
 finest beat grid at the session tempo, then `NoteOn_p Velocity_v` or `NoteOff_p`), BPE-encoded per batch.
 Model output is decoded id by id through a precomputed table (id -> base-token operations), so a generated id
 turns into MIDI events immediately. A token that does not decode (a Velocity with no NoteOn before it, a NoteOn
-not followed by a Velocity, TimeSig/Program/drum tokens) is skipped, never raised.
+not followed by a Velocity, TimeSig/Program tokens) is skipped, never raised. Drum tokens parse to ("drum", pitch)
+ops, which sound nothing here (the partner plays piano) and which the grammar never samples.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from realtime import constants as C
 from realtime.bundle_format import special_ids
 
 # Decode operations: ("shift", beats) | ("on", pitch) | ("vel", velocity) | ("off", pitch) | ("pedal", 0/1) | ("eos",)
+# | ("drum", pitch)
 Op = tuple
 
 
@@ -42,6 +44,8 @@ def _parse(token: str) -> Op | None:
             return ("off", int(value))
         if kind in ("Pedal", "PedalOff"):
             return ("pedal", int(kind == "Pedal"))
+        if kind in ("DrumOn", "DrumOff"):  # miditok's MIDILike vocabulary holds them; piano training data never does
+            return ("drum", int(value))
     except ValueError:
         return None
     return ("eos",) if token == C.EOS_TOKEN else None

@@ -96,14 +96,19 @@ class KVCache:
     """Keys and values of the first `length` positions of a window, preallocated for `max_len`."""
 
     def __init__(self, shape: LlamaShape, max_len: int, dtype: torch.dtype, device: torch.device):
-        self.kv = torch.zeros(shape.layers, 2, shape.kv_heads, max_len, shape.head_dim, dtype=dtype, device=device)
+        size = (shape.layers, 2, shape.kv_heads, max_len, shape.head_dim)
+        # the compiled decode step's view of the same memory (CPU float32 only; numpy owns it, see _compiled_step)
+        self.array = (
+            np.zeros(size, np.float32) if torch.device(device).type == "cpu" and dtype == torch.float32 else None
+        )
+        self.kv = (
+            torch.from_numpy(self.array) if self.array is not None else torch.zeros(size, dtype=dtype, device=device)
+        )
         self.layer = list(self.kv.unbind(0))  # per layer (2, kv_heads, max_len, head_dim) views
         self.keys = [kv[0] for kv in self.layer]  # per layer (kv_heads, max_len, head_dim)
         self.values = [kv[1] for kv in self.layer]
         self.max_len = max_len
         self.length = 0
-        # the compiled decode step's view of the same memory (CPU float32 only)
-        self.array = self.kv.numpy() if self.kv.device.type == "cpu" and dtype == torch.float32 else None
 
     def crop(self, remove: int) -> None:
         """Forget the last `remove` positions."""
@@ -202,21 +207,25 @@ class LeanLlama:
             raise ValueError(f"decode='compiled' needs float32 on the CPU without quantization, not {self.describe()}")
         from realtime.kernels import decode_step
 
-        # (layers, in, out) stacks; each layer's tensors become views of them, so the weights are held once
+        # The kernel's arrays own their memory and the torch tensors become views of them (held once), not the other
+        # way round: sending a tensor to another process (multiprocessing's reductions, as evaluation's pool does)
+        # moves its storage to shared memory, and a numpy view of the old storage would dangle.
         stacks = {}
-        for name in ("qkv", "o", "gate_up", "down"):
-            stack = torch.stack([getattr(layer, name).t for layer in self.layers])
+        for name in ("qkv", "o", "gate_up", "down"):  # (layers, in, out)
+            stacks[name] = np.stack([getattr(layer, name).t.numpy() for layer in self.layers])
             for i, layer in enumerate(self.layers):
-                getattr(layer, name).t = stack[i]
-            stacks[name] = stack.numpy()
+                getattr(layer, name).t = torch.from_numpy(stacks[name][i])
+        tables = []
+        for name in ("embed", "cos", "sin"):
+            array = np.array(getattr(self, name).numpy())
+            setattr(self, name, torch.from_numpy(array))
+            tables.append(array)
+        head = np.array(self.head.t.numpy())
+        self.head.t = torch.from_numpy(head)
         floor2 = np.float32(self.norm_floor.item() ** 2)
-        tables = (self.embed.numpy(), self.cos.numpy(), self.sin.numpy(), floor2)
-        weights = (stacks["qkv"], stacks["o"], stacks["gate_up"], stacks["down"], self.head.t.numpy())
-        heads = self.shape.heads
-
-        def step(token: int, pos: int, kv: np.ndarray) -> np.ndarray:
-            return decode_step(token, pos, *tables, *weights, kv, heads)
-
+        tables.append(floor2)
+        weights = (stacks["qkv"], stacks["o"], stacks["gate_up"], stacks["down"], head)
+        step = _CompiledStep(decode_step, (*tables, *weights), self.shape.heads)
         step(0, 0, self.new_cache(1).array)
         return step
 
@@ -318,6 +327,16 @@ class LeanLlama:
             enable_gqa=s.kv_heads != s.heads,
         )  # fmt: skip
         return out[0].transpose(0, 1).reshape(n, -1)
+
+
+class _CompiledStep:
+    """The compiled decode step bound to one model's arrays; picklable (evaluation sends engines to processes)."""
+
+    def __init__(self, kernel, arrays: tuple, heads: int):
+        self.kernel, self.arrays, self.heads = kernel, arrays, heads
+
+    def __call__(self, token: int, pos: int, kv: np.ndarray) -> np.ndarray:
+        return self.kernel(token, pos, *self.arrays, kv, self.heads)
 
 
 def _layer(shape: LlamaShape, weights: dict[str, torch.Tensor], p: str, linear: type) -> _Layer:

@@ -2,7 +2,7 @@
 
 `jam play` (through `realtime.engine.Engine`) and `jam evaluate` (which drives the same engine) sample every token
 here, so what is evaluated is what is heard. The grammar constraint (`GrammarProcessor`) bans, per step:
-- PAD, BOS and ids the tokenizer cannot decode (padded embedding rows); EOS unless the chunk may end;
+- PAD, BOS, ids the tokenizer cannot decode (padded embedding rows) and drum hits; EOS unless the chunk may end;
 - after a NoteOn, everything but a Velocity (MIDILike's NoteOn is followed by its Velocity);
 - at an answer's start, ids that do not open with a NoteOn (the leading-NoteOn rule: a leading rest is latency);
 - the note-ending rule (decoding never leaves a note sounding): while a model note sounds, ids whose time shifts
@@ -72,6 +72,9 @@ class GrammarProcessor:
         self.base = np.zeros(size, dtype=bool)
         self.base[[pad_id, bos_id]] = True
         self.base[len(ops) :] = True  # padded embedding rows: ids the tokenizer cannot decode
+        # drum hits: nothing the piano partner can sound, yet evaluation's decoder would count them as notes (a
+        # random or barely trained model samples them: zero-length notes, pitches off the piano)
+        self.base |= _any_op(ops, "drum", size)
         self.no_eos = self.base.copy()
         self.no_eos[eos_id] = True
         self.lead = self.no_eos | ~_first_op(ops, "on", size)

@@ -142,3 +142,16 @@ def test_striking_a_held_key_again_gives_its_probability_to_that_keys_note_off()
     raw = torch.softmax(logits[0, [3, 5, 6, 7]], dim=-1)  # NoteOn_60 (banned: 60 is held), TimeShift, the NoteOffs
     assert probs[3] == 0
     assert torch.allclose(probs[[5, 6, 7]], torch.stack([raw[1], raw[2] + raw[0], raw[3]]))
+
+
+def test_a_drum_hit_is_never_sampled():
+    """miditok's MIDILike vocabulary holds DrumOn/DrumOff tokens: the piano partner cannot sound them, and
+    evaluation's decoder would count them as (zero-length) notes."""
+    from realtime.codec import _parse
+
+    assert _parse("DrumOn_36") == ("drum", 36)
+    ops = [*OPS, (("drum", 36),), (("drum", 36), ("shift", 0.5))]
+    g = GrammarProcessor(ops, pad_id=0, bos_id=1, eos_id=2, model_vocab=len(ops))
+    for leading in (False, True):
+        g.prepare(pending_velocity=False, leading=leading, allow_eos=True, sounding=[60])
+        assert not allowed(g) & {8, 9}
