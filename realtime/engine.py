@@ -112,6 +112,10 @@ class Engine:
         self.reseed(self.sampling.seed)
         vocab = self.model.shape.vocab
         self.grammar = GrammarProcessor(codec.ops, codec.pad_id, codec.bos_id, codec.eos_id, vocab)
+        # load the compiled grammar and draw now: the first call of each costs ~40 ms (numba reads its cache),
+        # which the first answer would otherwise wait for
+        self.grammar.prepare(False, False, True)
+        sample_token(np.zeros(vocab, np.float32), self.grammar, self.sampling, np.random.default_rng(0))
 
     def reseed(self, seed: int | None) -> None:
         """Restart the sampling generator at `seed` (None: a fresh random state)."""
