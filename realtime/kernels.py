@@ -207,19 +207,24 @@ def filtered(scores, banned, temperature, top_k, top_p):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FLAGS, boundscheck=False)
-def sample(scores, banned, transfer, restrike, temperature, top_k, top_p, u):
-    """`draw` after the grammar's probability moves (`give`): one call per generated id.
+def moved(scores, transfer, restrike):
+    """A float32 copy of `scores` (n,) after the grammar's probability moves (`give`).
 
     Args:
-        scores: (n,) logits (not changed).
-        transfer: (2, size) bool (source, dest) or (0, size): none; restrike: (2, k, size) bool.
+        transfer: (2, size) bool (source, dest), or (0, size): none; restrike: (2, k, size) bool, k rows of moves.
     """
-    x = scores.astype(np.float32)  # a copy
-    if transfer.shape[0]:
+    x = scores.astype(np.float32)
+    if transfer.shape[0]:  # NoteOffs of silent pitches onto the sounding notes' NoteOffs
         give(x, transfer[:1], transfer[1:])
-    if restrike.shape[1]:
+    if restrike.shape[1]:  # each held key's strikes onto its NoteOffs
         give(x, restrike[0], restrike[1])
-    return draw(x, banned, temperature, top_k, top_p, u)
+    return x
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FLAGS, boundscheck=False)
+def sample(scores, banned, transfer, restrike, temperature, top_k, top_p, u):
+    """`draw` after `moved`: one call per generated id."""
+    return draw(moved(scores, transfer, restrike), banned, temperature, top_k, top_p, u)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FLAGS, boundscheck=False)

@@ -16,7 +16,8 @@ Exact rearrangements of the transformers weights (equal logits to 1e-4: tests/re
 
 The decode step (one id, the jam's and evaluation's hot path) runs compiled where it can: float32 on the CPU
 without quantization, `decode="auto"` calls realtime/kernels.py's numba function over the same folded weights and
-the same cache (numpy views of these tensors: nothing is copied), also for up to `STEPS_MAX` ids one by one; the
+the same cache (numpy arrays the torch tensors are views of: nothing is held twice), also for up to `STEPS_MAX` ids
+one by one; the
 torch ops below stay the path for longer prefills (torch's fused attention), other dtypes and devices, and
 `decode="torch"`.
 

@@ -102,11 +102,9 @@ class GrammarProcessor:
              self.any_strike]
         )  # fmt: skip
         self.banned = self.no_eos
-        self.moves = (np.zeros((0, size), dtype=bool), np.zeros((2, 0, size), dtype=bool))  # the kernel's layout
-        # (1, size) masks (ids ending no sounding note, ids ending one) this step: the first's probability moves on
-        self.transfer: tuple[np.ndarray, np.ndarray] | None = None
-        # (k, size) masks per held pitch: (ids striking it again, ids ending it): the first's probability moves on
-        self.restrike: tuple[np.ndarray, np.ndarray] | None = None
+        # this step's probability moves, each from its first mask onto its second: (2, size) (ids ending no sounding
+        # note, ids ending one) or (0, size) for none; (2, k, size) per held key (ids striking it again, its NoteOffs)
+        self.moves = (np.zeros((0, size), dtype=bool), np.zeros((2, 0, size), dtype=bool))
 
     def prepare(
         self,
@@ -146,19 +144,12 @@ class GrammarProcessor:
             _pitches(sounding),
         )  # fmt: skip
         self.banned, self.moves = banned, (transfer, restrike)
-        self.transfer = (transfer[:1], transfer[1:]) if len(transfer) else None
-        self.restrike = (restrike[0], restrike[1]) if restrike.shape[1] else None
 
     def moved(self, scores: np.ndarray) -> np.ndarray:
         """(n,) float32 logits with this step's probability moves applied (a copy; banned ids are left as they
         are: `banned` says which to skip). The moved-from ids are banned, so their probability ends up on the
         others: each move scales its `dest` ids' probabilities by (P(source) + P(dest)) / P(dest)."""
-        x = np.array(scores, dtype=np.float32)
-        if self.transfer is not None:  # useless NoteOffs' probability onto the useful ones
-            kernels.give(x, *self.transfer)
-        if self.restrike is not None:  # each held key's strikes' probability onto its NoteOffs
-            kernels.give(x, *self.restrike)
-        return x
+        return kernels.moved(scores, *self.moves)
 
 
 def _pitches(pitches: Iterable[int]) -> np.ndarray:
