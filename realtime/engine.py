@@ -44,7 +44,7 @@ class StreamState:
     # after each id: sounding model pitch -> onsets (session seconds) of its NoteOns not yet matched, oldest first
     model_open: list[dict[int, tuple[float, ...]]] = field(default_factory=list)
     next_serial: int = 0
-    logits: torch.Tensor | None = None  # (vocab,) next-token logits; None: recompute lazily
+    logits: np.ndarray | None = None  # (vocab,) float32 next-token logits; None: recompute lazily
     decoder: Decoder = field(default_factory=Decoder)
     slide_s: list[float] = field(default_factory=list)  # seconds spent re-prefilling at each slide
 
@@ -123,11 +123,10 @@ class Engine:
 
     # ------------------------------------------------------------ model calls
 
-    @torch.inference_mode()
     def _forward(self, state: StreamState, ids: list[int]) -> None:
         if state.cache is None:
             state.cache = self.model.new_cache(self.max_seq_len)
-        state.logits = self.model.forward(ids, state.cache)[0].cpu()
+        state.logits = self.model.next_logits(ids, state.cache)
 
     def _slide(self, state: StreamState, room: int) -> None:
         """Drop the window's oldest ids and re-prefill the rest so `room` more fit."""

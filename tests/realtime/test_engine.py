@@ -42,7 +42,7 @@ def test_streaming_equals_full_reencode(engine, full_logits):
     assert out.tokens > 0
     assert len(state.ids) < engine.max_seq_len  # no slide happened: the window is the whole stream
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(state.logits), full_logits(state.ids), atol=ATOL, rtol=0)
 
 
 def test_crop_takes_back_only_unplayed_output(engine, full_logits):
@@ -59,7 +59,7 @@ def test_crop_takes_back_only_unplayed_output(engine, full_logits):
     assert state.serials[-1] < first
     assert state.cache.length == len(state.ids)
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(state.logits), full_logits(state.ids), atol=ATOL, rtol=0)
 
 
 def test_window_slides_and_reprefills(engine, full_logits):
@@ -71,7 +71,7 @@ def test_window_slides_and_reprefills(engine, full_logits):
     assert state.slide_s, "the window never slid"
     assert state.cache.length == len(state.ids)
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(state.logits), full_logits(state.ids), atol=ATOL, rtol=0)
     assert state.serials == sorted(set(state.serials))  # serials are never reused
 
 
@@ -123,7 +123,7 @@ def test_rest_appended_ahead_can_be_retracted(engine, full_logits):
     assert state.ids == ids and state.cursor == cursor
     assert state.cache.length == len(ids)
     engine._ensure_logits(state)
-    torch.testing.assert_close(state.logits, full_logits(state.ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(state.logits), full_logits(state.ids), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(5))
