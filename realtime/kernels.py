@@ -199,12 +199,29 @@ def filtered(scores, banned, temperature, top_k, top_p):
     for j in range(m):
         weights[j] = math.exp(vals[j] - top)
     if top_p < 1.0:
-        order = np.argsort(vals)  # ascending, as TopPLogitsWarper sorts (ties in any order, as torch.sort's)
+        # TopPLogitsWarper drops ids in ascending order while the mass dropped, this id's included, stays within
+        # 1 - top_p. Every id of weight <= cut goes (what lies at or below it sums to at most m * cut = that
+        # budget), so only the heavier ones are sorted: tens of ids, not the ~900 a step allows (a 5-10x cheaper
+        # sort on a trained model's peaked logits)
         total = weights.sum()
-        cumulative = 0.0
-        for j in range(m - 1):  # the most likely id always stays
-            cumulative += weights[order[j]] / total
-            if cumulative > 1.0 - top_p:
+        budget = (1.0 - top_p) * total
+        cut = budget / m
+        heavy = np.empty(m, np.int64)
+        h, cumulative = 0, 0.0
+        for j in range(m):
+            if weights[j] <= cut:
+                cumulative += weights[j]
+                weights[j] = 0.0
+            else:
+                heavy[h] = j
+                h += 1
+        heavy = heavy[:h]
+        if h == 0:  # every weight at the cut (all equal): the most likely id always stays
+            weights[int(np.argmax(vals))] = 1.0
+        order = heavy[np.argsort(vals[heavy])]  # ascending, as the warper sorts (ties in any order, as torch's)
+        for j in range(h - 1):  # the most likely id always stays
+            cumulative += weights[order[j]]
+            if cumulative > budget:
                 break
             weights[order[j]] = 0.0
     return ids, weights
