@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps basic-pitch==0.4.0 transkun==2.0.1
+	@# a venv made before transformers was capped below 5.25 may hold `kernels` (see pyproject.toml): it goes
+	$(BIN)/python -m pip uninstall -q -y kernels 2>/dev/null || true
 	@touch $@
 
 # fluidsynth + a GM soundfont render the demo piano; jackd2 gives real MIDI ports without ALSA.
