@@ -93,6 +93,19 @@ class LlamaShape:
         )
 
 
+def aligned(array: np.ndarray | None = None, shape: tuple = (), align: int = 64) -> np.ndarray:
+    """A copy of `array` (or float32 zeros of `shape`) whose data starts on an `align`-byte boundary, as torch's own
+    tensors do (numpy's allocations are 16-byte aligned): MKL's float32 gemm over weights 48 bytes past a cache line
+    took 5 % longer on a 128-id prefill (AVX-512). The compiled step is indifferent (same time, same logits)."""
+    dtype, shape = (np.dtype(np.float32), shape) if array is None else (array.dtype, array.shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start : start + nbytes].view(dtype).reshape(shape)
+    out[...] = 0 if array is None else array
+    return out
+
+
 class KVCache:
     """Keys and values of the first `length` positions of a window, preallocated for `max_len`."""
 
@@ -100,7 +113,7 @@ class KVCache:
         size = (shape.layers, 2, shape.kv_heads, max_len, shape.head_dim)
         # the compiled decode step's view of the same memory (CPU float32 only; numpy owns it, see _compiled_step)
         self.array = (
-            np.zeros(size, np.float32) if torch.device(device).type == "cpu" and dtype == torch.float32 else None
+            aligned(shape=size) if torch.device(device).type == "cpu" and dtype == torch.float32 else None
         )
         self.kv = (
             torch.from_numpy(self.array) if self.array is not None else torch.zeros(size, dtype=dtype, device=device)
@@ -213,15 +226,15 @@ class LeanLlama:
         # moves its storage to shared memory, and a numpy view of the old storage would dangle.
         stacks = {}
         for name in ("qkv", "o", "gate_up", "down"):  # (layers, in, out)
-            stacks[name] = np.stack([getattr(layer, name).t.numpy() for layer in self.layers])
+            stacks[name] = aligned(np.stack([getattr(layer, name).t.numpy() for layer in self.layers]))
             for i, layer in enumerate(self.layers):
                 getattr(layer, name).t = torch.from_numpy(stacks[name][i])
         tables = []
         for name in ("embed", "cos", "sin"):
-            array = np.array(getattr(self, name).numpy())
+            array = aligned(getattr(self, name).numpy())
             setattr(self, name, torch.from_numpy(array))
             tables.append(array)
-        head = np.array(self.head.t.numpy())
+        head = aligned(self.head.t.numpy())
         self.head.t = torch.from_numpy(head)
         floor2 = np.float32(self.norm_floor.item() ** 2)
         tables.append(floor2)
