@@ -38,7 +38,10 @@ JOIN_POLL_S = 0.1  # seconds: main thread wait step, so Ctrl-C is delivered prom
 GIL_SWITCH_S = 0.0005  # seconds; Python's default 5 ms would let generation hold the GIL past a send deadline
 PRE_REST_LEAD_S = 0.2  # seconds before a phrase deadline at which its silence is prefilled (at most half the gap)
 HELD_KEYS_GAP_FACTOR = 4.0  # phrase ends after this many silence gaps even if a key looks held (lost note-off)
-OUTPUT_FLUSH_S = 0.1  # seconds a MIDI port stays open after the last send, so queued messages get out
+# Seconds a MIDI port stays open after the last send, so queued messages get out. JACK moves them on its next
+# process cycles (5 ms each at 256 frames), but a JACK server without realtime scheduling on a busy machine can
+# skip 100 ms and more: at 0.1 s a loaded CI box once lost the last two note-offs of the closing all-notes-off.
+OUTPUT_FLUSH_S = 0.5
 RECORD_TPQ = 480  # ticks per quarter note in the recorded session file
 
 # Generation.

@@ -229,7 +229,7 @@ class PortTransport(Transport):
 
     def close(self) -> None:
         # JACK hands queued output over on its next process cycles: closing at once would drop the final
-        # all-notes-off. Give it a few cycles (a 256-frame period at 48 kHz is 5 ms).
+        # all-notes-off. Give it OUTPUT_FLUSH_S (many cycles: a 256-frame period at 48 kHz is 5 ms).
         time.sleep(max(0.0, self._last_send + C.OUTPUT_FLUSH_S - time.monotonic()))
         for port in (self._in, self._out):
             if port is None:

@@ -55,7 +55,7 @@ def test_phrase_in_answer_out_over_jack(jack_server, prepared, tmp_path):
     finally:
         session.stop()
         runner.join(timeout=10)
-        time.sleep(0.2)  # the closing all-notes-off crosses one more JACK cycle
+        time.sleep(0.5)  # the closing all-notes-off crosses a JACK cycle or two (later on a loaded box)
         for port in (player, listener):
             port.close_port()
             port.delete()
