@@ -12,7 +12,8 @@ into an empty cache), `max_abs_diff` of its logits against transformers' eager f
 positions, and the decode steps), and both times as ratios to transformers eager. Rounds interleave the backends,
 so machine load hits them alike. The runner plays `lean` (realtime/llama.py: torch ops for prefills, the decode
 step compiled by numba, realtime/kernels.py); `lean_torch` is the same forward with its decode step in torch ops;
-the others are here to be measured.
+`lean_mkl` and `lean_onednn` are lean with its prefills' projections on each library (`lean` takes `cpu_gemm`'s
+choice for this CPU); the others are here to be measured.
 
 `--aoti` and `--onnx` run the lean forward's decode step (one id at a position, the preallocated KV cache as an
 input, the new keys and values as an output that Python writes into the cache) compiled ahead of time: by
@@ -214,6 +215,8 @@ def make_backends(
         "transformers_int8": HFEager(hf_int8),
         "lean": Lean(LeanLlama.from_module(model)),
         "lean_torch": Lean(LeanLlama.from_module(model, decode="torch")),
+        "lean_mkl": Lean(LeanLlama.from_module(model, gemm="mkl")),  # lean's prefills on each library (cpu_gemm)
+        "lean_onednn": Lean(LeanLlama.from_module(model, gemm="onednn")),
         "lean_int8": Lean(LeanLlama.from_module(model, quantization="dynamic_int8")),
         "lean_bfloat16": Lean(LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16)),
     }

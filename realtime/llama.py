@@ -13,6 +13,8 @@ Exact rearrangements of the transformers weights (equal logits to 1e-4: tests/re
 - RoPE acts on the whole q|k|v row with tables in which v's heads turn by nothing (cos 1, sin 0), so the new keys
   and values go into the cache with one copy.
 `quantization="dynamic_int8"` swaps the projections for fbgemm's dynamic int8 linear (not exact: opt-in).
+The float32 CPU projections of a prefill run on MKL or oneDNN (`gemm`, see `cpu_gemm`): the same products, the
+library that is fast on the CPU at hand.
 
 The decode step (one id, the jam's and evaluation's hot path) runs compiled where it can: float32 on the CPU
 without quantization, `decode="auto"` calls realtime/kernels.py's numba function over the same folded weights and
@@ -27,9 +29,11 @@ The cache holds `(layers, 2, kv_heads, max_len, head_dim)`; a forward writes pos
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,10 +42,16 @@ import torch.nn.functional as F
 WEIGHT_PREFIX = "model."  # transformers' key prefix of the decoder stack (LlamaForCausalLM.model)
 QUANTIZATIONS = ("none", "dynamic_int8")
 DECODES = ("auto", "compiled", "torch")  # the one-id step: compiled where possible, compiled or fail, torch ops
+GEMMS = ("auto", "mkl", "onednn")  # who multiplies a float32 CPU prefill's projections; auto: see cpu_gemm
+CPUINFO = Path("/proc/cpuinfo")  # Linux; elsewhere the vendor is unknown and torch's own matmul (MKL) is kept
 # up to this many ids run as compiled steps, one by one (a human chord folded in, a few rest ids); more as one torch
 # prefill. Measured on the demo model, one thread, after 128 ids: 2 ids 2.19 ms torch / 0.67 steps, 4 2.61 / 1.22,
 # 8 2.70 / 2.55, 12 3.32 / 3.66
 STEPS_MAX = 8
+# oneDNN builds a primitive per row count the first time it sees one (~0.4 ms each, 4 per prefill shape measured on
+# the demo model: a jam's first fold-in of each size waited ~1.6 ms, p95 1.6 -> 3.0 ms), so its prefills pad their
+# rows to a multiple of this and the model builds every bucket's primitives at load
+ROW_BUCKET = 16
 
 
 class UnsupportedModel(ValueError):
@@ -112,9 +122,7 @@ class KVCache:
     def __init__(self, shape: LlamaShape, max_len: int, dtype: torch.dtype, device: torch.device):
         size = (shape.layers, 2, shape.kv_heads, max_len, shape.head_dim)
         # the compiled decode step's view of the same memory (CPU float32 only; numpy owns it, see _compiled_step)
-        self.array = (
-            aligned(shape=size) if torch.device(device).type == "cpu" and dtype == torch.float32 else None
-        )
+        self.array = aligned(shape=size) if torch.device(device).type == "cpu" and dtype == torch.float32 else None
         self.kv = (
             torch.from_numpy(self.array) if self.array is not None else torch.zeros(size, dtype=dtype, device=device)
         )
@@ -129,17 +137,48 @@ class KVCache:
         self.length = max(0, self.length - remove)
 
 
-class _Dense:
-    """x @ W.T with W stored transposed (in, out), the layout mm and addmm read fastest."""
+def cpu_gemm(choice: str = "auto") -> str:
+    """The library for float32 CPU projections: `choice`, or for "auto" oneDNN on a CPU that is not Intel's, MKL on
+    Intel's (and where the vendor is unknown).
 
-    def __init__(self, weight: torch.Tensor):
+    torch's float32 matmul is MKL's, whose AVX-512 kernels run on Intel CPUs only: on an AMD EPYC (Zen 5, AVX-512)
+    one thread multiplied the demo model's 128-id projections at ~105 GFLOP/s through it and ~230 through oneDNN's
+    inner product (torch's `mkldnn::_linear_pointwise`, which dispatches on the instruction set), the same sums to
+    1e-4. On Intel MKL is the path measured fast, so it stays there.
+    """
+    if choice not in GEMMS:
+        raise ValueError(f"gemm {choice!r}: expected one of {GEMMS}")
+    if choice != "auto":
+        return choice
+    try:
+        vendor = next((line for line in CPUINFO.read_text().splitlines() if line.startswith("vendor_id")), "")
+    except OSError:
+        vendor = ""
+    other = vendor and "GenuineIntel" not in vendor
+    return "onednn" if other and torch.backends.mkldnn.is_available() else "mkl"
+
+
+class _Dense:
+    """x @ W.T with W stored transposed (in, out), the layout mm and addmm read fastest; with `onednn`, oneDNN's
+    inner product over the same memory for 2 rows or more (it reads the (out, in) view without a copy; one row took
+    it 15 us against MKL's 6 at 192 x 576)."""
+
+    def __init__(self, weight: torch.Tensor, onednn: bool = False):
         self.t = weight.T.contiguous()
+        self.onednn = onednn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.mm(x, self.t)
+        return self._onednn(x) if self.onednn and len(x) > 1 else torch.mm(x, self.t)
 
     def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(residual, x, self.t)
+        return self._onednn(x).add_(residual) if self.onednn and len(x) > 1 else torch.addmm(residual, x, self.t)
+
+    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        rows = -(-n // ROW_BUCKET) * ROW_BUCKET
+        if rows != n:  # zero rows to the bucket's count (see ROW_BUCKET); rows are independent sums
+            x = torch.cat((x, x.new_zeros(rows - n, x.shape[1])))
+        return torch.ops.mkldnn._linear_pointwise(x, self.t.T, None, "none", [], "")[:n]
 
 
 class _Int8:
@@ -173,7 +212,12 @@ class LeanLlama:
     """The forward over one LlamaForCausalLM's weights; see the module docstring."""
 
     def __init__(
-        self, shape: LlamaShape, weights: dict[str, torch.Tensor], quantization: str = "none", decode: str = "auto"
+        self,
+        shape: LlamaShape,
+        weights: dict[str, torch.Tensor],
+        quantization: str = "none",
+        decode: str = "auto",
+        gemm: str = "auto",
     ):
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization {quantization!r}: expected one of {QUANTIZATIONS}")
@@ -182,13 +226,18 @@ class LeanLlama:
         self.shape, self.quantization = shape, quantization
         self.embed = weights["embed_tokens.weight"]  # (vocab, hidden)
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        linear = _Int8 if quantization == "dynamic_int8" else _Dense
+        dense = self.dtype == torch.float32 and self.device.type == "cpu" and quantization == "none"
+        self.gemm = cpu_gemm(gemm) if dense else "torch"  # bfloat16 on the CPU is oneDNN's already
+        onednn = functools.partial(_Dense, onednn=self.gemm == "onednn")
+        linear = _Int8 if quantization == "dynamic_int8" else onednn
         head = self.embed if shape.tied else weights["lm_head.weight"]
         self.head = linear(head * (weights["norm.weight"] * math.sqrt(shape.hidden)))
         self.layers = [_layer(shape, weights, f"layers.{i}.", linear) for i in range(shape.layers)]
         self.params = sum(w.numel() for w in weights.values())
         self._tables(shape.max_positions)
         self._step = self._compiled_step(decode)
+        if self.gemm == "onednn":
+            self._build_buckets()
 
     @classmethod
     def from_state_dict(
@@ -199,17 +248,21 @@ class LeanLlama:
         device: torch.device | str = "cpu",
         quantization: str = "none",
         decode: str = "auto",
+        gemm: str = "auto",
     ) -> LeanLlama:
         """From a LlamaConfig dict and LlamaForCausalLM's state dict (`model.` prefix; lm_head absent when tied)."""
         shape = LlamaShape.from_config(config)
         weights = {k.removeprefix(WEIGHT_PREFIX): v.detach().to(dtype=dtype, device=device) for k, v in state.items()}
-        return cls(shape, weights, quantization, decode)
+        return cls(shape, weights, quantization, decode, gemm)
 
     @classmethod
-    def from_module(cls, model: torch.nn.Module, quantization: str = "none", decode: str = "auto") -> LeanLlama:
+    def from_module(
+        cls, model: torch.nn.Module, quantization: str = "none", decode: str = "auto", gemm: str = "auto"
+    ) -> LeanLlama:
         """From a loaded transformers LlamaForCausalLM, in its dtype and on its device."""
         w = model.get_input_embeddings().weight
-        return cls.from_state_dict(model.config.to_dict(), model.state_dict(), w.dtype, w.device, quantization, decode)
+        state = model.state_dict()
+        return cls.from_state_dict(model.config.to_dict(), state, w.dtype, w.device, quantization, decode, gemm)
 
     def _compiled_step(self, decode: str):
         """The compiled one-id step over these weights (None: the torch ops). Loads (or, the first time on a
@@ -243,6 +296,16 @@ class LeanLlama:
         step(0, 0, self.new_cache(1).array)
         return step
 
+    def _build_buckets(self) -> None:
+        """Run each projection shape once per row bucket up to the model's positions, so that oneDNN's primitives
+        exist before the first note (~30 ms for the demo model's 16 buckets; they live in oneDNN's process-wide
+        cache, 1,024 primitives by default: 4 a bucket)."""
+        layer = self.layers[0]  # every layer has the same shapes
+        with torch.inference_mode():
+            for rows in range(ROW_BUCKET, self.shape.max_positions + ROW_BUCKET, ROW_BUCKET):
+                for dense in (layer.qkv, layer.o, layer.gate_up, layer.down, self.head):
+                    dense(torch.zeros(rows, dense.t.shape[0], dtype=self.dtype))
+
     def _tables(self, max_len: int) -> None:
         """RoPE cos/sin per position for the q|k|v row (v: cos 1, sin 0; sin's first half negated: `roll` then
         stands for rotate_half) and the causal mask for prefills."""
@@ -263,10 +326,12 @@ class LeanLlama:
         self.norm_floor = torch.tensor(math.sqrt(s.hidden * s.eps), dtype=torch.float32, device=self.device)
 
     def describe(self) -> str:
-        """The backend in a few words: `lean-numba float32 cpu` (the decode step compiled), `lean-torch ...`."""
+        """The backend in a few words: `lean-numba float32 cpu` (the decode step compiled), `lean-torch ...`, ending
+        in ` onednn` where oneDNN multiplies the prefills."""
         quant = "" if self.quantization == "none" else f" {self.quantization}"
         step = "numba" if getattr(self, "_step", None) is not None else "torch"
-        return f"lean-{step} {str(self.dtype).removeprefix('torch.')}{quant} {self.device}"
+        gemm = " onednn" if self.gemm == "onednn" else ""
+        return f"lean-{step} {str(self.dtype).removeprefix('torch.')}{quant} {self.device}{gemm}"
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty cache for windows of up to `max_len` ids (default and limit: the model's positions)."""

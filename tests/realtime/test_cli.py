@@ -106,7 +106,7 @@ def test_bench_latency_with_a_performance_as_the_human(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["mode"] == "continuous" and out["input"] == str(human) and out["model"]["kv_heads"] == 2
-    assert out["backend"] == "lean-numba float32 cpu" and out["load_s"] > 0
+    assert out["backend"].startswith("lean-numba float32 cpu") and out["load_s"] > 0
     assert out["engine"]["chunks"] > 10  # one plan per instant of the performance (16 notes, on and off)
     assert out["p50_ms"] <= out["p95_ms"] <= out["p99_ms"] <= out["max_ms"]
     assert out["ms_per_token"] > 0 and out["rtf"] > 0

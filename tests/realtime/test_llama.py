@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from realtime.llama import LeanLlama, UnsupportedModel
+from realtime import llama
+from realtime.llama import LeanLlama, UnsupportedModel, cpu_gemm
 
 ATOL = 1e-4
 VOCAB = 300
@@ -41,12 +42,14 @@ SHAPES = {
 }
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 @pytest.mark.parametrize("decode", ["compiled", "torch"])
 @pytest.mark.parametrize("arch", SHAPES.values(), ids=SHAPES.keys())
-def test_prefill_and_steps_equal_transformers(arch, decode):
+def test_prefill_and_steps_equal_transformers(arch, decode, gemm):
     model = make_model(**arch)
-    lean = LeanLlama.from_module(model, decode=decode)
+    lean = LeanLlama.from_module(model, decode=decode, gemm=gemm)
     assert lean.describe().startswith("lean-numba" if decode == "compiled" else "lean-torch")
+    assert lean.describe().endswith(" onednn") == (gemm == "onednn")
     ids = torch.randint(3, VOCAB, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = reference(ids, model)
     cache = lean.new_cache()
@@ -59,11 +62,12 @@ def test_prefill_and_steps_equal_transformers(arch, decode):
     torch.testing.assert_close(torch.cat([first, *steps]), ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 @pytest.mark.parametrize("decode", ["compiled", "torch"])
-def test_crop_and_reprefill_equal_transformers(decode):
+def test_crop_and_reprefill_equal_transformers(decode, gemm):
     """What the engine does to a window: take back unplayed ids, rewind, restart the window at position 0."""
     model = make_model(num_key_value_heads=2)
-    lean = LeanLlama.from_module(model, decode=decode)
+    lean = LeanLlama.from_module(model, decode=decode, gemm=gemm)
     ids = torch.randint(3, VOCAB, (60,), generator=torch.Generator().manual_seed(2)).tolist()
     cache = lean.new_cache()
     lean.forward(ids[:30], cache)
@@ -96,6 +100,21 @@ def test_cache_bounds_and_unsupported_configs():
         LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16, decode="compiled")
     assert LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16).describe().startswith("lean-torch")
     assert LeanLlama.from_module(make_model(), quantization="dynamic_int8").describe().startswith("lean-torch")
+
+
+def test_gemm_follows_the_cpu_vendor(tmp_path, monkeypatch):
+    """MKL's fast kernels are Intel-only: auto takes oneDNN on other vendors' CPUs, MKL on Intel's and when unknown."""
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(llama, "CPUINFO", info)
+    assert cpu_gemm() == "mkl"  # no /proc/cpuinfo
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: avx2 avx512f\n")
+    assert cpu_gemm() == "onednn" and cpu_gemm("mkl") == "mkl"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert cpu_gemm() == "mkl" and cpu_gemm("onednn") == "onednn"
+    with pytest.raises(ValueError, match="gemm 'blas'"):
+        cpu_gemm("blas")
+    state, cfg = make_model().state_dict(), make_model().config.to_dict()
+    assert LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16, gemm="onednn").gemm == "torch"
 
 
 def test_int8_and_bfloat16_stay_close():
