@@ -274,9 +274,15 @@ class LeanLlama:
             raise ValueError(f"decode='compiled' needs float32 on the CPU without quantization, not {self.describe()}")
         from realtime.kernels import decode_step
 
-        # The kernel's arrays own their memory and the torch tensors become views of them (held once), not the other
-        # way round: sending a tensor to another process (multiprocessing's reductions, as evaluation's pool does)
-        # moves its storage to shared memory, and a numpy view of the old storage would dangle.
+        step = self._bind_step(decode_step)
+        step(0, 0, self.new_cache(1).array)
+        return step
+
+    def _bind_step(self, kernel) -> _CompiledStep:
+        """`kernel` over 64-byte aligned numpy copies of the weights and tables; the torch tensors become views of
+        them. The kernel's arrays own their memory (held once), not the other way round: sending a tensor to another
+        process (multiprocessing's reductions, as evaluation's pool does) moves its storage to shared memory, and a
+        numpy view of the old storage would dangle."""
         stacks = {}
         for name in ("qkv", "o", "gate_up", "down"):  # (layers, in, out)
             stacks[name] = aligned(np.stack([getattr(layer, name).t.numpy() for layer in self.layers]))
@@ -292,9 +298,20 @@ class LeanLlama:
         floor2 = np.float32(self.norm_floor.item() ** 2)
         tables.append(floor2)
         weights = (stacks["qkv"], stacks["o"], stacks["gate_up"], stacks["down"], head)
-        step = _CompiledStep(decode_step, (*tables, *weights), self.shape.heads)
-        step(0, 0, self.new_cache(1).array)
-        return step
+        return _CompiledStep(kernel, (*tables, *weights), self.shape.heads)
+
+    def __getstate__(self) -> dict:
+        """Pickled without the compiled step's arrays: numpy would send them again beside the torch tensors and
+        unpickle them 16-byte aligned at addresses that vary from run to run (evaluation's processes did)."""
+        state = self.__dict__.copy()
+        if state["_step"] is not None:
+            state["_step"] = state["_step"].kernel
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._step is not None:  # the kernel: bound again over aligned copies of the tensors that came
+            self._step = self._bind_step(self._step)
 
     def _build_buckets(self) -> None:
         """Run each projection shape once per row bucket up to the model's positions, so that oneDNN's primitives

@@ -4,6 +4,9 @@ output heads, and merged adapters."""
 
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -100,6 +103,23 @@ def test_cache_bounds_and_unsupported_configs():
         LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16, decode="compiled")
     assert LeanLlama.from_state_dict(cfg, state, dtype=torch.bfloat16).describe().startswith("lean-torch")
     assert LeanLlama.from_module(make_model(), quantization="dynamic_int8").describe().startswith("lean-torch")
+
+
+def test_pickled_model_keeps_its_logits_and_aligned_shared_arrays():
+    """Evaluation sends engines to processes: the copy's compiled step runs over 64-byte aligned arrays that its torch
+    tensors are views of (one copy of the weights), and computes the same logits."""
+    model = make_model(num_key_value_heads=2)
+    lean = LeanLlama.from_module(model)
+    copy = pickle.loads(pickle.dumps(lean))
+    arrays = [a for a in copy._step.arrays if isinstance(a, np.ndarray) and a.ndim]
+    assert len(arrays) == 8 and all(a.ctypes.data % 64 == 0 for a in arrays)
+    assert copy.layers[1].qkv.t.data_ptr() == arrays[3][1].ctypes.data  # qkv stack (layers, in, out), layer 1
+    assert copy.head.t.data_ptr() == arrays[-1].ctypes.data and copy.embed.data_ptr() == arrays[0].ctypes.data
+    ids = torch.randint(3, VOCAB, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    for m in (lean, copy):
+        cache = m.new_cache()
+        got = torch.cat([m.forward(ids[:12], cache, keep=12), *(m.forward([i], cache) for i in ids[12:])])
+        torch.testing.assert_close(got, reference(ids, model), atol=ATOL, rtol=0)
 
 
 def test_gemm_follows_the_cpu_vendor(tmp_path, monkeypatch):
