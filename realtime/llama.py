@@ -52,6 +52,7 @@ STEPS_MAX = 8
 # the demo model: a jam's first fold-in of each size waited ~1.6 ms, p95 1.6 -> 3.0 ms), so its prefills pad their
 # rows to a multiple of this and the model builds every bucket's primitives at load
 ROW_BUCKET = 16
+WARM_ROWS_MAX = 1024  # buckets built at load up to this many rows (64 x 5 primitives); longer prefills build theirs
 
 
 class UnsupportedModel(ValueError):
@@ -314,12 +315,13 @@ class LeanLlama:
             self._step = self._bind_step(self._step)
 
     def _build_buckets(self) -> None:
-        """Run each projection shape once per row bucket up to the model's positions, so that oneDNN's primitives
-        exist before the first note (~30 ms for the demo model's 16 buckets; they live in oneDNN's process-wide
-        cache, 1,024 primitives by default: 4 a bucket)."""
+        """Run each projection shape once per row bucket up to the model's positions (at most `WARM_ROWS_MAX`), so
+        that oneDNN's primitives exist before the first note (~30 ms for the demo model's 16 buckets; they live in
+        oneDNN's process-wide cache, 1,024 primitives by default: 5 a bucket)."""
         layer = self.layers[0]  # every layer has the same shapes
+        last = min(self.shape.max_positions, WARM_ROWS_MAX)
         with torch.inference_mode():
-            for rows in range(ROW_BUCKET, self.shape.max_positions + ROW_BUCKET, ROW_BUCKET):
+            for rows in range(ROW_BUCKET, last + ROW_BUCKET, ROW_BUCKET):
                 for dense in (layer.qkv, layer.o, layer.gate_up, layer.down, self.head):
                     dense(torch.zeros(rows, dense.t.shape[0], dtype=self.dtype))
 
