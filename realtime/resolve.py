@@ -5,6 +5,9 @@ A registered model version's files never change, so the first start downloads th
 points to now (a new champion is picked up at the next start). For a sqlite store that question is two read-only SQL
 queries on MLflow's `registered_model_aliases` and `model_versions` tables: no MLflow import (~1.5 s of a start).
 Any other store, or a schema these queries do not fit, goes through `MlflowClient`, as does the download.
+The store key hashes the store (a sqlite file by its absolute path), and a copy is used only while its stamp (the
+version's artifact source and run id) matches the registry's: two checkouts, or one store cleaned and trained
+again, each get their own copies.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from realtime import constants as C
 from realtime.bundle_format import BUNDLE_ARTIFACT, BUNDLE_FILE, BundleError
 
 SQLITE_PREFIX = "sqlite:///"
+SOURCE_FILE = ".source"  # in a cached copy: the artifact source and run id of the version it was downloaded from
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,21 @@ def lookup(tracking_uri: str, name: str, alias: str | None, version: str | None)
     return ModelVersion(name, str(mv.version), mv.source, mv.run_id)
 
 
+def store_key(tracking_uri: str) -> str:
+    """12 hex digits naming a store; a sqlite store by its file's absolute path: the project's relative URI
+    (`sqlite:///mlruns/mlflow.db`) is another store in every checkout."""
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        tracking_uri = SQLITE_PREFIX + str(Path(tracking_uri.removeprefix(SQLITE_PREFIX)).resolve())
+    return hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+
+
+def _stamp(mv: ModelVersion) -> str:
+    return f"{mv.source}\n{mv.run_id}\n"
+
+
 def _download(mv: ModelVersion, tracking_uri: str, dst: Path) -> Path:
-    """The version's files into `dst` (atomic: a half download is never taken for a cached copy)."""
+    """The version's files into `dst` (atomic: a half download is never taken for a cached copy), stamped with
+    where they came from."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bar in a jam's output
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
@@ -107,6 +124,7 @@ def _download(mv: ModelVersion, tracking_uri: str, dst: Path) -> Path:
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             got = client.download_artifacts(mv.run_id, BUNDLE_ARTIFACT, str(tmp))
         found = find_bundle_dir(Path(got))
+        (found / SOURCE_FILE).write_text(_stamp(mv))
         shutil.rmtree(dst, ignore_errors=True)
         found.rename(dst)
     finally:
@@ -129,11 +147,14 @@ def resolve_models_uri(uri: str, tracking_uri: str, cache_dir: Path | None = Non
         uri: `models:/name@alias` or `models:/name/version`.
         tracking_uri: MLflow tracking (and registry) URI; local stores.
         cache_dir: cache root (default `model_cache_dir()`); copies live under `<store key>/<name>/v<version>`.
+
+    A copy is taken only if it was downloaded from the version's own source and run: a store made again at the
+    same path (its data cleaned, the demo run afresh) numbers its versions from 1 again.
     """
     name, alias, version = parse_models_uri(uri)
     mv = lookup(tracking_uri, name, alias, version)
-    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]  # the same name in two stores: two copies
-    dst = (cache_dir or model_cache_dir()) / store / name / f"v{mv.version}"
-    if (dst / BUNDLE_FILE).is_file():
-        return dst
+    dst = (cache_dir or model_cache_dir()) / store_key(tracking_uri) / name / f"v{mv.version}"
+    with contextlib.suppress(OSError):
+        if (dst / BUNDLE_FILE).is_file() and (dst / SOURCE_FILE).read_text() == _stamp(mv):
+            return dst
     return _download(mv, tracking_uri, dst)

@@ -175,6 +175,40 @@ def test_registry_alias_resolves_to_a_copy_cached_by_version(tmp_path, tiny_bund
         resolve_bundle("models:/jam-partner@nope", uri, cache_dir=cache)
 
 
+def test_cached_copies_belong_to_one_store_file_and_one_registered_run(tmp_path, tiny_bundle_master, monkeypatch):
+    """The project's relative store URI names another store in every checkout, and a store made again at the same
+    path numbers its versions from 1 again: neither may take the other's cached copy."""
+    from mlflow import MlflowClient
+
+    import realtime.resolve as R
+
+    keys = []
+    for project in (tmp_path / "a", tmp_path / "b"):
+        project.mkdir()
+        monkeypatch.chdir(project)
+        keys.append(R.store_key("sqlite:///mlruns/mlflow.db"))
+    assert keys[0] != keys[1] and keys[1] == R.store_key(f"sqlite:///{tmp_path}/b/mlruns/mlflow.db")
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.create_experiment("jam-partner", artifact_location=str(tmp_path / "artifacts"))
+    client.create_registered_model("jam-partner")
+    client.set_registered_model_alias("jam-partner", "champion", _register(client, tmp_path, tiny_bundle_master, exp))
+    cache = tmp_path / "cache"
+    path = resolve_bundle("models:/jam-partner@champion", uri, cache_dir=cache)
+    stamp = (path / R.SOURCE_FILE).read_text()
+    (path / R.SOURCE_FILE).write_text(stamp.replace(stamp.split("\n")[1], "another-run"))  # an older store's v1
+    (path / "stale.txt").write_text("from the other store")
+    assert resolve_bundle("models:/jam-partner@champion", uri, cache_dir=cache) == path
+    assert (path / R.SOURCE_FILE).read_text() == stamp and not (path / "stale.txt").exists()  # downloaded again
+
+    def no_download(*args):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(R, "_download", no_download)
+    assert resolve_bundle("models:/jam-partner@champion", uri, cache_dir=cache) == path  # its own copy: kept
+
+
 def test_registry_copy_keeps_its_merged_weights(tmp_path, tiny_bundle_master, monkeypatch):
     from mlflow import MlflowClient
 
