@@ -227,10 +227,10 @@ class LeanLlama:
         self.shape, self.quantization = shape, quantization
         self.embed = weights["embed_tokens.weight"]  # (vocab, hidden)
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        dense = self.dtype == torch.float32 and self.device.type == "cpu" and quantization == "none"
-        self.gemm = cpu_gemm(gemm) if dense else "torch"  # bfloat16 on the CPU is oneDNN's already
-        onednn = functools.partial(_Dense, onednn=self.gemm == "onednn")
-        linear = _Int8 if quantization == "dynamic_int8" else onednn
+        cpu_float32 = self.dtype == torch.float32 and self.device.type == "cpu" and quantization == "none"
+        self.gemm = cpu_gemm(gemm) if cpu_float32 else "torch"  # bfloat16 on the CPU is oneDNN's already
+        dense = functools.partial(_Dense, onednn=self.gemm == "onednn")
+        linear = _Int8 if quantization == "dynamic_int8" else dense
         head = self.embed if shape.tied else weights["lm_head.weight"]
         self.head = linear(head * (weights["norm.weight"] * math.sqrt(shape.hidden)))
         self.layers = [_layer(shape, weights, f"layers.{i}.", linear) for i in range(shape.layers)]
