@@ -13,8 +13,8 @@ Exact rearrangements of the transformers weights (equal logits to 1e-4: tests/re
 - RoPE acts on the whole q|k|v row with tables in which v's heads turn by nothing (cos 1, sin 0), so the new keys
   and values go into the cache with one copy.
 `quantization="dynamic_int8"` swaps the projections for fbgemm's dynamic int8 linear (not exact: opt-in).
-The float32 CPU projections of a prefill run on MKL or oneDNN (`gemm`, see `cpu_gemm`): the same products, the
-library that is fast on the CPU at hand.
+The float32 CPU projections of a prefill run on MKL or oneDNN (`gemm`; realtime/linear.py): the same products,
+the library that is fast on the CPU at hand.
 
 The decode step (one id, the jam's and evaluation's hot path) runs compiled where it can: float32 on the CPU
 without quantization, `decode="auto"` calls realtime/kernels.py's numba function over the same folded weights and
@@ -31,28 +31,21 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from realtime.linear import ROW_BUCKET, WARM_ROWS_MAX, Dense, Int8, cpu_gemm
+
 WEIGHT_PREFIX = "model."  # transformers' key prefix of the decoder stack (LlamaForCausalLM.model)
 QUANTIZATIONS = ("none", "dynamic_int8")
 DECODES = ("auto", "compiled", "torch")  # the one-id step: compiled where possible, compiled or fail, torch ops
-GEMMS = ("auto", "mkl", "onednn")  # who multiplies a float32 CPU prefill's projections; auto: see cpu_gemm
-CPUINFO = Path("/proc/cpuinfo")  # Linux; elsewhere the vendor is unknown and torch's own matmul (MKL) is kept
 # up to this many ids run as compiled steps, one by one (a human chord folded in, a few rest ids); more as one torch
 # prefill. Measured on the demo model, one thread, after 128 ids: 2 ids 2.19 ms torch / 0.67 steps, 4 2.61 / 1.22,
 # 8 2.70 / 2.55, 12 3.32 / 3.66
 STEPS_MAX = 8
-# oneDNN builds a primitive per row count the first time it sees one (~0.4 ms each, 4 per prefill shape measured on
-# the demo model: a jam's first fold-in of each size waited ~1.6 ms, p95 1.6 -> 3.0 ms), so its prefills pad their
-# rows to a multiple of this and the model builds every bucket's primitives at load
-ROW_BUCKET = 16
-WARM_ROWS_MAX = 1024  # buckets built at load up to this many rows (64 x 5 primitives); longer prefills build theirs
 
 
 class UnsupportedModel(ValueError):
@@ -138,75 +131,12 @@ class KVCache:
         self.length = max(0, self.length - remove)
 
 
-def cpu_gemm(choice: str = "auto") -> str:
-    """The library for float32 CPU projections: `choice`, or for "auto" oneDNN on a CPU that is not Intel's, MKL on
-    Intel's (and where the vendor is unknown).
-
-    torch's float32 matmul is MKL's, whose AVX-512 kernels run on Intel CPUs only: on an AMD EPYC (Zen 5, AVX-512)
-    one thread multiplied the demo model's 128-id projections at ~105 GFLOP/s through it and ~230 through oneDNN's
-    inner product (torch's `mkldnn::_linear_pointwise`, which dispatches on the instruction set), the same sums to
-    1e-4. On Intel MKL is the path measured fast, so it stays there.
-    """
-    if choice not in GEMMS:
-        raise ValueError(f"gemm {choice!r}: expected one of {GEMMS}")
-    if choice != "auto":
-        return choice
-    try:
-        vendor = next((line for line in CPUINFO.read_text().splitlines() if line.startswith("vendor_id")), "")
-    except OSError:
-        vendor = ""
-    other = vendor and "GenuineIntel" not in vendor
-    return "onednn" if other and torch.backends.mkldnn.is_available() else "mkl"
-
-
-class _Dense:
-    """x @ W.T with W stored transposed (in, out), the layout mm and addmm read fastest; with `onednn`, oneDNN's
-    inner product over the same memory for 2 rows or more (it reads the (out, in) view without a copy; one row took
-    it 15 us against MKL's 6 at 192 x 576)."""
-
-    def __init__(self, weight: torch.Tensor, onednn: bool = False):
-        self.t = weight.T.contiguous()
-        self.onednn = onednn
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._onednn(x) if self.onednn and len(x) > 1 else torch.mm(x, self.t)
-
-    def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self._onednn(x).add_(residual) if self.onednn and len(x) > 1 else torch.addmm(residual, x, self.t)
-
-    def _onednn(self, x: torch.Tensor) -> torch.Tensor:
-        n = len(x)
-        rows = -(-n // ROW_BUCKET) * ROW_BUCKET
-        if rows != n:  # zero rows to the bucket's count (see ROW_BUCKET); rows are independent sums
-            x = torch.cat((x, x.new_zeros(rows - n, x.shape[1])))
-        return torch.ops.mkldnn._linear_pointwise(x, self.t.T, None, "none", [], "")[:n]
-
-
-class _Int8:
-    """fbgemm's dynamic int8 linear: weights per output channel, activations per call."""
-
-    def __init__(self, weight: torch.Tensor):
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
-        zero = torch.zeros(w.shape[0], dtype=torch.long)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch deprecates quantized tensors in favour of torchao
-            q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, None)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-
-    def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self(x).add_(residual)
-
-
 @dataclass
 class _Layer:
-    qkv: _Dense | _Int8  # hidden -> (heads + 2 kv_heads) * head_dim; input norm and attention scale folded in
-    o: _Dense | _Int8  # heads * head_dim -> hidden, added to the residual
-    gate_up: _Dense | _Int8  # hidden -> 2 intermediate; post-attention norm folded in
-    down: _Dense | _Int8  # intermediate -> hidden, added to the residual
+    qkv: Dense | Int8  # hidden -> (heads + 2 kv_heads) * head_dim; input norm and attention scale folded in
+    o: Dense | Int8  # heads * head_dim -> hidden, added to the residual
+    gate_up: Dense | Int8  # hidden -> 2 intermediate; post-attention norm folded in
+    down: Dense | Int8  # intermediate -> hidden, added to the residual
 
 
 class LeanLlama:
@@ -229,8 +159,8 @@ class LeanLlama:
         self.dtype, self.device = self.embed.dtype, self.embed.device
         cpu_float32 = self.dtype == torch.float32 and self.device.type == "cpu" and quantization == "none"
         self.gemm = cpu_gemm(gemm) if cpu_float32 else "torch"  # bfloat16 on the CPU is oneDNN's already
-        dense = functools.partial(_Dense, onednn=self.gemm == "onednn")
-        linear = _Int8 if quantization == "dynamic_int8" else dense
+        dense = functools.partial(Dense, onednn=self.gemm == "onednn")
+        linear = Int8 if quantization == "dynamic_int8" else dense
         head = self.embed if shape.tied else weights["lm_head.weight"]
         self.head = linear(head * (weights["norm.weight"] * math.sqrt(shape.hidden)))
         self.layers = [_layer(shape, weights, f"layers.{i}.", linear) for i in range(shape.layers)]

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from realtime import llama
-from realtime.llama import LeanLlama, UnsupportedModel, cpu_gemm
+from realtime import linear
+from realtime.linear import cpu_gemm
+from realtime.llama import LeanLlama, UnsupportedModel
 
 ATOL = 1e-4
 VOCAB = 300
@@ -125,7 +126,7 @@ def test_pickled_model_keeps_its_logits_and_aligned_shared_arrays():
 def test_gemm_follows_the_cpu_vendor(tmp_path, monkeypatch):
     """MKL's fast kernels are Intel-only: auto takes oneDNN on other vendors' CPUs, MKL on Intel's and when unknown."""
     info = tmp_path / "cpuinfo"
-    monkeypatch.setattr(llama, "CPUINFO", info)
+    monkeypatch.setattr(linear, "CPUINFO", info)
     assert cpu_gemm() == "mkl"  # no /proc/cpuinfo
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: avx2 avx512f\n")
     assert cpu_gemm() == "onednn" and cpu_gemm("mkl") == "mkl"
