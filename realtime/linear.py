@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 GEMMS = ("auto", "mkl", "onednn")  # who multiplies a float32 CPU prefill's projections; auto: see cpu_gemm
-CPUINFO = Path("/proc/cpuinfo")  # Linux; elsewhere the vendor is unknown and torch's own matmul (MKL) is kept
+# Linux; elsewhere the vendor is unknown and torch's own matmul (MKL) is kept. Read here, not through
+# pipeline/core/device.py (which reads the flags): the runner imports no pipeline code
+CPUINFO = Path("/proc/cpuinfo")
 ROW_BUCKET = 16  # oneDNN's rows are padded to a multiple of this (see the module docstring)
 WARM_ROWS_MAX = 1024  # buckets built at load up to this many rows (64 x 5 primitives); longer prefills build theirs
 
@@ -54,6 +56,15 @@ class Dense:
 
     def add(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self._onednn(x).add_(residual) if self.onednn and len(x) > 1 else torch.addmm(residual, x, self.t)
+
+    def build_buckets(self, max_rows: int) -> None:
+        """Run once per row bucket up to `max_rows` (at most `WARM_ROWS_MAX`), so that oneDNN's primitives exist
+        before they are needed (~30 ms for the demo model's 5 shapes x 16 buckets; they live in oneDNN's
+        process-wide cache, 1,024 primitives by default)."""
+        last = min(max_rows, WARM_ROWS_MAX)
+        with torch.inference_mode():
+            for rows in range(ROW_BUCKET, last + ROW_BUCKET, ROW_BUCKET):
+                self(torch.zeros(rows, self.t.shape[0], dtype=self.t.dtype))
 
     def _onednn(self, x: torch.Tensor) -> torch.Tensor:
         n = len(x)

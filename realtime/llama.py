@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from realtime.linear import ROW_BUCKET, WARM_ROWS_MAX, Dense, Int8, cpu_gemm
+from realtime.linear import Dense, Int8, cpu_gemm
 
 WEIGHT_PREFIX = "model."  # transformers' key prefix of the decoder stack (LlamaForCausalLM.model)
 QUANTIZATIONS = ("none", "dynamic_int8")
@@ -167,8 +167,10 @@ class LeanLlama:
         self.params = sum(w.numel() for w in weights.values())
         self._tables(shape.max_positions)
         self._step = self._compiled_step(decode)
-        if self.gemm == "onednn":
-            self._build_buckets()
+        if self.gemm == "onednn":  # oneDNN's primitives before the first note; every layer has the same shapes
+            first = self.layers[0]
+            for dense in (first.qkv, first.o, first.gate_up, first.down, self.head):
+                dense.build_buckets(shape.max_positions)
 
     @classmethod
     def from_state_dict(
@@ -243,17 +245,6 @@ class LeanLlama:
         self.__dict__.update(state)
         if self._step is not None:  # the kernel: bound again over aligned copies of the tensors that came
             self._step = self._bind_step(self._step)
-
-    def _build_buckets(self) -> None:
-        """Run each projection shape once per row bucket up to the model's positions (at most `WARM_ROWS_MAX`), so
-        that oneDNN's primitives exist before the first note (~30 ms for the demo model's 16 buckets; they live in
-        oneDNN's process-wide cache, 1,024 primitives by default: 5 a bucket)."""
-        layer = self.layers[0]  # every layer has the same shapes
-        last = min(self.shape.max_positions, WARM_ROWS_MAX)
-        with torch.inference_mode():
-            for rows in range(ROW_BUCKET, last + ROW_BUCKET, ROW_BUCKET):
-                for dense in (layer.qkv, layer.o, layer.gate_up, layer.down, self.head):
-                    dense(torch.zeros(rows, dense.t.shape[0], dtype=self.dtype))
 
     def _tables(self, max_len: int) -> None:
         """RoPE cos/sin per position for the q|k|v row (v: cos 1, sin 0; sin's first half negated: `roll` then
