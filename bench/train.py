@@ -222,6 +222,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a tokenize stage's folder: also compare valid loss (quality)")
     parser.add_argument("--base", type=Path, help="base folder fine-tune quality starts from (a pretrain's base/)")
     parser.add_argument("--quality-stages", default="pretrain,finetune")
+    parser.add_argument("--quality", default="fp32,bf16", help="comma list of QUALITY variants (first = reference)")
+    parser.add_argument("--seeds", default="", help="comma list of seeds for quality (default: the params' seed)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="quality trainings run at a time")
     parser.add_argument("--compare", default="", help=f"comma list of {', '.join(COMPARE)} (first = reference)")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved steps per compare variant")
     parser.add_argument(
@@ -234,7 +237,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.quality_run:
         spec = json.loads(args.quality_run)
-        print(json.dumps(quality_run(args.data, spec["stage"], args.params, spec["overrides"], args.base)))
+        print(
+            json.dumps(
+                quality_run(args.data, spec["stage"], args.params, spec["overrides"], args.base, spec.get("seed"))
+            )
+        )
         return
     if args.variant:
         print(json.dumps(memory_variant(args.workdir, args.variant, args.steps)))
@@ -259,7 +266,13 @@ def main() -> None:
             result["restart"] = bench_restart(root)
         if args.data is not None and "quality" not in skip:
             stages = args.quality_stages.split(",")
-            result["quality"] = bench_quality(args.params, args.data.resolve(), args.base, stages)
+            from pipeline.core.config import load_config
+
+            seeds = [int(s) for s in args.seeds.split(",") if s] or [load_config(args.params).project.seed]
+            names = args.quality.split(",")
+            result["quality"] = bench_quality(
+                args.params, args.data.resolve(), args.base, stages, names, seeds, args.jobs
+            )
     print(json.dumps(result, indent=2))
 
 
