@@ -30,6 +30,9 @@ COMPARE = {
     "bf16_compile": {"bf16": True, "compile": True},
     "bf16_1_thread": {"bf16": True, "threads": 1},
     "bf16_batch_x2": {"bf16": True, "batch": 2},
+    "fp32_onednn": {"gemm": "onednn"},  # float32 projections on oneDNN (pipeline/train/compute.py)
+    "bf16_fp32_attention": {"bf16": True, "fp32_attention": True},
+    "bf16_fp32_head": {"bf16": True, "fp32_attention": True, "fp32_head": True, "gemm": "onednn"},
 }
 
 
@@ -40,6 +43,7 @@ def _compare_step(root: Path, stage: str, spec: dict):
     import torch
 
     from pipeline.core.config import load_config
+    from pipeline.train.compute import keep_fp32, use_cpu_gemm, use_fp32_attention
     from pipeline.train.dataset import Batches, TokenWindows
     from pipeline.train.finetune import qlora_model
     from pipeline.train.model import Vocab, build_base
@@ -52,6 +56,11 @@ def _compare_step(root: Path, stage: str, spec: dict):
     else:
         model = qlora_model(cfg.stage_dir("pretrain") / "base", cfg.finetune, torch.device("cpu"))
     model.train()
+    use_cpu_gemm(model, spec.get("gemm", "mkl"))
+    if spec.get("fp32_attention"):
+        use_fp32_attention(model)
+    if spec.get("fp32_head") and stage == "pretrain":  # the fine-tune's head is peft's trainable-tokens wrapper
+        keep_fp32(model.get_output_embeddings())
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if spec.get("fused") else {"foreach": True}
     opt = torch.optim.AdamW(params, lr=loop.lr, betas=(0.9, 0.95), weight_decay=loop.weight_decay, **fused)
@@ -107,8 +116,11 @@ def bench_compare(root: Path, stage: str, rounds: int, names: list[str]) -> dict
                    "first_two_steps_s": warm[name]} for name in names}  # fmt: skip
 
 
-def quality_run(tok_dir: Path, stage: str, params: Path, overrides: dict, base_dir: Path | None) -> dict:
-    """One real training of `stage` on a tokenize stage's windows (`tok_dir`) with `overrides` of its loop section.
+def quality_run(
+    tok_dir: Path, stage: str, params: Path, overrides: dict, base_dir: Path | None, seed: int | None = None
+) -> dict:
+    """One real training of `stage` on a tokenize stage's windows (`tok_dir`) with `overrides` of its loop section
+    (and `seed` in place of the params' `project.seed`).
 
     Returns the valid loss at each eval step (with the tokens trained by then), the median tokens/s and the wall
     time; the style for fine-tuning is the first folder under `tok_dir/style`.
@@ -124,6 +136,8 @@ def quality_run(tok_dir: Path, stage: str, params: Path, overrides: dict, base_d
 
     cfg = load_config(params)
     cfg = cfg.model_copy(update={stage: getattr(cfg, stage).model_copy(update={**overrides, "system_metrics": False})})
+    if seed is not None:
+        cfg = cfg.model_copy(update={"project": cfg.project.model_copy(update={"seed": seed})})
     vocab, loop = Vocab.from_info(dataset_info(tok_dir)), getattr(cfg, stage)
     corpus = tok_dir / "base" if stage == "pretrain" else sorted((tok_dir / "style").iterdir())[0]
     if stage == "pretrain":
@@ -152,25 +166,70 @@ def quality_run(tok_dir: Path, stage: str, params: Path, overrides: dict, base_d
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
-QUALITY = {"fp32": {"mixed_precision": "no"}, "bf16": {"mixed_precision": "bf16"}}  # loop overrides compared
+# loop overrides compared: "bf16" is torch's autocast as it is, "bf16_fp32" the loop's bf16 (attention and head in
+# float32); "fp32" takes `cpu_gemm: auto`, "fp32_mkl" torch's own matmul
+QUALITY = {
+    "fp32": {"mixed_precision": "no"},
+    "fp32_mkl": {"mixed_precision": "no", "cpu_gemm": "mkl"},
+    "bf16": {"mixed_precision": "bf16", "fp32_attention": False, "fp32_head": False},
+    "bf16_fp32": {"mixed_precision": "bf16"},
+}
 
 
-def bench_quality(params: Path, data: Path, base: Path | None, stages: list[str]) -> dict:
-    """Each QUALITY variant of each stage trained on the real windows in `data`, side by side (own processes)."""
-    procs = {}
-    for stage in stages:  # all at once, one torch thread each: the losses do not depend on the timing
-        for name, over in QUALITY.items():
+def bench_quality(
+    params: Path, data: Path, base: Path | None, stages: list[str], names: list[str], seeds: list[int], jobs: int
+) -> dict:
+    """Each QUALITY variant in `names` of each stage trained on the real windows in `data` once per seed.
+
+    Runs `jobs` trainings at a time, one torch thread each (the losses do not depend on the timing). A training's
+    end is chaotic in small perturbations (float rounding moves it as much as another seed may), so a variant is
+    judged by its mean over seeds against the reference's (the first name), paired by seed.
+    """
+    runs = [(stage, name, seed) for seed in seeds for stage in stages for name in names]
+    results: dict = {stage: {name: {} for name in names} for stage in stages}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pending, active = list(runs), {}
+    while pending or active:
+        while pending and len(active) < jobs:
+            stage, name, seed = key = pending.pop(0)
+            spec = {"stage": stage, "overrides": QUALITY[name], "seed": seed}
             cmd = [sys.executable, str(MAIN), "--params", str(params), "--data", str(data),
-                   "--quality-run", json.dumps({"stage": stage, "overrides": over})]  # fmt: skip
+                   "--quality-run", json.dumps(spec)]  # fmt: skip
             cmd += ["--base", str(base)] if base is not None else []
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            procs[stage, name] = subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env)
-    results: dict = {stage: {} for stage in stages}
-    for (stage, name), proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=7200)
-        lines = [line for line in stdout.splitlines() if line.startswith("{")]
-        results[stage][name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": stderr[-800:]}
-    return results
+            active[key] = subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env)
+        done = [k for k, proc in active.items() if proc.poll() is not None]
+        if not done:
+            time.sleep(1.0)
+        for key in done:
+            proc = active.pop(key)
+            stdout, stderr = proc.communicate()
+            lines = [line for line in stdout.splitlines() if line.startswith("{")]
+            ok = proc.returncode == 0 and lines
+            results[key[0]][key[1]][str(key[2])] = json.loads(lines[-1]) if ok else {"error": stderr[-800:]}
+    return {stage: _quality_summary(by_name, names) for stage, by_name in results.items()}
+
+
+def _quality_summary(by_name: dict, names: list[str]) -> dict:
+    """Per variant: the final valid loss per seed, its mean and spread, and the mean relative difference to the
+    reference (first name) over the seeds both finished, with that difference's standard error."""
+    final = {name: {seed: r["final_valid_loss_fp32"] for seed, r in runs.items() if "error" not in r}
+             for name, runs in by_name.items()}  # fmt: skip
+    ref = final[names[0]]
+    out = {}
+    for name in names:
+        losses = final[name]
+        row = {"runs": by_name[name], "final_valid_loss": losses}
+        if losses:
+            row["mean"] = round(statistics.fmean(losses.values()), 4)
+            row["stdev"] = round(statistics.stdev(losses.values()), 4) if len(losses) > 1 else None
+        paired = [losses[s] / ref[s] - 1 for s in losses if s in ref]
+        if name != names[0] and paired:
+            row["mean_rel_diff"] = round(statistics.fmean(paired), 4)
+            row["rel_diff_stderr"] = (
+                round(statistics.stdev(paired) / len(paired) ** 0.5, 4) if len(paired) > 1 else None
+            )
+        out[name] = row
+    return out
 
 
 def _stage_speed(root: Path, stage: str, processes: int, batch_size: int) -> float:

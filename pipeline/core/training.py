@@ -49,6 +49,13 @@ class LoopConfig(Section):
     # accelerate autocast; auto = bf16 where the device computes it natively (AVX-512 BF16/AMX CPU, Ampere+ GPU),
     # else no (emulated bf16 is slower than fp32); fp16 needs CUDA. Master weights, optimizer, loss stay fp32.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # float32 CPU products (all of them without autocast; the head below with it): auto = oneDNN on CPUs not Intel's
+    # (MKL's AVX-512 kernels are Intel-only: ~2.3x the products on an AMD Zen 5), MKL on Intel's (train/compute.py)
+    cpu_gemm: Literal["auto", "mkl", "onednn"] = "auto"
+    # under autocast on a CPU: attention in float32 (torch's bf16 kernel was the slower one here, and rounds the
+    # softmax's inputs); on a GPU attention stays in the autocast dtype
+    fp32_attention: bool = True
+    fp32_head: bool = True  # under autocast: the output head in float32 (bf16 logits round the loss's inputs)
     eval_every: int = Field(40, ge=1)  # optimizer steps between validation passes (and at the last step)
     eval_windows: int = Field(0, ge=0)  # valid windows scored per pass; 0 = all
     log_every: int = Field(1, ge=1)  # optimizer steps between train_loss/lr/tokens_per_s points

@@ -29,6 +29,7 @@ from pipeline.core.device import native_bf16
 from pipeline.core.training import LoopConfig
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
 from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, UploadFailed, stop_on_signals
+from pipeline.train.compute import configure
 from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate
 from pipeline.train.state import load_training, save_training
 
@@ -176,6 +177,7 @@ def _setup(job: TrainJob) -> _Run:
     data = Batches(job.train_ds, job.loop.batch_size, job.seed, acc.process_index, acc.num_processes)
     set_seed(job.seed)
     model = job.build_model(acc.device)
+    configure(model, job.loop, acc.mixed_precision, acc.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, job.loop)
     scheduler = get_cosine_schedule_with_warmup(optimizer, job.loop.warmup_steps, job.loop.max_steps)

@@ -1,0 +1,148 @@
+"""How a training step computes on a CPU: float32 projections on oneDNN, attention in float32 under bf16 autocast.
+
+torch's float32 matmul is MKL's, whose AVX-512 kernels run on Intel CPUs only: on an AMD EPYC (Zen 5, 2 threads) the
+demo model's training products ran at ~175 GFLOP/s through it and ~400 through oneDNN's inner product
+(`torch.ops.mkldnn._linear_pointwise`, the primitive bf16 autocast already uses; bench/train.py `--compare`). torch
+exposes no float32 switch to it (`torch.backends.mkldnn.matmul.fp32_precision` only allows rounding to bf16), so
+`OneDNNLinear` is an `nn.Linear` whose forward and input gradient run there and whose weight gradient stays on MKL
+(oneDNN's inner product reads that product's transposed operands through copies that cost what it saves). The sums
+are the same to float rounding; the library for a CPU is `realtime.linear.cpu_gemm`'s, as the runner's prefills.
+
+Under bf16 autocast torch runs `scaled_dot_product_attention` in bf16, whose CPU kernel is slower than float32's at
+this model's shapes (head_dim 32: forward + backward 24 against 16 ms a layer, Zen 5) and rounds the softmax's
+inputs; "sdpa_fp32" (a transformers attention function) runs it in float32 on a CPU and as given elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from pipeline.core.training import LoopConfig
+from realtime.linear import cpu_gemm
+
+log = logging.getLogger(__name__)
+
+FP32_ATTENTION = "sdpa_fp32"  # the name `config._attn_implementation` takes (registered by `use_fp32_attention`)
+
+
+def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # (rows, in) @ (out, in).T [+ bias]; `weight` may be a transposed view: oneDNN reads it without a copy
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _Projection(torch.autograd.Function):
+    """x @ W.T + b with the forward and the input's gradient on oneDNN, the weight's gradient on torch's mm."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])  # (batch * seq, in)
+        ctx.save_for_backward(rows, weight)
+        ctx.has_bias = bias is not None
+        return _mkldnn_linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (batch * seq, out)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mkldnn_linear(g.contiguous(), weight.t(), None).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            gw = torch.mm(g.t(), rows)  # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+class Projection(nn.Linear):
+    """`nn.Linear` that computes float32 CPU products through `_Projection` (`onednn`), and in float32 under autocast
+    too (`fp32`); as `nn.Linear` otherwise. Under autocast torch already sends the product to oneDNN, in bf16."""
+
+    onednn: bool = False
+    fp32: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float())
+        float32 = x.dtype == self.weight.dtype == torch.float32
+        if self.onednn and float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return _Projection.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _projection(module: nn.Linear) -> Projection:
+    if type(module) is nn.Linear:
+        module.__class__ = Projection
+    return module
+
+
+def use_cpu_gemm(model: nn.Module, choice: str) -> int:
+    """Send the float32 products of every plain `nn.Linear` of `model` to oneDNN when `cpu_gemm(choice)` picks it.
+
+    Subclasses (bitsandbytes' 4-bit layers) keep their own forward; weights and state dict are untouched. Returns the
+    number of layers changed (0 with MKL).
+    """
+    if cpu_gemm(choice) != "onednn":
+        return 0
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, Projection)]
+    for module in layers:
+        _projection(module).onednn = True
+    return len(layers)
+
+
+class _Float32:
+    """Mixed into a module's class by `keep_fp32`: its forward runs with autocast off, on a float32 input."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float(), *args, **kwargs)
+
+
+def keep_fp32(module: nn.Module) -> None:
+    """`module` computes in float32 under autocast too (the output head: bf16 logits round the loss's inputs).
+
+    A plain `nn.Linear` becomes a `Projection` (its float32 product then takes `use_cpu_gemm`'s library); any other
+    module (peft's trainable-tokens wrapper of a tied head) gets `_Float32` mixed into its class.
+    """
+    if type(module) in (nn.Linear, Projection):
+        _projection(module).fp32 = True
+    elif not isinstance(module, _Float32):
+        cls = type(module)
+        module.__class__ = type(f"Float32{cls.__name__}", (_Float32, cls), {})
+
+
+def use_fp32_attention(model: nn.Module) -> None:
+    """Attention through "sdpa_fp32" (registered once): float32 on a CPU under autocast, torch's SDPA otherwise."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+        if query.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        with torch.autocast("cpu", enabled=False):
+            query, key, value = query.float(), key.float(), value.float()
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(FP32_ATTENTION, sdpa_fp32)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_ATTENTION, sdpa_mask)  # the masks "sdpa" gets, not none
+    model.config._attn_implementation = FP32_ATTENTION
+
+
+def configure(model: nn.Module, loop: LoopConfig, precision: str, device: torch.device) -> None:
+    """Apply `loop`'s arithmetic to a model built for training on `device` with autocast `precision` (resolved)."""
+    onednn = use_cpu_gemm(model, loop.cpu_gemm) if device.type == "cpu" else 0
+    autocast = precision in ("bf16", "fp16")
+    if autocast and loop.fp32_attention:
+        use_fp32_attention(model)
+    if autocast and loop.fp32_head:
+        keep_fp32(model.get_output_embeddings())
+    log.info("float32 products on %s; attention in %s; output head in %s", "oneDNN" if onednn else "torch's default",
+             "float32" if autocast and loop.fp32_attention and device.type == "cpu" else precision,
+             "float32" if not autocast or loop.fp32_head else precision)  # fmt: skip

@@ -1,0 +1,164 @@
+"""The training step's CPU arithmetic: oneDNN projections, float32 attention and head under bf16 autocast."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.core.training import ModelConfig
+from pipeline.train import compute
+from pipeline.train.compute import Projection, keep_fp32, use_cpu_gemm, use_fp32_attention
+from pipeline.train.model import Vocab, build_base
+
+VOCAB = Vocab(size=96, pad_id=0, bos_id=1, eos_id=2)
+MODEL = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_base(MODEL, VOCAB, 32)
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB.size, (3, 20), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # right padding, as the tokenize stage writes windows
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _step(model, autocast: bool = False):
+    """Logits and every parameter's gradient of one loss.backward()."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(**_batch())
+    out.loss.backward()
+    return out.logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_projection_equals_linear(shape, bias):
+    torch.manual_seed(0)
+    ref = nn.Linear(24, 40, bias=bias)
+    fast = nn.Linear(24, 40, bias=bias)
+    fast.load_state_dict(ref.state_dict())
+    assert use_cpu_gemm(fast, "onednn") == 1 and isinstance(fast, Projection)
+    x = torch.randn(*shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref(x).square().sum().backward()
+    fast(x2).square().sum().backward()
+    assert torch.allclose(fast(x2), ref(x), atol=1e-5)
+    assert torch.allclose(x2.grad, x.grad, atol=1e-4)
+    assert torch.allclose(fast.weight.grad, ref.weight.grad, atol=1e-4)
+    if bias:
+        assert torch.allclose(fast.bias.grad, ref.bias.grad, atol=1e-4)
+
+
+def test_projection_on_a_non_contiguous_input():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    use_cpu_gemm(layer, "onednn")
+    x = torch.randn(16, 6, requires_grad=True)
+    out = layer(x.t())  # (6, 16) through a transposed view
+    assert torch.allclose(out, torch.nn.functional.linear(x.t(), layer.weight, layer.bias), atol=1e-5)
+    out.sum().backward()
+    assert torch.allclose(x.grad, layer.weight.sum(0)[:, None].expand(16, 6), atol=1e-5)
+
+
+def test_model_on_onednn_trains_as_on_mkl(tmp_path):
+    ref, fast = _model(), _model()
+    changed = use_cpu_gemm(fast, "onednn")
+    assert changed == MODEL.num_layers * 7 + 1  # q k v o gate up down per layer, and the (tied) output head
+    logits_ref, grads_ref = _step(ref)
+    logits, grads = _step(fast)
+    assert torch.allclose(logits, logits_ref, atol=1e-5)
+    for name, grad in grads_ref.items():
+        assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    fast.save_pretrained(tmp_path)  # the saved model is a plain Llama
+    assert "_attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_mkl_leaves_the_model_alone():
+    model = _model()
+    assert use_cpu_gemm(model, "mkl") == 0
+    assert not any(isinstance(m, Projection) for m in model.modules())
+
+
+def test_auto_takes_the_runner_rule(monkeypatch):
+    monkeypatch.setattr(compute, "cpu_gemm", lambda choice: "onednn")
+    assert use_cpu_gemm(_model(), "auto") > 0
+    monkeypatch.setattr(compute, "cpu_gemm", lambda choice: "mkl")
+    assert use_cpu_gemm(_model(), "auto") == 0
+
+
+def test_subclasses_keep_their_forward():
+    class Special(nn.Linear):  # as bitsandbytes' Linear4bit subclasses nn.Linear
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Special(4, 4))
+    assert use_cpu_gemm(model, "onednn") == 1
+    assert type(model[1]) is Special
+
+
+def _spy_attention(monkeypatch) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        out = sdpa(query, key, value, **kwargs)
+        seen.append(out.dtype)  # autocast casts the inputs inside the call: its result tells what it computed in
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+def test_fp32_attention_under_autocast(monkeypatch):
+    seen = _spy_attention(monkeypatch)
+    plain, fp32 = _model(), _model()
+    use_fp32_attention(fp32)
+    _step(plain, autocast=True)
+    assert set(seen) == {torch.bfloat16}  # torch's autocast policy for attention on a CPU
+    seen.clear()
+    _step(fp32, autocast=True)
+    assert set(seen) == {torch.float32}
+
+
+def test_fp32_attention_without_autocast_is_sdpa():
+    ref, model = _model(), _model()
+    use_fp32_attention(model)
+    logits_ref, grads_ref = _step(ref)
+    logits, grads = _step(model)
+    assert torch.equal(logits, logits_ref)  # the same masks and the same kernel
+    assert all(torch.equal(grads[n], g) for n, g in grads_ref.items())
+
+
+def test_keep_fp32_head_under_autocast():
+    model = _model()
+    head = model.get_output_embeddings()
+    keep_fp32(head)
+    x = torch.randn(5, MODEL.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x)
+        plain = torch.nn.functional.linear(x, head.weight)
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert torch.allclose(out, x @ head.weight.T, atol=1e-5)
+
+
+def test_keep_fp32_of_any_module():
+    torch.manual_seed(0)
+    inner = nn.Linear(6, 3)
+    wrapper = nn.Sequential(inner)  # as peft wraps a tied head: its forward calls the product itself
+    keep_fp32(wrapper)
+    keep_fp32(wrapper)  # once is enough
+    x = torch.randn(4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wrapper(x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.nn.functional.linear(x, inner.weight, inner.bias), atol=1e-6)
+    assert isinstance(wrapper, nn.Sequential) and wrapper.state_dict().keys() == {"0.weight", "0.bias"}
