@@ -59,7 +59,7 @@ def _compare_step(root: Path, stage: str, spec: dict):
     use_cpu_gemm(model, spec.get("gemm", "mkl"))
     if spec.get("fp32_attention"):
         use_fp32_attention(model)
-    if spec.get("fp32_head") and stage == "pretrain":  # the fine-tune's head is peft's trainable-tokens wrapper
+    if spec.get("fp32_head"):
         keep_fp32(model.get_output_embeddings())
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if spec.get("fused") else {"foreach": True}
@@ -166,13 +166,14 @@ def quality_run(
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
-# loop overrides compared: "bf16" is torch's autocast as it is, "bf16_fp32" the loop's bf16 (attention and head in
-# float32); "fp32" takes `cpu_gemm: auto`, "fp32_mkl" torch's own matmul
+# loop overrides compared: "bf16" is torch's autocast as it is, "bf16_fp32" with attention and head in float32;
+# "fp32" takes `cpu_gemm: auto`, "fp32_mkl" torch's own matmul
 QUALITY = {
     "fp32": {"mixed_precision": "no"},
     "fp32_mkl": {"mixed_precision": "no", "cpu_gemm": "mkl"},
     "bf16": {"mixed_precision": "bf16", "fp32_attention": False, "fp32_head": False},
-    "bf16_fp32": {"mixed_precision": "bf16"},
+    "bf16_fp32_attention": {"mixed_precision": "bf16", "fp32_attention": True, "fp32_head": False},
+    "bf16_fp32": {"mixed_precision": "bf16", "fp32_attention": True, "fp32_head": True},
 }
 
 

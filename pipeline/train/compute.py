@@ -4,12 +4,12 @@ torch's float32 matmul is MKL's, whose AVX-512 kernels run on Intel CPUs only: o
 demo model's training products ran at ~175 GFLOP/s through it and ~400 through oneDNN's inner product
 (`torch.ops.mkldnn._linear_pointwise`, the primitive bf16 autocast already uses; bench/train.py `--compare`). torch
 exposes no float32 switch to it (`torch.backends.mkldnn.matmul.fp32_precision` only allows rounding to bf16), so
-`OneDNNLinear` is an `nn.Linear` whose forward and input gradient run there and whose weight gradient stays on MKL
+`Projection` is an `nn.Linear` whose forward and input gradient run there and whose weight gradient stays on MKL
 (oneDNN's inner product reads that product's transposed operands through copies that cost what it saves). The sums
 are the same to float rounding; the library for a CPU is `realtime.linear.cpu_gemm`'s, as the runner's prefills.
 
 Under bf16 autocast torch runs `scaled_dot_product_attention` in bf16, whose CPU kernel is slower than float32's at
-this model's shapes (head_dim 32: forward + backward 24 against 16 ms a layer, Zen 5) and rounds the softmax's
+this model's shapes (head_dim 32: its backward took 24 against 16 ms a layer, Zen 5, 2 threads) and rounds the softmax's
 inputs; "sdpa_fp32" (a transformers attention function) runs it in float32 on a CPU and as given elsewhere.
 """
 
@@ -143,6 +143,7 @@ def configure(model: nn.Module, loop: LoopConfig, precision: str, device: torch.
         use_fp32_attention(model)
     if autocast and loop.fp32_head:
         keep_fp32(model.get_output_embeddings())
-    log.info("float32 products on %s; attention in %s; output head in %s", "oneDNN" if onednn else "torch's default",
-             "float32" if autocast and loop.fp32_attention and device.type == "cpu" else precision,
-             "float32" if not autocast or loop.fp32_head else precision)  # fmt: skip
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    attention = "float32" if loop.fp32_attention and device.type == "cpu" else dtype
+    log.info("products %s (float32 ones on %s); attention in %s; output head in %s", dtype,
+             "oneDNN" if onednn else "torch's default", attention, "float32" if loop.fp32_head else dtype)  # fmt: skip
