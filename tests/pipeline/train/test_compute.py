@@ -162,3 +162,29 @@ def test_keep_fp32_of_any_module():
     assert out.dtype == torch.float32
     assert torch.allclose(out, torch.nn.functional.linear(x, inner.weight, inner.bias), atol=1e-6)
     assert isinstance(wrapper, nn.Sequential) and wrapper.state_dict().keys() == {"0.weight", "0.bias"}
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_configure_applies_the_loop_on_a_cpu(precision, monkeypatch):
+    from pipeline.core.training import LoopConfig
+
+    monkeypatch.setattr(compute, "cpu_gemm", lambda choice: choice)
+    model = _model()
+    compute.configure(model, LoopConfig(cpu_gemm="onednn"), precision, torch.device("cpu"))
+    assert all(layer.onednn for layer in model.modules() if isinstance(layer, Projection))
+    autocast = precision == "bf16"
+    assert (model.config._attn_implementation == compute.FP32_ATTENTION) is autocast
+    assert model.get_output_embeddings().fp32 is autocast
+    other = _model()
+    compute.configure(other, LoopConfig(fp32_attention=False, fp32_head=False), precision, torch.device("cpu"))
+    assert other.config._attn_implementation == "sdpa"
+    assert not getattr(other.get_output_embeddings(), "fp32", False)
+
+
+def test_configure_leaves_a_gpu_model_alone():
+    from pipeline.core.training import LoopConfig
+
+    model = _model()
+    compute.configure(model, LoopConfig(cpu_gemm="onednn"), "bf16", torch.device("cuda"))
+    assert not any(isinstance(m, Projection) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
