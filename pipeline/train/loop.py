@@ -30,7 +30,7 @@ from pipeline.core.training import LoopConfig
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
 from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, UploadFailed, stop_on_signals
 from pipeline.train.compute import configure
-from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate
+from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate, model_inputs
 from pipeline.train.state import load_training, save_training
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def _train_step(run: _Run) -> tuple[float, int]:
     nll = 0.0
     for i, batch in enumerate(batches):
         with acc.no_sync(run.model) if i < k - 1 else contextlib.nullcontext():
-            loss = run.model(**batch).loss
+            loss = run.model(**model_inputs(batch)).loss
             acc.backward(loss * (counts[i] * acc.num_processes / predicted))
         nll += float(loss.detach()) * counts[i]
     if run.job.loop.grad_clip > 0:
@@ -302,7 +302,7 @@ def evaluate(model: torch.nn.Module, ds: torch.utils.data.Dataset, acc, batch_si
     for start in range(0, len(idx), batch_size):
         batch = {k: v.to(acc.device) for k, v in collate([ds[i] for i in idx[start : start + batch_size]]).items()}
         count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # positions the causal loss averages over
-        sums += torch.stack([model(**batch).loss.double() * count, count.double()])
+        sums += torch.stack([model(**model_inputs(batch)).loss.double() * count, count.double()])
     if acc.num_processes > 1:
         sums = acc.reduce(sums, "sum")
     model.train()

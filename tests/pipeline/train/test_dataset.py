@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,39 @@ def test_replay_mixes_a_fixed_share_of_base_windows(tmp_path):
     again = with_replay(TokenWindows(style, PAD), TokenWindows(base, PAD), 0.25, seed=7)
     assert [again[i]["input_ids"].tolist() for i in range(len(again))] == rows  # the same sample on resume
     assert with_replay(TokenWindows(style, PAD), TokenWindows(base, PAD), 0.0, seed=7).__class__ is TokenWindows
+
+
+def _batch(tmp_path: Path, windows: list[list[int]]) -> dict[str, torch.Tensor]:
+    from pipeline.train.dataset import collate
+
+    np.save(tmp_path / "w.npy", np.array(windows, np.int32))
+    ds = TokenWindows(tmp_path / "w.npy", pad_id=PAD)
+    return collate([ds[i] for i in range(len(ds))])
+
+
+def test_right_padded_batches_train_without_the_mask(tmp_path):
+    from pipeline.train.dataset import model_inputs
+    from pipeline.train.model import Vocab, build_base
+    from tests.pipeline.train.test_model import tiny_cfg
+
+    batch = _batch(tmp_path, [[1, 5, 6, 7, 8, 9, 10], [1, 8, 9, 2, PAD, PAD, PAD], [1, 4, 4, PAD, PAD, PAD, PAD]])
+    inputs = model_inputs(batch)
+    assert "attention_mask" not in inputs and inputs["labels"] is batch["labels"]
+    torch.manual_seed(0)
+    model = build_base(tiny_cfg(tmp_path).model, Vocab(96, PAD, 1, 2), 32)
+    losses, grads = [], []
+    for kwargs in (batch, inputs):
+        model.zero_grad()
+        loss = model(**kwargs).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def test_a_pad_before_a_token_keeps_the_mask(tmp_path):
+    from pipeline.train.dataset import model_inputs
+
+    batch = _batch(tmp_path, [[1, 5, PAD, 6], [1, 5, 6, 7]])
+    assert model_inputs(batch) is batch
