@@ -19,7 +19,10 @@ MAIN = Path(__file__).with_name("train.py")  # runs one quality variant per proc
 
 # Side by side, interleaved step by step (the machine is shared: ratios to "fp32" are the figures to read; with one
 # torch thread, `cpu_ratio` (tokens per CPU second) is the least disturbed by other processes).
-# Each starts from today's loop: fp32, attention mask passed, AdamW foreach, torch's default threads, eager.
+# Each starts from the loop before pipeline/train/compute.py: fp32 on torch's matmul (MKL), attention mask passed,
+# AdamW foreach, torch's dropout, default threads, eager. A "loop" entry instead takes the loop's own set-up
+# (`compute.configure` with those loop keys, `dataset.model_inputs`): "loop_bf16" and "loop_bf16_attention" are its
+# defaults (pretrain and fine-tune) where the CPU computes bf16, "loop_fp32" where it does not.
 COMPARE = {
     "fp32": {},
     "fp32_no_mask": {"mask": False},
@@ -30,9 +33,9 @@ COMPARE = {
     "bf16_compile": {"bf16": True, "compile": True},
     "bf16_1_thread": {"bf16": True, "threads": 1},
     "bf16_batch_x2": {"bf16": True, "batch": 2},
-    "fp32_onednn": {"gemm": "onednn"},  # float32 projections on oneDNN (pipeline/train/compute.py)
-    "bf16_fp32_attention": {"bf16": True, "fp32_attention": True},
-    "bf16_fp32_head": {"bf16": True, "fp32_attention": True, "fp32_head": True, "gemm": "onednn"},
+    "loop_fp32": {"loop": {"mixed_precision": "no"}},
+    "loop_bf16_attention": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": False}},  # fine-tune's
+    "loop_bf16": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": True}},  # the pretrain's
 }
 
 
@@ -43,8 +46,9 @@ def _compare_step(root: Path, stage: str, spec: dict):
     import torch
 
     from pipeline.core.config import load_config
-    from pipeline.train.compute import keep_fp32, use_cpu_gemm, use_fp32_attention
-    from pipeline.train.dataset import Batches, TokenWindows
+    from pipeline.core.training import LoopConfig
+    from pipeline.train.compute import configure
+    from pipeline.train.dataset import Batches, TokenWindows, model_inputs
     from pipeline.train.finetune import qlora_model
     from pipeline.train.model import Vocab, build_base
 
@@ -56,11 +60,11 @@ def _compare_step(root: Path, stage: str, spec: dict):
     else:
         model = qlora_model(cfg.stage_dir("pretrain") / "base", cfg.finetune, torch.device("cpu"))
     model.train()
-    use_cpu_gemm(model, spec.get("gemm", "mkl"))
-    if spec.get("fp32_attention"):
-        use_fp32_attention(model)
-    if spec.get("fp32_head"):
-        keep_fp32(model.get_output_embeddings())
+    if "loop" in spec:
+        inputs = model_inputs
+        configure(model, LoopConfig(**spec["loop"]), spec["loop"]["mixed_precision"], torch.device("cpu"))
+    else:
+        inputs = _no_mask if spec.get("mask", True) is False else lambda batch: batch
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if spec.get("fused") else {"foreach": True}
     opt = torch.optim.AdamW(params, lr=loop.lr, betas=(0.9, 0.95), weight_decay=loop.weight_decay, **fused)
@@ -72,8 +76,7 @@ def _compare_step(root: Path, stage: str, spec: dict):
         batch = data.get(0, position[0] % data.per_epoch)
         position[0] += 1
         tokens = int(batch["attention_mask"].sum())
-        if spec.get("mask", True) is False:
-            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        batch = inputs(batch)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if spec.get("bf16") else contextlib.nullcontext()
@@ -89,6 +92,10 @@ def _compare_step(root: Path, stage: str, spec: dict):
         return seconds, cpu, tokens
 
     return step
+
+
+def _no_mask(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
 
 
 def bench_compare(root: Path, stage: str, rounds: int, names: list[str]) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -117,6 +118,31 @@ def keep_fp32(module: nn.Module) -> None:
         module.__class__ = type(f"Float32{cls.__name__}", (_Float32, cls), {})
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` whose CPU masks come from numpy's PCG64, seeded by one draw of torch's generator per call.
+
+    torch's CPU Bernoulli draw ran one thread at ~6 ns an element here: the fine-tune's 16 LoRA dropouts a step
+    (4,096 x 192 inputs) were 19 % of it, ~6x what this costs. The mask keeps an element with probability
+    1 - round(p * 2^16) / 2^16 (p to within 8e-6); resuming stays exact, since torch's generator is checkpointed.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        seed = int(torch.randint(0, 2**63 - 1, (1,)))
+        drawn = np.random.default_rng(seed).integers(0, 2**16, x.shape, dtype=np.uint16)
+        keep = torch.from_numpy(drawn >= round(self.p * 2**16))
+        return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - self.p))
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Every plain `nn.Dropout` of `model` (peft's LoRA dropouts) draws its CPU masks as `Dropout`; returns how many."""
+    layers = [m for m in model.modules() if type(m) is nn.Dropout]
+    for module in layers:
+        module.__class__ = Dropout
+    return len(layers)
+
+
 def use_fp32_attention(model: nn.Module) -> None:
     """Attention through "sdpa_fp32" (registered once): float32 on a CPU under autocast, torch's SDPA otherwise."""
     from transformers import AttentionInterface
@@ -144,6 +170,7 @@ def configure(model: nn.Module, loop: LoopConfig, precision: str, device: torch.
     if device.type != "cpu":
         return
     onednn = use_cpu_gemm(model, loop.cpu_gemm)
+    use_fast_dropout(model)
     autocast = precision in ("bf16", "fp16")
     if autocast and loop.fp32_attention:
         use_fp32_attention(model)

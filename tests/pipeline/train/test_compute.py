@@ -188,3 +188,22 @@ def test_configure_leaves_a_gpu_model_alone():
     compute.configure(model, LoopConfig(cpu_gemm="onednn"), "bf16", torch.device("cuda"))
     assert not any(isinstance(m, Projection) for m in model.modules())
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_dropout_masks_like_torch():
+    layer = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.25))
+    assert compute.use_fast_dropout(layer) == 1 and isinstance(layer[1], compute.Dropout)
+    drop = layer[1]
+    x = torch.randn(1000, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.002  # 1M draws: the standard error is 4e-4
+    assert torch.allclose(out[kept], x[kept] / 0.75)
+    out.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.75)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), out)  # seeded by torch's generator: a resumed run draws the same masks
+    assert not torch.equal(drop(x), out)
+    drop.eval()
+    assert drop(x) is x or torch.equal(drop(x), x)
