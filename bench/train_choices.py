@@ -21,8 +21,8 @@ MAIN = Path(__file__).with_name("train.py")  # runs one quality variant per proc
 # torch thread, `cpu_ratio` (tokens per CPU second) is the least disturbed by other processes).
 # Each starts from the loop before pipeline/train/compute.py: fp32 on torch's matmul (MKL), attention mask passed,
 # AdamW foreach, torch's dropout, default threads, eager. A "loop" entry instead takes the loop's own set-up
-# (`compute.configure` with those loop keys, `dataset.model_inputs`): "loop_bf16" and "loop_bf16_attention" are its
-# defaults (pretrain and fine-tune) where the CPU computes bf16, "loop_fp32" where it does not.
+# (`compute.configure` with those loop keys, `dataset.model_inputs`): "loop_bf16" is its default where the CPU
+# computes bf16, "loop_fp32" where it does not.
 COMPARE = {
     "fp32": {},
     "fp32_no_mask": {"mask": False},
@@ -34,8 +34,8 @@ COMPARE = {
     "bf16_1_thread": {"bf16": True, "threads": 1},
     "bf16_batch_x2": {"bf16": True, "batch": 2},
     "loop_fp32": {"loop": {"mixed_precision": "no"}},
-    "loop_bf16_attention": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": False}},  # fine-tune's
-    "loop_bf16": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": True}},  # the pretrain's
+    "loop_bf16": {"bf16": True, "loop": {"mixed_precision": "bf16"}},
+    "loop_bf16_fp32_head": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": True}},
 }
 
 

@@ -170,7 +170,7 @@ def test_configure_applies_the_loop_on_a_cpu(precision, monkeypatch):
 
     monkeypatch.setattr(compute, "cpu_gemm", lambda choice: choice)
     model = _model()
-    compute.configure(model, LoopConfig(cpu_gemm="onednn"), precision, torch.device("cpu"))
+    compute.configure(model, LoopConfig(cpu_gemm="onednn", fp32_head=True), precision, torch.device("cpu"))
     assert all(layer.onednn for layer in model.modules() if isinstance(layer, Projection))
     autocast = precision == "bf16"
     assert (model.config._attn_implementation == compute.FP32_ATTENTION) is autocast
