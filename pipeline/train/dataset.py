@@ -67,7 +67,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     A causal model's outputs at a row's tokens then attend to the same tokens as with the mask (padding only follows
     them) and padding carries no loss, so loss and gradients are the same; attention runs as causal instead of over
-    a materialised mask (SDPA's forward + backward at the demo's shapes: 30.6 -> 26.3 ms a layer, 2 threads).
+    a materialised mask (SDPA's forward + backward at the demo's shapes, float32: 27.2 -> 25.5 ms a layer,
+    2 threads; bfloat16 35.4 -> 34.0).
     """
     mask = batch["attention_mask"]  # (batch, seq)
     if bool((mask[:, 1:] <= mask[:, :-1]).all()):
