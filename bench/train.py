@@ -4,6 +4,7 @@
     python bench/train.py --skip throughput,compare,memory,restart --data data/tokenize --base data/pretrain/base
 
 - throughput: tokens/s of the base (pretrain loop) and of the QLoRA fine-tune, median over steps after warmup
+- gemm: the step's float32 products at the demo's shapes on MKL and on oneDNN (pipeline/train/compute.py), GFLOP/s
 - compare: the loop's alternatives (COMPARE: precision, attention mask, fused AdamW, torch.compile, threads, batch)
   one step each in turn, per stage; tokens/s and tokens per CPU second as ratios to the first
 - quality (with --data, a tokenize stage's folder): each QUALITY variant trains the params' full schedule on those
@@ -34,7 +35,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_choices import COMPARE, STAGES, bench_compare, bench_processes, bench_quality, quality_run  # noqa: E402
+from train_choices import (  # noqa: E402
+    COMPARE,
+    STAGES,
+    bench_compare,
+    bench_gemm,
+    bench_processes,
+    bench_quality,
+    quality_run,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -216,7 +225,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per measurement")
-    parser.add_argument("--skip", default="", help="comma list of: throughput, compare, memory, restart, quality")
+    parser.add_argument("--skip", default="", help="comma list of: throughput, gemm, compare, memory, restart, quality")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one memory variant
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help="a tokenize stage's folder: also compare valid loss (quality)")
@@ -255,6 +264,9 @@ def main() -> None:
         if "throughput" not in skip:
             result["pretrain"] = bench_loop(root, "pretrain")
             result["finetune_qlora"] = bench_loop(root, "finetune")
+        if "gemm" not in skip:  # rows: one demo batch (16 windows x 256); (in, out) of each projection
+            shapes = {"attention": (192, 192), "mlp_up": (192, 512), "mlp_down": (512, 192), "head": (192, 1024)}
+            result["gemm_gflops"] = bench_gemm(16 * 256, shapes, args.rounds * 3)
         if "compare" not in skip:
             names = args.compare.split(",") if args.compare else list(COMPARE)
             result["compare"] = {stage: bench_compare(root, stage, args.rounds, names) for stage in STAGES}

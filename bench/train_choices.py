@@ -285,3 +285,38 @@ def bench_processes(root: Path, stages: list[str], rounds: int, processes: int) 
                       f"{processes}_processes_tokens_per_s": [round(v) for v in many],
                       "ratio": round(statistics.median(b / a for a, b in zip(one, many, strict=True)), 3)}  # fmt: skip
     return out
+
+
+def bench_gemm(rows: int, shapes: dict[str, tuple[int, int]], rounds: int) -> dict:
+    """A training step's float32 products at the demo's shapes, torch's matmul (MKL) against `compute._Projection`'s
+    oneDNN route, interleaved: forward x @ W.T, the input's gradient g @ W, the weight's g.T @ x (GFLOP/s, medians)."""
+    import torch
+
+    out = {}
+    for name, (n_in, n_out) in shapes.items():
+        calls = _products(torch.randn(rows, n_in), torch.randn(n_out, n_in), torch.randn(rows, n_out))
+        times: dict[str, list[float]] = {key: [] for key in calls}
+        for call in calls.values():
+            call()
+        for _ in range(rounds):
+            for key, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                times[key].append(time.perf_counter() - t0)
+        flop = 2 * rows * n_in * n_out
+        out[name] = {key: round(flop / statistics.median(ts) / 1e9, 1) for key, ts in times.items()}
+    return out
+
+
+def _products(x, w, g) -> dict:
+    import torch
+
+    from pipeline.train.compute import _mkldnn_linear
+
+    return {
+        "forward_mkl": lambda: torch.nn.functional.linear(x, w),
+        "forward_onednn": lambda: _mkldnn_linear(x, w, None),
+        "input_grad_mkl": lambda: torch.mm(g, w),
+        "input_grad_onednn": lambda: _mkldnn_linear(g, w.t(), None),
+        "weight_grad_mkl": lambda: torch.mm(g.t(), x),
+    }

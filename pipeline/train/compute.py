@@ -1,8 +1,8 @@
 """How a training step computes on a CPU: float32 projections on oneDNN, attention in float32 under bf16 autocast.
 
 torch's float32 matmul is MKL's, whose AVX-512 kernels run on Intel CPUs only: on an AMD EPYC (Zen 5, 2 threads) the
-demo model's training products ran at ~175 GFLOP/s through it and ~400 through oneDNN's inner product
-(`torch.ops.mkldnn._linear_pointwise`, the primitive bf16 autocast already uses; bench/train.py `--compare`). torch
+demo model's training products ran at ~175 GFLOP/s through it and 340-400 through oneDNN's inner product
+(`torch.ops.mkldnn._linear_pointwise`, the primitive bf16 autocast already uses; bench/train.py's gemm section). torch
 exposes no float32 switch to it (`torch.backends.mkldnn.matmul.fp32_precision` only allows rounding to bf16), so
 `Projection` is an `nn.Linear` whose forward and input gradient run there and whose weight gradient stays on MKL
 (oneDNN's inner product reads that product's transposed operands through copies that cost what it saves). The sums
