@@ -52,7 +52,8 @@ class LoopConfig(Section):
     # 1.5x the tokens/s (README "Training throughput")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # float32 CPU products (all of them without autocast; the head below with it): auto = oneDNN on CPUs not Intel's
-    # (MKL's AVX-512 kernels are Intel-only: ~2x the forward and input-gradient products on an AMD Zen 5), MKL on Intel's (train/compute.py)
+    # (MKL's AVX-512 kernels are Intel-only: ~2x the forward and input-gradient products on an AMD Zen 5), MKL on
+    # Intel's (train/compute.py)
     cpu_gemm: Literal["auto", "mkl", "onednn"] = "auto"
     # under autocast on a CPU (on a GPU both stay in the autocast dtype): attention in float32 (torch's bf16 kernel
     # was the slower one here, and rounds the softmax's inputs), and the output head: the logits, which the loss
