@@ -36,6 +36,9 @@ COMPARE = {
     "loop_fp32": {"loop": {"mixed_precision": "no"}},
     "loop_bf16": {"bf16": True, "loop": {"mixed_precision": "bf16"}},
     "loop_bf16_fp32_head": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": True}},
+    "loop_bf16_compile": {"bf16": True, "compile": True, "loop": {"mixed_precision": "bf16"}},
+    "loop_fp32_compile": {"compile": True, "loop": {"mixed_precision": "no"}},
+    "loop_bf16_compile_regions": {"bf16": True, "compile": "regions", "loop": {"mixed_precision": "bf16"}},
 }
 
 
@@ -68,7 +71,12 @@ def _compare_step(root: Path, stage: str, spec: dict):
     params = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if spec.get("fused") else {"foreach": True}
     opt = torch.optim.AdamW(params, lr=loop.lr, betas=(0.9, 0.95), weight_decay=loop.weight_decay, **fused)
-    forward = torch.compile(model) if spec.get("compile") else model
+    if spec.get("compile") == "regions":  # accelerate's regional compilation: each repeated block compiled once
+        from accelerate.utils import compile_regions
+
+        forward = compile_regions(model)
+    else:
+        forward = torch.compile(model) if spec.get("compile") else model
     data = Batches(TokenWindows(corpus / "train.npy", 0), loop.batch_size * spec.get("batch", 1), cfg.project.seed)
     threads, position = spec.get("threads") or torch.get_num_threads(), [0]
 
