@@ -36,7 +36,7 @@ def _step(model, autocast: bool = False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(**_batch())
     out.loss.backward()
-    return out.logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24)])
@@ -207,3 +207,48 @@ def test_dropout_masks_like_torch():
     assert not torch.equal(drop(x), out)
     drop.eval()
     assert drop(x) is x or torch.equal(drop(x), x)
+
+
+def _qlora(tmp_path):
+    from pipeline.core.training import FinetuneConfig
+    from pipeline.train.model import add_lora, load_base
+
+    if not (tmp_path / "base" / "config.json").exists():
+        _model().save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    fc = FinetuneConfig(lora_dropout=0.0)  # the same adapter output both ways
+    return add_lora(load_base(tmp_path / "base", "nf4", True, "float32"), fc)
+
+
+def _lora_step(model, autocast: bool = False):
+    logits, grads = _step(model, autocast)
+    return logits, {n: g for n, g in grads.items() if "lora_" in n}
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_4bit_layers_multiply_as_bitsandbytes(tmp_path, onednn):
+    ref, model = _qlora(tmp_path), _qlora(tmp_path)
+    assert compute.use_cpu_4bit(model, onednn) == MODEL.num_layers * 7
+    logits_ref, grads_ref = _lora_step(ref)
+    logits, grads = _lora_step(model)
+    assert torch.allclose(logits, logits_ref, atol=1e-4)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name, grad in grads_ref.items():
+        assert torch.allclose(grads[name], grad, atol=1e-4, rtol=1e-3), name
+    assert model.state_dict().keys() == ref.state_dict().keys()
+
+
+def test_4bit_layers_under_autocast_multiply_in_bf16(tmp_path):
+    ref, model = _qlora(tmp_path), _qlora(tmp_path)
+    compute.use_cpu_4bit(model, True)
+    layer = next(m for m in model.modules() if isinstance(m, compute._CpuLinear4bit))
+    x = torch.randn(5, MODEL.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    exact = layer.__class__.__mro__[2].forward(layer, x)  # bitsandbytes' own, in float32
+    assert torch.allclose(out.float(), exact, atol=0.05 * exact.abs().max().item())
+    logits_ref, _ = _lora_step(ref, autocast=True)
+    logits, grads = _lora_step(model, autocast=True)
+    assert torch.allclose(logits, logits_ref, atol=0.05 * logits_ref.abs().max().item())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # A's are 0 while B starts at 0
