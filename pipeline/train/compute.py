@@ -35,25 +35,32 @@ def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """x @ weight.T + bias over x's last dimension: in float32 on oneDNN when `onednn`, else torch's linear."""
+    if not (onednn and x.dtype == torch.float32):
+        return torch.nn.functional.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (batch * seq, in)
+    return _mkldnn_linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
 class _Projection(torch.autograd.Function):
     """x @ W.T + b with the forward and the input's gradient on oneDNN, the weight's gradient on torch's mm."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])  # (batch * seq, in)
-        ctx.save_for_backward(rows, weight)
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _mkldnn_linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return _product(x, weight, bias, onednn=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        rows, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (batch * seq, out)
+        x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mkldnn_linear(g.contiguous(), weight.t(), None).view(*grad.shape[:-1], weight.shape[1])
+            gx = _product(grad, weight.t(), None, onednn=True)
+        g = grad.reshape(-1, grad.shape[-1])  # (batch * seq, out)
         if ctx.needs_input_grad[1]:
-            gw = torch.mm(g.t(), rows)  # (out, in)
+            gw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
@@ -115,14 +122,6 @@ class _Dequantized(torch.autograd.Function):
 
         w = dequantize_4bit(ctx.weight, ctx.quant_state).to(grad.dtype)
         return _product(grad, w.t(), None, ctx.onednn), None, None, None, None
-
-
-def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
-    """x @ weight.T + bias over x's last dimension; float32 on oneDNN when `onednn`, else torch's."""
-    if not (onednn and x.dtype == torch.float32):
-        return torch.nn.functional.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    return _mkldnn_linear(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 class _CpuLinear4bit:
