@@ -92,8 +92,8 @@ def _projection(module: nn.Linear) -> Projection:
 def use_cpu_gemm(model: nn.Module, choice: str) -> int:
     """Send the float32 products of every plain `nn.Linear` of `model` to oneDNN when `cpu_gemm(choice)` picks it.
 
-    Subclasses (bitsandbytes' 4-bit layers) keep their own forward; weights and state dict are untouched. Returns the
-    number of layers changed (0 with MKL).
+    Subclasses are left alone (bitsandbytes' 4-bit layers: `use_cpu_4bit`); weights and state dict are untouched.
+    Returns the number of layers changed (0 with MKL).
     """
     if cpu_gemm(choice) != "onednn":
         return 0
