@@ -22,7 +22,8 @@ MAIN = Path(__file__).with_name("train.py")  # runs one quality variant per proc
 # Each starts from the loop before pipeline/train/compute.py: fp32 on torch's matmul (MKL), attention mask passed,
 # AdamW foreach, torch's dropout, default threads, eager. A "loop" entry instead takes the loop's own set-up
 # (`compute.configure` with those loop keys, `dataset.model_inputs`): "loop_bf16" is its default where the CPU
-# computes bf16, "loop_fp32" where it does not.
+# computes bf16, "loop_fp32" where it does not (its float32 oneDNN route does not compile: inductor's lowering of
+# `mkldnn._linear_pointwise` asserts on its training graph).
 COMPARE = {
     "fp32": {},
     "fp32_no_mask": {"mask": False},
@@ -37,7 +38,6 @@ COMPARE = {
     "loop_bf16": {"bf16": True, "loop": {"mixed_precision": "bf16"}},
     "loop_bf16_fp32_head": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": True}},
     "loop_bf16_compile": {"bf16": True, "compile": True, "loop": {"mixed_precision": "bf16"}},
-    "loop_fp32_compile": {"compile": True, "loop": {"mixed_precision": "no"}},
     "loop_bf16_compile_regions": {"bf16": True, "compile": "regions", "loop": {"mixed_precision": "bf16"}},
 }
 
