@@ -181,7 +181,7 @@ def quality_run(
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
-# loop overrides compared: "bf16" is torch's autocast as it is, "bf16_fp32" with attention and head in float32;
+# loop overrides compared: "bf16" keeps attention and head in the autocast dtype, "bf16_fp32" has both in float32;
 # "fp32" takes `cpu_gemm: auto`, "fp32_mkl" torch's own matmul
 QUALITY = {
     "fp32": {"mixed_precision": "no"},
