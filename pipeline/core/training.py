@@ -58,7 +58,7 @@ class LoopConfig(Section):
     # under autocast on a CPU (on a GPU both stay in the autocast dtype): attention in float32 (torch's bf16 kernel
     # was the slower one here, and rounds the softmax's inputs), and the output head: the logits, which the loss
     # reads. The head in fp32 kept the demo's pretrain within 1.8 % of fp32 on every seed (without: -8.7 to +1.8 %,
-    # the mean no worse) for 6 % of its speed; peft's head wrapper (fine-tune) multiplies on MKL: 9-20 % of a step
+    # the mean no worse) for 5-8 % of its speed; peft's head wrapper (fine-tune) multiplies on MKL: 9-20 % of a step
     fp32_attention: bool = True
     fp32_head: bool = False
     eval_every: int = Field(40, ge=1)  # optimizer steps between validation passes (and at the last step)

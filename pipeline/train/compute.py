@@ -150,9 +150,7 @@ def use_cpu_4bit(model: nn.Module, onednn: bool) -> int:
         return 0
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     for module in layers:
-        if not isinstance(module, _CpuLinear4bit):
-            cls = type(module)
-            module.__class__ = type(f"Cpu{cls.__name__}", (_CpuLinear4bit, cls), {})
+        _mix_in(module, _CpuLinear4bit, "Cpu")
         module.onednn = onednn
     return len(layers)
 
@@ -175,9 +173,15 @@ def keep_fp32(module: nn.Module) -> None:
     """
     if type(module) in (nn.Linear, Projection):
         _projection(module).fp32 = True
-    elif not isinstance(module, _Float32):
+    else:
+        _mix_in(module, _Float32, "Float32")
+
+
+def _mix_in(module: nn.Module, mixin: type, prefix: str) -> None:
+    """`module`'s class becomes a subclass of it with `mixin` first (its forward wraps the class's); once only."""
+    if not isinstance(module, mixin):
         cls = type(module)
-        module.__class__ = type(f"Float32{cls.__name__}", (_Float32, cls), {})
+        module.__class__ = type(f"{prefix}{cls.__name__}", (mixin, cls), {})
 
 
 class Dropout(nn.Dropout):
