@@ -114,7 +114,7 @@ def evaluation(params: Path, data: Path) -> dict:
 
 def memory(params: Path, steps: int) -> dict:
     out, _ = run([sys.executable, str(REPO / "bench" / "train.py"), "--params", str(params), "--steps", str(steps),
-                  "--skip", "throughput,gemm,compare,restart"])  # fmt: skip
+                  "--skip", "throughput,gemm,attention,heap,compare,restart"])  # fmt: skip
     variants = json.loads(out[out.index("{") :])["memory"]
     key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in variants["qlora_nf4"] else "peak_over_imports_mb"
     mb = {name: v.get(key) for name, v in variants.items()}

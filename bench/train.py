@@ -5,6 +5,8 @@
 
 - throughput: tokens/s of the base (pretrain loop) and of the QLoRA fine-tune, median over steps after warmup
 - gemm: the step's float32 products at the demo's shapes on MKL and on oneDNN (pipeline/train/compute.py), GFLOP/s
+- attention: one layer's causal attention, forward + backward (ms), as each `cpu_attention` computes it under autocast
+- heap: the loop's step with glibc's heap kept between steps (compute.kept_heap, as fit trains) against its defaults
 - compare: the loop's alternatives (COMPARE: precision, attention mask, fused AdamW, torch.compile, threads, batch)
   one step each in turn, per stage; tokens/s and tokens per CPU second as ratios to the first
 - quality (with --data, a tokenize stage's folder): each QUALITY variant trains the params' full schedule on those
@@ -38,10 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_choices import (  # noqa: E402
     COMPARE,
     STAGES,
+    bench_attention,
     bench_compare,
     bench_gemm,
+    bench_heap,
     bench_processes,
     bench_quality,
+    heap_run,
     quality_run,
 )
 
@@ -225,7 +230,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per measurement")
-    parser.add_argument("--skip", default="", help="comma list of: throughput, gemm, compare, memory, restart, quality")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma list of: throughput, gemm, attention, heap, compare, memory, restart, quality",
+    )
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one memory variant
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help="a tokenize stage's folder: also compare valid loss (quality)")
@@ -243,6 +252,7 @@ def main() -> None:
         help="also time N torchrun processes of one thread against one process (whole runs)",
     )
     parser.add_argument("--quality-run", help=argparse.SUPPRESS)  # internal: one quality variant
+    parser.add_argument("--heap-run", type=int, help=argparse.SUPPRESS)  # internal: one side of the heap section
     args = parser.parse_args()
     if args.quality_run:
         spec = json.loads(args.quality_run)
@@ -254,6 +264,9 @@ def main() -> None:
         return
     if args.variant:
         print(json.dumps(memory_variant(args.workdir, args.variant, args.steps)))
+        return
+    if args.heap_run is not None:
+        print(json.dumps(heap_run(args.workdir, bool(args.heap_run), args.rounds)))
         return
     import torch
 
@@ -267,6 +280,15 @@ def main() -> None:
         if "gemm" not in skip:  # rows: one demo batch (16 windows x 256); (in, out) of each projection
             shapes = {"attention": (192, 192), "mlp_up": (192, 512), "mlp_down": (512, 192), "head": (192, 1024)}
             result["gemm_gflops"] = bench_gemm(16 * 256, shapes, args.rounds * 3)
+        if "attention" not in skip:  # one layer at the params' training shape
+            from pipeline.core.config import load_config
+
+            cfg = load_config(args.params)
+            heads, seq = cfg.model.num_heads, cfg.tokenize.max_seq_len
+            shape = (cfg.pretrain.batch_size, heads, seq, cfg.model.hidden_size // heads)
+            result["attention"] = {"shape": shape, **bench_attention(*shape, args.rounds * 3)}
+        if "heap" not in skip:
+            result["heap"] = bench_heap(root, args.rounds)
         if "compare" not in skip:
             names = args.compare.split(",") if args.compare else list(COMPARE)
             result["compare"] = {stage: bench_compare(root, stage, args.rounds, names) for stage in STAGES}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,8 @@ COMPARE = {
     "bf16_batch_x2": {"bf16": True, "batch": 2},
     "loop_fp32": {"loop": {"mixed_precision": "no"}},
     "loop_bf16": {"bf16": True, "loop": {"mixed_precision": "bf16"}},
+    "loop_bf16_fp32_attention": {"bf16": True, "loop": {"mixed_precision": "bf16", "cpu_attention": "float32"}},
+    "loop_bf16_sdpa": {"bf16": True, "loop": {"mixed_precision": "bf16", "cpu_attention": "sdpa"}},
     "loop_bf16_fp32_head": {"bf16": True, "loop": {"mixed_precision": "bf16", "fp32_head": True}},
     "loop_bf16_compile": {"bf16": True, "compile": True, "loop": {"mixed_precision": "bf16"}},
     "loop_bf16_compile_regions": {"bf16": True, "compile": "regions", "loop": {"mixed_precision": "bf16"}},
@@ -181,14 +184,16 @@ def quality_run(
             "threads": torch.get_num_threads()}  # fmt: skip
 
 
-# loop overrides compared: "bf16" keeps attention and head in the autocast dtype, "bf16_fp32" has both in float32;
+# loop overrides compared: "bf16" is torch's autocast as is (attention in its bf16 kernel, head in bf16),
+# "bf16_matmul" the loop's default (attention through bf16 products), "bf16_fp32" attention and head in float32;
 # "fp32" takes `cpu_gemm: auto`, "fp32_mkl" torch's own matmul
 QUALITY = {
     "fp32": {"mixed_precision": "no"},
     "fp32_mkl": {"mixed_precision": "no", "cpu_gemm": "mkl"},
-    "bf16": {"mixed_precision": "bf16", "fp32_attention": False, "fp32_head": False},
-    "bf16_fp32_attention": {"mixed_precision": "bf16", "fp32_attention": True, "fp32_head": False},
-    "bf16_fp32": {"mixed_precision": "bf16", "fp32_attention": True, "fp32_head": True},
+    "bf16": {"mixed_precision": "bf16", "cpu_attention": "sdpa", "fp32_head": False},
+    "bf16_matmul": {"mixed_precision": "bf16", "cpu_attention": "matmul", "fp32_head": False},
+    "bf16_fp32_attention": {"mixed_precision": "bf16", "cpu_attention": "float32", "fp32_head": False},
+    "bf16_fp32": {"mixed_precision": "bf16", "cpu_attention": "float32", "fp32_head": True},
 }
 
 
@@ -328,3 +333,74 @@ def _products(x, w, g) -> dict:
         "input_grad_onednn": lambda: _mkldnn_linear(g, w.t(), None),
         "weight_grad_mkl": lambda: torch.mm(g.t(), x),
     }
+
+
+def bench_attention(batch: int, heads: int, length: int, dim: int, rounds: int) -> dict:
+    """One causal attention's forward + backward (ms, medians, interleaved) at a training batch's shape, as each
+    `cpu_attention` computes it under autocast: torch's SDPA kernel in float32 and in bf16, `matmul_attention` in bf16;
+    with each one's largest difference from float32 SDPA's output."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.train.compute import kept_heap, matmul_attention
+
+    gen = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(batch, heads, length, dim, generator=gen) for _ in range(3)]
+    kinds = {
+        "float32": (torch.float32, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        "sdpa": (torch.bfloat16, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        "matmul": (torch.bfloat16, lambda q, k, v: matmul_attention(q, k, v, None, dim**-0.5).transpose(1, 2)),
+    }
+
+    def run(dtype, fn):
+        q, k, v = (t.to(dtype).requires_grad_() for t in qkv)
+        t0 = time.perf_counter()
+        out = fn(q, k, v)
+        out.backward(torch.ones_like(out))
+        return time.perf_counter() - t0, out.detach().float()
+
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    with kept_heap(torch.device("cpu")):  # as the loop trains (without it the scores' pages fault in every call)
+        outputs = {kind: run(*spec)[1] for kind, spec in kinds.items()}  # first calls: allocations settle
+        for _ in range(rounds):
+            for kind, spec in kinds.items():
+                times[kind].append(run(*spec)[0])
+    ref = outputs["float32"]
+    return {kind: {"ms": round(statistics.median(ts) * 1e3, 2),
+                   "max_abs_diff": round(float((outputs[kind] - ref).abs().max()), 4)}
+            for kind, ts in times.items()}  # fmt: skip
+
+
+def heap_run(root: Path, kept: bool, rounds: int) -> dict:
+    """Median tokens/s of the loop's step ("loop_bf16") in each stage, in this process, with `kept_heap` or not."""
+    import torch
+
+    from pipeline.train.compute import kept_heap
+
+    out = {}
+    with kept_heap(torch.device("cpu")) if kept else contextlib.nullcontext():
+        for stage in STAGES:
+            step = _compare_step(root, stage, COMPARE["loop_bf16"])
+            step(), step()
+            out[stage] = statistics.median(tokens / seconds for seconds, _, tokens in (step() for _ in range(rounds)))
+    return out
+
+
+def bench_heap(root: Path, rounds: int, repeats: int = 3) -> dict:
+    """The loop's step with glibc's heap kept between steps (`compute.kept_heap`, as `fit` trains) against glibc's
+    defaults: the allocator's state is the process's, so each side runs in its own processes, alternating."""
+    runs: dict[str, list[dict]] = {"default": [], "kept": []}
+    for _ in range(repeats):
+        for name in runs:
+            cmd = [sys.executable, str(MAIN), "--workdir", str(root), "--rounds", str(rounds),
+                   "--heap-run", str(int(name == "kept"))]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[name].append(json.loads(out[out.index("{") :]))
+    result = {}
+    for stage in STAGES:
+        default, kept = ([r[stage] for r in runs[name]] for name in ("default", "kept"))
+        ratios = [k / d for k, d in zip(kept, default, strict=True)]
+        result[stage] = {"tokens_per_s_default": round(statistics.median(default), 1),
+                         "tokens_per_s_kept": round(statistics.median(kept), 1),
+                         "ratio": round(statistics.median(ratios), 3)}  # fmt: skip
+    return result

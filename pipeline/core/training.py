@@ -55,11 +55,13 @@ class LoopConfig(Section):
     # (MKL's AVX-512 kernels are Intel-only: ~2x the forward and input-gradient products on an AMD Zen 5), MKL on
     # Intel's (train/compute.py)
     cpu_gemm: Literal["auto", "mkl", "onednn"] = "auto"
-    # under autocast on a CPU (on a GPU both stay in the autocast dtype): attention in float32 (torch's bf16 kernel
-    # was the slower one here, and rounds the softmax's inputs), and the output head: the logits, which the loss
-    # reads. The head in fp32 kept the demo's pretrain within 1.8 % of fp32 on every seed (without: -8.7 to +1.8 %,
-    # the mean no worse) for 5-8 % of its speed; peft's head wrapper (fine-tune) multiplies on MKL: 9-20 % of a step
-    fp32_attention: bool = True
+    # attention under autocast on a CPU (a GPU keeps torch's kernel in the autocast dtype): "matmul" = batched products
+    # in bf16 with the softmax summed in float32 (train/compute.py's matmul_attention: ~2x torch's CPU kernels at the
+    # demo's head_dim 32), "float32" = torch's SDPA kernel in float32, "sdpa" = torch's kernel in bf16 (the slowest)
+    cpu_attention: Literal["matmul", "float32", "sdpa"] = "matmul"
+    # the output head in float32 under autocast on a CPU: the logits, which the loss reads. It kept the demo's
+    # pretrain within 1.8 % of fp32 on every seed (without: -8.7 to +1.8 %, the mean no worse) for 5-8 % of its
+    # speed; peft's head wrapper (fine-tune) multiplies on MKL: 9-20 % of a step
     fp32_head: bool = False
     eval_every: int = Field(40, ge=1)  # optimizer steps between validation passes (and at the last step)
     eval_windows: int = Field(0, ge=0)  # valid windows scored per pass; 0 = all

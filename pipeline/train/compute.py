@@ -1,4 +1,4 @@
-"""How a training step computes on a CPU: float32 projections on oneDNN, attention in float32 under bf16 autocast.
+"""How a training step computes on a CPU: float32 projections on oneDNN, attention through bf16 products.
 
 torch's float32 matmul is MKL's, whose AVX-512 kernels run on Intel CPUs only: on an AMD EPYC (Zen 5, 2 threads) the
 demo model's training products ran at ~175 GFLOP/s through it and 340-400 through oneDNN's inner product
@@ -9,14 +9,16 @@ exposes no float32 switch to it (`torch.backends.mkldnn.matmul.fp32_precision` o
 are the same to float rounding; the library for a CPU is `realtime.linear.cpu_gemm`'s, as the runner's prefills.
 
 Under bf16 autocast torch runs `scaled_dot_product_attention` in bf16, whose CPU kernel is slower than float32's at
-this model's shapes (head_dim 32, causal: forward + backward 34.0 against 25.5 ms a layer, median of 25, Zen 5, 2
-threads) and rounds the softmax's inputs; "sdpa_fp32" (a transformers attention function) runs it in float32 on a
-CPU and as given elsewhere.
+this model's shapes (head_dim 32, causal) and both are slower than batched bf16 products: `matmul_attention`, a
+transformers attention function ("cpu_matmul", `cpu_attention: matmul`); "sdpa_fp32" runs torch's kernel in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -27,7 +29,8 @@ from realtime.linear import cpu_gemm
 
 log = logging.getLogger(__name__)
 
-FP32_ATTENTION = "sdpa_fp32"  # the name `config._attn_implementation` takes (registered by `use_fp32_attention`)
+# `cpu_attention` -> the name `config._attn_implementation` takes (registered by `use_cpu_attention`)
+CPU_ATTENTION = {"float32": "sdpa_fp32", "matmul": "cpu_matmul", "sdpa": "sdpa"}
 
 
 def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -209,22 +212,121 @@ def use_fast_dropout(model: nn.Module) -> int:
     return len(layers)
 
 
-def use_fp32_attention(model: nn.Module) -> None:
-    """Attention through "sdpa_fp32" (registered once): float32 on a CPU under autocast, torch's SDPA otherwise."""
+def matmul_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) v through batched products, in the inputs' dtype; (B, H, T, D) -> (B, T, H, D).
+
+    `mask`: None (causal, upper-left aligned as SDPA's `is_causal`), a boolean (T, S) or (B | 1, H | 1, T, S), True
+    where a query may attend, or a float one of those shapes, added to the scores. Masked scores take the dtype's
+    lowest value, not -inf: a row with nothing to attend to comes out uniform rather than NaN.
+
+    Why not torch's kernel: at head_dim 32 its CPU flash kernel (either dtype) runs its small blocks at a fraction
+    of what oneDNN's batched bf16 products reach; these spend the causal half of the scores too and still took about
+    half its time here (bench/train.py's attention section). In bf16 the scores are rounded to bf16 before the
+    softmax (as Megatron's non-flash path does), which torch's softmax then sums in float32.
+    """
+    batch, heads, length, dim = query.shape
+    keys = key.shape[2]
+    if mask is None:
+        mask = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril()
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        bias.masked_fill_(~mask, torch.finfo(query.dtype).min)
+    else:
+        bias = mask.to(query.dtype)
+    if bias.dim() == 2:  # one (T, S) for every head: a stride-0 view, no copy
+        bias = bias.expand(batch * heads, length, keys)
+    else:
+        bias = bias.expand(batch, heads, length, keys).reshape(batch * heads, length, keys)
+    q = query.reshape(batch * heads, length, dim)
+    k = key.reshape(batch * heads, keys, dim)
+    probs = torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scaling), dim=-1)
+    if dropout > 0:
+        probs = torch.nn.functional.dropout(probs, dropout)
+    out = torch.bmm(probs, value.reshape(batch * heads, keys, value.shape[-1]))
+    return out.view(batch, heads, length, -1).transpose(1, 2).contiguous()
+
+
+def use_cpu_attention(model: nn.Module, kind: str) -> None:
+    """How `model` attends on a CPU under autocast (elsewhere, and without autocast, torch's SDPA as "sdpa" does):
+    "float32" (torch's SDPA kernel in float32), "matmul" (`matmul_attention` in the autocast dtype) or "sdpa"
+    (torch's kernel in the autocast dtype: transformers' own). Registers a transformers attention function."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    def sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-        if query.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        with torch.autocast("cpu", enabled=False):
-            query, key, value = query.float(), key.float(), value.float()
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if kind == "sdpa":
+        model.config._attn_implementation = "sdpa"
+        return
 
-    AttentionInterface.register(FP32_ATTENTION, sdpa_fp32)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_ATTENTION, sdpa_mask)  # the masks "sdpa" gets, not none
-    model.config._attn_implementation = FP32_ATTENTION
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        if query.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                          **kwargs)  # fmt: skip
+        if kind == "float32":
+            with torch.autocast("cpu", enabled=False):
+                query, key, value = query.float(), key.float(), value.float()
+                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                              **kwargs)  # fmt: skip
+        dtype = torch.get_autocast_dtype("cpu")
+        groups = getattr(module, "num_key_value_groups", 1)
+        with torch.autocast("cpu", enabled=False):
+            query, key, value = query.to(dtype), repeat_kv(key.to(dtype), groups), repeat_kv(value.to(dtype), groups)
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            if attention_mask is None and not (causal and query.shape[2] > 1):
+                attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+            elif attention_mask is None:
+                key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]  # as SDPA's is_causal
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            return matmul_attention(query, key, value, attention_mask, scale, dropout), None
+
+    name = CPU_ATTENTION[kind]
+    AttentionInterface.register(name, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)  # the masks "sdpa" gets, not none
+    model.config._attn_implementation = name
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_GLIBC_DEFAULT = 128 * 1024  # both thresholds' initial value
+
+
+def _glibc():
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        if libc.gnu_get_libc_version and libc.mallopt and libc.malloc_trim:
+            return libc
+    return None
+
+
+@contextlib.contextmanager
+def kept_heap(device: torch.device, keep: int = 1 << 30) -> Iterator[None]:
+    """Within it, glibc keeps freed memory for the next training step rather than returning it to the system.
+
+    torch's CPU allocator caches nothing: a step's activations come from malloc, which maps allocations above its
+    mmap threshold (128 KiB, raised to at most 32 MiB as such chunks are freed) afresh and gives the top of its heap
+    back past the trim threshold, so every step faulted its pages in again (the scores of one attention layer,
+    12.6 MB at the demo's shapes, took 2x as long to compute that way). Both thresholds go to `keep` bytes, so the
+    heap stays at the steps' peak; on leaving they are back to glibc's start values and the heap is trimmed. Only
+    on a CPU with glibc (what jemalloc or tcmalloc preloaded would do otherwise).
+    """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, keep)
+    libc.mallopt(_M_TRIM_THRESHOLD, keep)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+        libc.malloc_trim(0)
 
 
 def configure(model: nn.Module, loop: LoopConfig, precision: str, device: torch.device) -> None:
@@ -241,11 +343,12 @@ def configure(model: nn.Module, loop: LoopConfig, precision: str, device: torch.
     use_cpu_4bit(model, onednn)
     use_fast_dropout(model)
     autocast = precision in ("bf16", "fp16")
-    if autocast and loop.fp32_attention:
-        use_fp32_attention(model)
+    if autocast:
+        use_cpu_attention(model, loop.cpu_attention)
     if autocast and loop.fp32_head:
         keep_fp32(model.get_output_embeddings())
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    attention = {"float32": "float32", "matmul": f"{dtype} products"}.get(loop.cpu_attention, dtype)
+    attention = attention if autocast else dtype
     log.info("products %s (float32 ones on %s); attention in %s; output head in %s", dtype,
-             "oneDNN" if onednn else "torch's default", "float32" if loop.fp32_attention else dtype,
-             "float32" if loop.fp32_head else dtype)  # fmt: skip
+             "oneDNN" if onednn else "torch's default", attention, "float32" if loop.fp32_head else dtype)  # fmt: skip

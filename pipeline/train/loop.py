@@ -29,7 +29,7 @@ from pipeline.core.device import native_bf16
 from pipeline.core.training import LoopConfig
 from pipeline.registry.tracking import MetricBuffer, RunTracker, peak_mem_mb
 from pipeline.train.checkpoint import CheckpointError, CheckpointStore, Preempted, UploadFailed, stop_on_signals
-from pipeline.train.compute import configure
+from pipeline.train.compute import configure, kept_heap
 from pipeline.train.dataset import IGNORE_INDEX, Batches, TrainInputError, collate, model_inputs
 from pipeline.train.state import load_training, save_training
 
@@ -369,7 +369,7 @@ def fit(job: TrainJob) -> TrainResult:
             unreadable; the first checkpoint (or a local one) could not be written (earlier ones intact).
     """
     run = _setup(job)
-    with stop_on_signals() as stop:
+    with stop_on_signals() as stop, kept_heap(run.acc.device):
         resumed = _restore(run)
         tracker = job.tracker if run.acc.is_main_process else None
         try:

@@ -10,7 +10,7 @@ from torch import nn
 
 from pipeline.core.training import ModelConfig
 from pipeline.train import compute
-from pipeline.train.compute import Projection, keep_fp32, use_cpu_gemm, use_fp32_attention
+from pipeline.train.compute import Projection, keep_fp32, use_cpu_attention, use_cpu_gemm
 from pipeline.train.model import Vocab, build_base
 
 VOCAB = Vocab(size=96, pad_id=0, bos_id=1, eos_id=2)
@@ -121,7 +121,7 @@ def _spy_attention(monkeypatch) -> list[torch.dtype]:
 def test_fp32_attention_under_autocast(monkeypatch):
     seen = _spy_attention(monkeypatch)
     plain, fp32 = _model(), _model()
-    use_fp32_attention(fp32)
+    use_cpu_attention(fp32, "float32")
     _step(plain, autocast=True)
     assert set(seen) == {torch.bfloat16}  # torch's autocast policy for attention on a CPU
     seen.clear()
@@ -129,13 +129,78 @@ def test_fp32_attention_under_autocast(monkeypatch):
     assert set(seen) == {torch.float32}
 
 
-def test_fp32_attention_without_autocast_is_sdpa():
+@pytest.mark.parametrize("kind", ["float32", "matmul"])
+def test_cpu_attention_without_autocast_is_sdpa(kind):
     ref, model = _model(), _model()
-    use_fp32_attention(model)
+    use_cpu_attention(model, kind)
     logits_ref, grads_ref = _step(ref)
     logits, grads = _step(model)
     assert torch.equal(logits, logits_ref)  # the same masks and the same kernel
     assert all(torch.equal(grads[n], g) for n, g in grads_ref.items())
+
+
+def _qkv(batch=2, heads=4, length=9, dim=8, kv_heads=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dim, generator=gen)
+    k, v = (torch.randn(batch, kv_heads or heads, length, dim, generator=gen) for _ in range(2))
+    return q, k, v
+
+
+def _sdpa(q, k, v, **kwargs):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs).transpose(1, 2)
+
+
+def test_matmul_attention_is_sdpa_in_float32():
+    q, k, v = _qkv()
+    causal = compute.matmul_attention(q, k, v, None, 8**-0.5)
+    assert causal.shape == (2, 9, 4, 8) and causal.is_contiguous()
+    assert torch.allclose(causal, _sdpa(q, k, v, is_causal=True), atol=1e-6)
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    mask[1, :, :, 6:] = False  # the second row's padding
+    assert torch.allclose(compute.matmul_attention(q, k, v, mask, 0.3), _sdpa(q, k, v, attn_mask=mask, scale=0.3),
+                          atol=1e-6)  # fmt: skip
+    additive = torch.randn(1, 4, 9, 9)
+    assert torch.allclose(compute.matmul_attention(q, k, v, additive, 8**-0.5), _sdpa(q, k, v, attn_mask=additive),
+                          atol=1e-6)  # fmt: skip
+
+
+def test_matmul_attention_row_with_nothing_to_attend_is_finite():
+    q, k, v = _qkv()
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    mask[0] = False  # as a left-padded row's first query
+    out = compute.matmul_attention(q, k, v, mask, 8**-0.5)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[:, 0], v.mean(2), atol=1e-6)  # uniform over the keys
+    assert torch.allclose(out[:, 1:], _sdpa(q, k, v, is_causal=True)[:, 1:], atol=1e-6)
+
+
+def test_matmul_attention_in_bf16_gradients():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    _sdpa(q, k, v, is_causal=True).square().sum().backward()
+    out = compute.matmul_attention(qb, kb, vb, None, 8**-0.5)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    for fast, exact in ((qb, q), (kb, k), (vb, v)):
+        assert torch.allclose(fast.grad.float(), exact.grad, atol=0.03 * exact.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_matmul_attention_under_autocast(monkeypatch, kv_heads):
+    seen = _spy_attention(monkeypatch)
+    cfg = MODEL.model_copy(update={"num_kv_heads": kv_heads})
+    torch.manual_seed(0)
+    ref = build_base(cfg, VOCAB, 32)
+    torch.manual_seed(0)
+    model = build_base(cfg, VOCAB, 32)
+    use_cpu_attention(model, "matmul")
+    logits_ref, grads_ref = _step(ref)  # float32, torch's kernel
+    assert seen == [torch.float32] * cfg.num_layers
+    logits, grads = _step(model, autocast=True)
+    assert len(seen) == cfg.num_layers  # the autocast step never called SDPA
+    assert torch.allclose(logits, logits_ref, atol=0.05 * logits_ref.abs().max().item())
+    for name, grad in grads_ref.items():
+        assert torch.allclose(grads[name], grad, atol=0.1 * grad.abs().max().item()), name
 
 
 def test_keep_fp32_head_under_autocast():
@@ -173,11 +238,12 @@ def test_configure_applies_the_loop_on_a_cpu(precision, monkeypatch):
     compute.configure(model, LoopConfig(cpu_gemm="onednn", fp32_head=True), precision, torch.device("cpu"))
     assert all(layer.onednn for layer in model.modules() if isinstance(layer, Projection))
     autocast = precision == "bf16"
-    assert (model.config._attn_implementation == compute.FP32_ATTENTION) is autocast
+    assert model.config._attn_implementation == ("cpu_matmul" if autocast else "sdpa")  # the default: matmul
     assert model.get_output_embeddings().fp32 is autocast
-    other = _model()
-    compute.configure(other, LoopConfig(fp32_attention=False, fp32_head=False), precision, torch.device("cpu"))
-    assert other.config._attn_implementation == "sdpa"
+    for kind, name in compute.CPU_ATTENTION.items():
+        other = _model()
+        compute.configure(other, LoopConfig(cpu_attention=kind, fp32_head=False), precision, torch.device("cpu"))
+        assert other.config._attn_implementation == (name if autocast else "sdpa")
     assert not getattr(other.get_output_embeddings(), "fp32", False)
 
 
@@ -252,3 +318,30 @@ def test_4bit_layers_under_autocast_multiply_in_bf16(tmp_path):
     logits, grads = _lora_step(model, autocast=True)
     assert torch.allclose(logits, logits_ref, atol=0.05 * logits_ref.abs().max().item())
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # A's are 0 while B starts at 0
+
+
+def _rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(compute._glibc() is None, reason="glibc's mallopt")
+def test_kept_heap_keeps_freed_memory_until_it_ends():
+    def touch_and_free():
+        block = torch.ones(48 << 20, dtype=torch.uint8)  # 48 MiB, above glibc's thresholds by default
+        del block
+
+    start = _rss_mb()
+    touch_and_free()
+    assert _rss_mb() - start < 16  # given back at once
+    with compute.kept_heap(torch.device("cpu")):
+        touch_and_free()
+        kept = _rss_mb() - start
+        touch_and_free()
+        assert kept > 40 and _rss_mb() - start < kept + 16  # the next step reuses the same pages
+    assert _rss_mb() - start < 16  # trimmed on leaving
+    with compute.kept_heap(torch.device("cuda")):  # a GPU's training: glibc left alone
+        touch_and_free()
+        assert _rss_mb() - start < 16
