@@ -294,7 +294,10 @@ def use_cpu_attention(model: nn.Module, kind: str) -> None:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_GLIBC_DEFAULT = 128 * 1024  # both thresholds' initial value
+# Where glibc's dynamic rule leaves the thresholds in a process that has freed large blocks (the mmap threshold rises
+# to at most 32 MiB, the trim threshold to twice it): setting them by mallopt turns that rule off for good, so
+# restoring the start values (128 KiB) would leave every later allocation above them mapped afresh.
+_GLIBC_SETTLED = (32 << 20, 64 << 20)
 
 
 def _glibc():
@@ -313,8 +316,8 @@ def kept_heap(device: torch.device, keep: int = 1 << 30) -> Iterator[None]:
     mmap threshold (128 KiB, raised to at most 32 MiB as such chunks are freed) afresh and gives the top of its heap
     back past the trim threshold, so every step faulted its pages in again (the scores of one attention layer,
     12.6 MB at the demo's shapes, took 2x as long to compute that way). Both thresholds go to `keep` bytes, so the
-    heap stays at the steps' peak; on leaving they are back to glibc's start values and the heap is trimmed. Only
-    on a CPU with glibc (what jemalloc or tcmalloc preloaded would do otherwise).
+    heap stays at the steps' peak; on leaving they go to `_GLIBC_SETTLED` and the heap is trimmed. Only on a CPU
+    with glibc (what jemalloc or tcmalloc preloaded would do otherwise).
     """
     libc = _glibc() if device.type == "cpu" else None
     if libc is None:
@@ -325,8 +328,8 @@ def kept_heap(device: torch.device, keep: int = 1 << 30) -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_SETTLED[0])
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_SETTLED[1])
         libc.malloc_trim(0)
 
 
