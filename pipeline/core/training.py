@@ -48,8 +48,8 @@ class LoopConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit: bitsandbytes 8-bit states (CPU and CUDA)
     # accelerate autocast; auto = bf16 where the device computes it natively (AVX-512 BF16/AMX CPU, Ampere+ GPU),
     # else no (emulated bf16 is slower than fp32); fp16 needs CUDA. Master weights, optimizer, loss stay fp32. The
-    # demo's pretrain on an AMD Zen 5, 6 seeds: valid loss in bf16 -2.3 % +- 1.6 % against fp32 (paired by seed),
-    # 1.8x the tokens/s of the fp32 loop (README "Training throughput")
+    # demo's pretrain on an AMD Zen 5, 6 seeds: valid loss in bf16 -1.0 % +- 0.8 % against fp32 (paired by seed),
+    # 2.1-2.4x the tokens/s of the fp32 loop (README "Training throughput")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # float32 CPU products (all of them without autocast; the head below with it): auto = oneDNN on CPUs not Intel's
     # (MKL's AVX-512 kernels are Intel-only: ~2x the forward and input-gradient products on an AMD Zen 5), MKL on
@@ -60,7 +60,7 @@ class LoopConfig(Section):
     # demo's head_dim 32), "float32" = torch's SDPA kernel in float32, "sdpa" = torch's kernel in bf16 (the slowest)
     cpu_attention: Literal["matmul", "float32", "sdpa"] = "matmul"
     # the output head in float32 under autocast on a CPU: the logits, which the loss reads. It kept the demo's
-    # pretrain within 1.8 % of fp32 on every seed (without: -8.7 to +1.8 %, the mean no worse) for 5-8 % of its
+    # pretrain within 1.8 % of fp32 on every seed (without: -8.7 to +1.8 %, the mean no worse) for 5-10 % of its
     # speed; peft's head wrapper (fine-tune) multiplies on MKL: 9-20 % of a step
     fp32_head: bool = False
     eval_every: int = Field(40, ge=1)  # optimizer steps between validation passes (and at the last step)

@@ -314,8 +314,9 @@ def kept_heap(device: torch.device, keep: int = 1 << 30) -> Iterator[None]:
 
     torch's CPU allocator caches nothing: a step's activations come from malloc, which maps allocations above its
     mmap threshold (128 KiB, raised to at most 32 MiB as such chunks are freed) afresh and gives the top of its heap
-    back past the trim threshold, so every step faulted its pages in again (the scores of one attention layer,
-    12.6 MB at the demo's shapes, took 2x as long to compute that way). Both thresholds go to `keep` bytes, so the
+    back past the trim threshold, so every step faulted its pages in again (one attention layer's forward and
+    backward at the demo's shapes, with 12.6 MB of scores, took 2x as long that way in bench/train.py's attention
+    section). Both thresholds go to `keep` bytes, so the
     heap stays at the steps' peak; on leaving they go to `_GLIBC_SETTLED` and the heap is trimmed. Only on a CPU
     with glibc (what jemalloc or tcmalloc preloaded would do otherwise).
     """
